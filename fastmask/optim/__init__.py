@@ -1,0 +1,6 @@
+"""Optimizers: one base with the torch.optim contract, one module per method."""
+
+from .amss import AMSS, AMSSPlus
+from .base import FusedOptimizer
+
+__all__ = ["AMSS", "AMSSPlus", "FusedOptimizer"]

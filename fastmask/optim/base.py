@@ -1,0 +1,443 @@
+"""``FusedOptimizer``: the torch.optim contract shared by every fastmask optimizer.
+
+What "drop-in" means here (DESIGN §2): param groups are dicts that may carry a
+``"modality"``; every hyper-parameter can be overridden per group; per-param
+0-d fp32 ``step`` and torch's state keys (``exp_avg``, ``exp_avg_sq``,
+``momentum_buffer``) plus ``fisher``; closures, LR schedulers (float or Tensor
+lr), ``maximize``, AMP (``grad_scale``/``found_inf``, also as the attributes
+GradScaler sets); an atomic, validating ``load_state_dict``. Subclasses say
+which method keys they add and how a group becomes a ``StepConfig``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from .. import ops
+from ..ops.checks import FLOAT_DTYPES, check_choice, check_int, check_real
+from ..ops.dispatch import requested_backend
+from ..reference.spec import BASES, StepConfig, TensorGroup
+
+DENSE = "(dense)"  # the stats() key of groups without a modality
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer", "fisher")
+
+BASE_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,
+    "base": "adamw",
+    "momentum": 0.0,
+    "dampening": 0.0,
+    "nesterov": False,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "weight_decay": None,  # None: the base's torch default (0.01 for adamw, else 0)
+    "maximize": False,
+    "seed": None,  # None: drawn from torch's default CPU generator
+    "backend": None,  # None: FASTMASK_BACKEND, else "auto"
+}
+
+
+def draw_seed() -> int:
+    """A 63-bit seed from torch's default CPU generator (so torch.manual_seed reproduces it)."""
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base class: validation, state, ratios, AMP, stats and checkpoints for fused steps."""
+
+    _step_supports_amp_scaling = True
+    METHOD_DEFAULTS: dict[str, Any] = {}
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], **hyper: Any) -> None:
+        if isinstance(params, (set, torch.Tensor)):
+            raise TypeError(f"params must be an ordered iterable of tensors or dicts, got {type(params).__name__}")
+        defaults = {**BASE_DEFAULTS, **self.METHOD_DEFAULTS}
+        unknown = sorted(set(hyper) - set(defaults))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected argument(s): {', '.join(unknown)}")
+        defaults.update(hyper)
+        if defaults["seed"] is None:
+            defaults["seed"] = draw_seed()
+        self._ratios: dict[str, float] = {}
+        self._stats: dict[str, dict[torch.device, torch.Tensor]] = {}
+        self._validate_group(dict(defaults), "")
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        params = group.get("params")
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError("params must be an ordered collection (list), not a set")
+        elif params is None:
+            raise ValueError("param group has no 'params'")
+        group["params"] = list(params)
+        where = f" (param group {len(self.param_groups)})"
+        for i, p in enumerate(group["params"]):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(p).__name__}{where}")
+            if p.is_sparse or p.layout != torch.strided:
+                raise TypeError(f"params[{i}] is sparse; fastmask optimizers need dense params{where}")
+            if p.dtype not in FLOAT_DTYPES:
+                raise TypeError(
+                    f"params[{i}] has dtype {p.dtype}; fastmask needs float32, bfloat16 or float16 params{where}"
+                )
+        for key, value in self.defaults.items():
+            if key not in group:
+                # A tensor lr is cloned so that schedulers, which write it in place, act per group.
+                group[key] = value.clone() if isinstance(value, torch.Tensor) else value
+        self._validate_group(group, where)
+        super().add_param_group(group)
+
+    def _validate_group(self, group: dict[str, Any], where: str) -> None:
+        """Check and normalise one group's hyper-parameters in place; errors name the key."""
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            if lr.numel() != 1 or not lr.is_floating_point():
+                raise TypeError(f"lr must be a float or a one-element float tensor{where}")
+            if lr.device.type == "cpu" and float(lr) < 0:
+                raise ValueError(f"lr must be >= 0, got {float(lr)}{where}")
+        else:
+            group["lr"] = check_real(f"lr{where}", lr, 0.0, math.inf)
+        check_choice(f"base{where}", group["base"], BASES)
+        group["momentum"] = check_real(f"momentum{where}", group["momentum"], 0.0, math.inf)
+        group["dampening"] = check_real(f"dampening{where}", group["dampening"], -math.inf, math.inf)
+        _check_bool(f"nesterov{where}", group["nesterov"])
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(f"nesterov needs momentum > 0 and dampening == 0{where}")
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}{where}")
+        group["betas"] = tuple(
+            check_real(f"betas[{i}]{where}", b, 0.0, 1.0, high_open=True) for i, b in enumerate(betas)
+        )
+        group["eps"] = check_real(f"eps{where}", group["eps"], 0.0, math.inf)
+        if group["weight_decay"] is None:
+            group["weight_decay"] = 0.01 if group["base"] == "adamw" else 0.0
+        group["weight_decay"] = check_real(f"weight_decay{where}", group["weight_decay"], 0.0, math.inf)
+        _check_bool(f"maximize{where}", group["maximize"])
+        group["seed"] = check_int(f"seed{where}", group["seed"], 0, 2**64)
+        if group["backend"] is not None:
+            requested_backend(group["backend"])
+        modality = group.get("modality")
+        if modality is not None and (not isinstance(modality, str) or not modality or modality == DENSE):
+            raise ValueError(f"modality must be a non-empty string other than {DENSE!r}, got {modality!r}{where}")
+        self._validate_method(group, where)
+
+    def _validate_method(self, group: dict[str, Any], where: str) -> None:
+        """Subclasses check their own keys here."""
+
+    # ----------------------------------------------------------- ratios
+    def modalities(self) -> list[str]:
+        """Modality names of the param groups, in order of first appearance."""
+        return list(dict.fromkeys(g["modality"] for g in self.param_groups if g.get("modality") is not None))
+
+    def _checked_ratios(self, ratios: Mapping[str, float]) -> dict[str, float]:
+        if not isinstance(ratios, Mapping):
+            raise TypeError(f"ratios must be a dict of modality -> float, got {type(ratios).__name__}")
+        known = set(self.modalities())
+        checked = {}
+        for name, value in ratios.items():
+            if name not in known:
+                raise ValueError(
+                    f"ratios names modality {name!r}, which no param group has (known: {sorted(known)})"
+                )
+            checked[name] = check_real(f"ratios[{name!r}]", value, 0.0, 1.0, low_open=True)
+        return checked
+
+    def set_ratios(self, ratios: Mapping[str, float]) -> None:
+        """Set per-modality fractions in (0, 1] for this and later steps (others keep theirs)."""
+        self._ratios.update(self._checked_ratios(ratios))
+
+    def ratio(self, modality: str | None) -> float:
+        """The current fraction of ``modality`` (1.0 until set; 1.0 for dense groups)."""
+        return 1.0 if modality is None else self._ratios.get(modality, 1.0)
+
+    # ----------------------------------------------------------- step
+    def _step_config(self, group: dict[str, Any]) -> StepConfig:
+        """The StepConfig of one group for this step; subclasses add their terms."""
+        beta1, beta2 = group["betas"]
+        return StepConfig(
+            base=group["base"],
+            lr=group["lr"],
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+            seed=group["seed"],
+            ratio=self.ratio(group.get("modality")),
+        )
+
+    def _needs_fisher(self, group: dict[str, Any]) -> bool:
+        return False
+
+    def _state_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        keys: tuple[str, ...] = ("step",)
+        if group["base"] in ("adam", "adamw"):
+            keys += ("exp_avg", "exp_avg_sq")
+        elif group["momentum"]:
+            keys += ("momentum_buffer",)
+        if self._needs_fisher(group):
+            keys += ("fisher",)
+        return keys
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        state = self.state[p]
+        for key in self._state_keys(group):
+            if key not in state:
+                if key == "step":
+                    state[key] = torch.zeros((), dtype=torch.float32, device=p.device)
+                else:
+                    state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        return state
+
+    @staticmethod
+    def _amp_tensor(name: str, value: torch.Tensor | None) -> torch.Tensor | None:
+        if value is None:
+            return None
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            raise TypeError(f"{name} must be a one-element tensor or None")
+        return value.reshape(())
+
+    @torch.no_grad()
+    def step(
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        ratios: Mapping[str, float] | None = None,
+        grad_scale: torch.Tensor | None = None,
+        found_inf: torch.Tensor | None = None,
+    ) -> Any:
+        """One step. The closure runs first; ``ratios`` = ``set_ratios(ratios)`` before it.
+
+        ``grad_scale``: grads are divided by it inside the step; ``found_inf``: if
+        non-zero, nothing changes (params, states, steps, RNG position). Both
+        default to the attributes ``torch.amp.GradScaler`` sets on the optimizer.
+        Every input is validated before any tensor is written.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        checked = self._checked_ratios(ratios) if ratios is not None else {}
+        grad_scale = self._amp_tensor("grad_scale", grad_scale if grad_scale is not None else getattr(self, "grad_scale", None))
+        found_inf = self._amp_tensor("found_inf", found_inf if found_inf is not None else getattr(self, "found_inf", None))
+        for gi, group in enumerate(self.param_groups):
+            self._validate_group(group, f" (param group {gi})")
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse or g.layout != torch.strided:
+                    raise RuntimeError(f"param group {gi}, params[{i}] has a sparse gradient; fastmask does not support sparse gradients")
+                if g.is_complex():
+                    raise RuntimeError(f"param group {gi}, params[{i}] has a complex gradient; not supported")
+                if g.shape != p.shape or g.device != p.device:
+                    raise RuntimeError(f"param group {gi}, params[{i}]: grad shape/device differs from the param")
+        self._ratios.update(checked)
+
+        slot = 0
+        for group in self.param_groups:
+            batches: dict[tuple[torch.device, torch.dtype], TensorGroup] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    key = (p.device, p.dtype)
+                    batch = batches.get(key)
+                    if batch is None:
+                        batch = batches[key] = TensorGroup([], [], [], [], stats=self._stats_buffer(group, p.device))
+                    self._append(batch, p, group, slot)
+                slot += 1
+            if not batches:
+                continue
+            config = self._step_config(group)
+            for (device, _), batch in batches.items():
+                gs = grad_scale.to(device) if grad_scale is not None else None
+                fi = found_inf.to(device) if found_inf is not None else None
+                ops.masked_step_(batch, config, grad_scale=gs, found_inf=fi, backend=group["backend"])
+        return loss
+
+    def _append(self, batch: TensorGroup, p: torch.Tensor, group: dict[str, Any], slot: int) -> None:
+        state = self._init_state(p, group)
+        batch.params.append(p)
+        batch.grads.append(p.grad)
+        batch.steps.append(state["step"])
+        batch.slots.append(slot)
+        keys = self._state_keys(group)
+        if "exp_avg" in keys:
+            batch.exp_avgs.append(state["exp_avg"])
+            batch.exp_avg_sqs.append(state["exp_avg_sq"])
+        if "momentum_buffer" in keys:
+            batch.momentum_buffers.append(state["momentum_buffer"])
+        if "fisher" in keys:
+            batch.fishers.append(state["fisher"])
+
+    # ----------------------------------------------------------- stats
+    def _stats_buffer(self, group: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """The [sum_pi, selected, units, skipped] accumulator of the group's modality on ``device``."""
+        name = group.get("modality") or DENSE
+        per_device = self._stats.setdefault(name, {})
+        buf = per_device.get(device)
+        if buf is None:
+            buf = per_device[device] = torch.zeros(4, dtype=torch.float64, device=device)
+        return buf
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Per modality (dense groups under "(dense)"): ratio, expected_fraction (sum pi / N),
+        realised_fraction (selected / N), units, skipped_tensors, all summed since the last
+        ``reset_stats()``. Reads device counters: may synchronise."""
+        out = {}
+        for name, per_device in self._stats.items():
+            total = sum(buf.cpu() for buf in per_device.values())
+            units = float(total[2])
+            out[name] = {
+                "ratio": self.ratio(None if name == DENSE else name),
+                "expected_fraction": float(total[0]) / units if units else float("nan"),
+                "realised_fraction": float(total[1]) / units if units else float("nan"),
+                "units": units,
+                "skipped_tensors": int(total[3]),
+            }
+        return out
+
+    def reset_stats(self) -> None:
+        for per_device in self._stats.values():
+            for buf in per_device.values():
+                buf.zero_()
+
+    # ----------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus ``"fastmask": {"version", "ratios"}``."""
+        sd = super().state_dict()
+        sd["fastmask"] = {"version": 1, "ratios": dict(self._ratios)}
+        return sd
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in {**BASE_DEFAULTS, **self.METHOD_DEFAULTS}.items():
+                group.setdefault(key, value)
+        self.__dict__.setdefault("_ratios", {})
+        self.__dict__.setdefault("_stats", {})
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a checkpoint atomically: everything is validated before anything changes.
+
+        States are cast to fp32 and moved to their param's device (a checkpoint
+        loaded with ``map_location="cpu"`` resumes on GPU). Wrong shapes, dtypes,
+        unknown or missing keys raise ValueError/TypeError and leave the optimizer as it was.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = dict(hook_result)
+        extra = sorted(set(state_dict) - {"state", "param_groups", "fastmask"})
+        missing = sorted({"state", "param_groups"} - set(state_dict))
+        if missing or extra:
+            raise ValueError(f"state_dict has missing keys {missing} / unexpected keys {extra}")
+        saved_groups = state_dict["param_groups"]
+        if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups) if isinstance(saved_groups, (list, tuple)) else 'no list of'} "
+                f"param groups; this optimizer has {len(self.param_groups)}"
+            )
+        id_map: dict[Any, torch.Tensor] = {}
+        new_groups = []
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
+                raise ValueError(f"state_dict param_groups[{gi}] is not a group with a 'params' list")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param_groups[{gi}] has {len(saved['params'])} params in the state_dict and "
+                    f"{len(group['params'])} in this optimizer"
+                )
+            id_map.update(zip(saved["params"], group["params"]))
+            new_group = {**BASE_DEFAULTS, **self.METHOD_DEFAULTS, **dict(saved)}
+            new_group["params"] = group["params"]
+            if new_group["seed"] is None:
+                raise ValueError(f"state_dict param_groups[{gi}] has no seed")
+            self._validate_group(new_group, f" (state_dict param_groups[{gi}])")
+            new_groups.append(new_group)
+        group_of = {id(p): g for g in new_groups for p in g["params"]}
+
+        saved_state = state_dict["state"]
+        if not isinstance(saved_state, Mapping):
+            raise ValueError("state_dict['state'] must be a mapping of param id -> state")
+        new_state: defaultdict[torch.Tensor, dict[str, torch.Tensor]] = defaultdict(dict)
+        for pid, entry in saved_state.items():
+            if pid not in id_map:
+                raise ValueError(f"state_dict['state'] has an entry for param id {pid!r}, which no group lists")
+            p = id_map[pid]
+            new_state[p] = self._checked_param_state(entry, p, group_of[id(p)], pid)
+
+        ratios = {}
+        meta = state_dict.get("fastmask", {})
+        if not isinstance(meta, Mapping):
+            raise ValueError("state_dict['fastmask'] must be a mapping")
+        saved_ratios = meta.get("ratios", {})
+        known = {g.get("modality") for g in new_groups} - {None}
+        for name, value in dict(saved_ratios).items():
+            if name not in known:
+                raise ValueError(f"state_dict ratios name modality {name!r}, which no param group has")
+            ratios[name] = check_real(f"state_dict ratios[{name!r}]", value, 0.0, 1.0, low_open=True)
+
+        self.__setstate__({"state": new_state, "param_groups": new_groups})
+        self._ratios = ratios
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _checked_param_state(
+        self, entry: object, p: torch.Tensor, group: dict[str, Any], pid: Any
+    ) -> dict[str, torch.Tensor]:
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"state of param {pid!r} must be a mapping, got {type(entry).__name__}")
+        entry = {k: v for k, v in entry.items() if v is not None}  # torch SGD writes momentum_buffer=None
+        unknown = sorted(set(entry) - set(STATE_KEYS), key=str)
+        if unknown:
+            raise ValueError(f"state of param {pid!r} has unknown keys {unknown}")
+        if entry and "step" not in entry:
+            raise ValueError(f"state of param {pid!r} has no 'step'")
+        required = [k for k in self._state_keys(group) if k not in ("momentum_buffer", "fisher")]
+        absent = [k for k in required if entry and k not in entry]
+        if absent:
+            raise ValueError(f"state of param {pid!r} lacks {absent} needed by base={group['base']!r}")
+        out = {}
+        for key, value in entry.items():
+            if key == "step" and not isinstance(value, torch.Tensor):
+                value = torch.tensor(check_real(f"state[{pid!r}]['step']", value, 0.0, 2.0**24), dtype=torch.float32)
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"state[{pid!r}][{key!r}] must be a tensor, got {type(value).__name__}")
+            if not value.is_floating_point() and not (key == "step" and value.dtype in (torch.int64, torch.int32)):
+                raise TypeError(f"state[{pid!r}][{key!r}] must be floating point, got {value.dtype}")
+            if key == "step":
+                if value.numel() != 1:
+                    raise ValueError(f"state[{pid!r}]['step'] must have one element, got shape {tuple(value.shape)}")
+                out[key] = value.detach().reshape(()).to(device=p.device, dtype=torch.float32).clone()
+            else:
+                if value.shape != p.shape:
+                    raise ValueError(
+                        f"state[{pid!r}][{key!r}] has shape {tuple(value.shape)}; its param has {tuple(p.shape)}"
+                    )
+                moved = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                out[key] = moved.copy_(value.detach())
+        return out

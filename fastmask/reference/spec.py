@@ -1,0 +1,91 @@
+"""The inputs of one fused optimizer step, shared by every backend.
+
+``StepConfig`` is the resolved hyper-parameters of one param group for one step;
+``TensorGroup`` the tensors of that group that share a device and a param dtype.
+A backend's ``masked_step_`` reads both and updates the tensors in place.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+BASES = ("sgd", "adam", "adamw")
+SAMPLINGS = ("poisson", "uniform", "exact")
+RESCALES = ("ht", "legacy")
+IMPORTANCES = ("grad2", "ema")
+GRANULARITIES = ("element", "row")
+MASKED_MODES = ("freeze", "zero_grad")
+MODULATE_MODES = ("grad", "update")
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Resolved hyper-parameters of one group's step (DESIGN §3).
+
+    ``ratio`` is the modality's fraction of units to update (1.0 = dense).
+    ``lr`` may be a 0-d tensor (schedulers, CUDA graphs). ``coefficient`` and
+    ``ge_noise`` are the OGM terms (coefficient 1.0 and no noise for AMSS).
+    """
+
+    base: str = "adamw"
+    lr: float | torch.Tensor = 1e-3
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    maximize: bool = False
+    ratio: float = 1.0
+    unbiased: bool = False
+    sampling: str = "poisson"
+    rescale: str = "ht"
+    importance: str = "grad2"
+    fisher_beta: float = 0.9
+    granularity: str = "element"
+    masked: str = "freeze"
+    min_prob: float = 0.0
+    seed: int = 0
+    coefficient: float = 1.0
+    ge_noise: bool = False
+    modulate: str = "grad"
+
+    @property
+    def is_masked(self) -> bool:
+        """True when units are sampled; ratio 1 is exactly the base optimizer."""
+        return self.ratio < 1.0
+
+
+def exact_count(ratio: float, n_units: int) -> int:
+    """ceil(ratio * N) clamped to [1, N], tolerant to float error (0.3 * 10 -> 3)."""
+    return min(n_units, max(1, math.ceil(ratio * n_units - 1e-9)))
+
+
+@dataclass
+class TensorGroup:
+    """Tensors of one (device, param dtype, group) batch, index-aligned.
+
+    ``steps`` are 0-d fp32 tensors on the param device; state lists are empty
+    when the configuration keeps no such state (e.g. ``exp_avgs`` for SGD,
+    ``fishers`` unless importance is "ema" in a masked group). ``slots`` are the
+    params' positions in the optimizer (the RNG stream input). ``stats`` is a
+    float64 tensor [sum_pi, selected_units, units, skipped_tensors] that the
+    step adds to, or None.
+    """
+
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    steps: list[torch.Tensor]
+    slots: list[int]
+    exp_avgs: list[torch.Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
+    momentum_buffers: list[torch.Tensor] = field(default_factory=list)
+    fishers: list[torch.Tensor] = field(default_factory=list)
+    stats: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.params)

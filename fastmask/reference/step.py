@@ -1,0 +1,168 @@
+"""The reference fused step: DESIGN §3 for one batch of tensors, in plain PyTorch.
+
+Every intermediate is fp32; params may be fp32/bf16/fp16 and are written back in
+their own dtype. Nothing here synchronises with the host: the non-finite skip,
+``found_inf`` and the first-step momentum rule are all ``torch.where`` on device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import sampling
+from .philox import STREAM_MASK, STREAM_NOISE, normal, rng_stream
+from .spec import StepConfig, TensorGroup, exact_count
+
+
+def base_update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    step: torch.Tensor,
+    cfg: StepConfig,
+    exp_avg: torch.Tensor | None,
+    exp_avg_sq: torch.Tensor | None,
+    momentum_buffer: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """One dense step of the base optimizer, as torch's single-tensor code does it.
+
+    All arguments are fp32; ``step`` is the step count after this step. Returns the
+    new (param, exp_avg, exp_avg_sq, momentum_buffer), out of place.
+    """
+    lr = cfg.lr
+    if cfg.base == "sgd":
+        d_p = grad + cfg.weight_decay * param if cfg.weight_decay else grad
+        if cfg.momentum:
+            # torch starts the buffer as a copy of d_p; later steps decay it.
+            running = momentum_buffer * cfg.momentum + d_p * (1.0 - cfg.dampening)
+            momentum_buffer = torch.where(step == 1, d_p, running)
+            d_p = d_p + cfg.momentum * momentum_buffer if cfg.nesterov else momentum_buffer
+        return param - lr * d_p, exp_avg, exp_avg_sq, momentum_buffer
+
+    if cfg.weight_decay:
+        if cfg.base == "adamw":
+            param = param * (1.0 - lr * cfg.weight_decay)
+        else:
+            grad = grad + cfg.weight_decay * param
+    exp_avg = torch.lerp(exp_avg, grad, 1.0 - cfg.beta1)
+    exp_avg_sq = exp_avg_sq * cfg.beta2 + grad * grad * (1.0 - cfg.beta2)
+    step64 = step.to(torch.float64)
+    bias_correction1 = 1.0 - torch.pow(cfg.beta1, step64)
+    bias_correction2_sqrt = torch.sqrt(1.0 - torch.pow(cfg.beta2, step64))
+    step_size = (lr / bias_correction1).to(torch.float32)
+    denom = torch.sqrt(exp_avg_sq) / bias_correction2_sqrt.to(torch.float32) + cfg.eps
+    return param - step_size * (exp_avg / denom), exp_avg, exp_avg_sq, momentum_buffer
+
+
+def ge_noise(grad32: torch.Tensor, seed: int, stream: int | torch.Tensor) -> torch.Tensor:
+    """OGM-GE noise N(0, std(g)^2) per element, std over the tensor (unbiased; 0 for one element)."""
+    n = grad32.numel()
+    std = grad32.std() if n > 1 else grad32.new_zeros(())
+    return normal(seed, stream, n, grad32.device).reshape(grad32.shape) * std
+
+
+def _get(values: list[torch.Tensor], i: int) -> torch.Tensor | None:
+    return values[i] if values else None
+
+
+def masked_step_(
+    group: TensorGroup,
+    cfg: StepConfig,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """Apply one masked (AMSS/AMSS+) or modulated (OGM) step to every tensor of ``group``."""
+    for i in range(len(group)):
+        _step_tensor(
+            group.params[i],
+            group.grads[i],
+            group.steps[i],
+            group.slots[i],
+            _get(group.exp_avgs, i),
+            _get(group.exp_avg_sqs, i),
+            _get(group.momentum_buffers, i),
+            _get(group.fishers, i),
+            cfg,
+            grad_scale,
+            found_inf,
+            group.stats,
+        )
+
+
+def _step_tensor(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    step: torch.Tensor,
+    slot: int,
+    exp_avg: torch.Tensor | None,
+    exp_avg_sq: torch.Tensor | None,
+    momentum_buffer: torch.Tensor | None,
+    fisher: torch.Tensor | None,
+    cfg: StepConfig,
+    grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+    stats: torch.Tensor | None,
+) -> None:
+    g = grad.to(torch.float32)
+    if grad_scale is not None:
+        g = g / grad_scale
+    if cfg.maximize:
+        g = -g
+    finite = torch.isfinite(g).all()
+    ok = finite if found_inf is None else finite & (found_inf == 0)
+    new_step = step + 1
+
+    if cfg.ge_noise:
+        g_mod = g * cfg.coefficient + ge_noise(g, cfg.seed, rng_stream(new_step, slot, STREAM_NOISE))
+    elif cfg.coefficient != 1.0 and cfg.modulate == "grad":
+        g_mod = g * cfg.coefficient
+    else:
+        g_mod = g
+
+    new_fisher = sampling.fisher_update(fisher, g, cfg.fisher_beta) if fisher is not None else None
+    selected = None  # None: every element takes the base update
+    if cfg.is_masked:
+        importance = new_fisher if new_fisher is not None else g * g
+        s_units = sampling.unit_sums(importance, cfg.granularity)
+        stream = rng_stream(new_step, slot, STREAM_MASK)
+        if cfg.sampling == "exact":
+            sel_units = sampling.exact_select_ratio(s_units, cfg.ratio, cfg.seed, stream)
+            pi = None
+            expected = float(exact_count(cfg.ratio, s_units.numel()))
+        else:
+            pi = sampling.inclusion_probs_units(s_units, cfg.ratio, cfg.sampling, cfg.min_prob)
+            sel_units = sampling.bernoulli_select(pi, cfg.seed, stream)
+            expected = pi.sum(dtype=torch.float64)
+        weights = sampling.rescale_weights(s_units, pi, cfg.unbiased, cfg.rescale)
+        selected = sampling.expand_units(sel_units, g.shape, cfg.granularity)
+        if weights is not None:
+            g_mod = g_mod * sampling.expand_units(weights, g.shape, cfg.granularity)
+        g_mod = torch.where(selected, g_mod, torch.zeros((), device=g.device))
+        if cfg.masked == "zero_grad":
+            selected = None
+        n_units, n_selected = s_units.numel(), sel_units.sum(dtype=torch.float64)
+    else:
+        n_units = sampling.unit_count(g.shape, cfg.granularity)
+        expected = n_selected = float(n_units)
+    if stats is not None:
+        okf = ok.to(torch.float64)
+        stats[0] += expected * okf
+        stats[1] += n_selected * okf
+        stats[2] += n_units * okf
+    if stats is not None and found_inf is not None:
+        stats[3] += (~finite & (found_inf == 0)).to(torch.float64)
+    elif stats is not None:
+        stats[3] += (~finite).to(torch.float64)
+
+    p32 = param.to(torch.float32)
+    new_p, new_m, new_v, new_buf = base_update(p32, g_mod, new_step, cfg, exp_avg, exp_avg_sq, momentum_buffer)
+    if cfg.modulate == "update" and cfg.coefficient != 1.0:
+        new_p = p32 + (new_p - p32) * cfg.coefficient
+
+    update = ok if selected is None else selected & ok
+    param.copy_(torch.where(update, new_p, p32))
+    for old, new in ((exp_avg, new_m), (exp_avg_sq, new_v), (momentum_buffer, new_buf)):
+        if old is not None:
+            old.copy_(torch.where(update, new, old))
+    if fisher is not None:
+        fisher.copy_(torch.where(ok, new_fisher, fisher))
+    step.copy_(torch.where(ok, new_step, step))
