@@ -1,14 +1,16 @@
 """Quick start: swap torch.optim.AdamW for fastmask.AMSSPlus in a two-modality model.
 
 Synthetic data: each class has a "visual" signal that is strong and an "audio"
-signal that is weak, so joint training leans on the visual encoder. AMSS+ updates
-a smaller, importance-sampled part of the dominant encoder each step.
+signal that is weak, so joint training leans on the visual encoder. AMSS+ measures
+each modality's mutual-information rate per batch and updates a smaller,
+importance-sampled part of the dominant encoder.
 """
 
 import torch
 from torch import nn
 
 import fastmask
+from fastmask import significance as sig
 
 
 def make_data(n: int, gen: torch.Generator):
@@ -27,8 +29,11 @@ class Model(nn.Module):
         self.visual = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
         self.head = nn.Linear(64, 4)
 
+    def features(self, a, v):
+        return {"audio": self.audio(a), "visual": self.visual(v)}
+
     def forward(self, a, v):
-        return self.head(torch.cat([self.audio(a), self.visual(v)], 1))
+        return self.head(torch.cat(list(self.features(a, v).values()), 1))
 
 
 def train(optimizer_name: str) -> None:
@@ -50,10 +55,14 @@ def train(optimizer_name: str) -> None:
     for epoch in range(3):
         for i in range(0, len(y), 64):
             opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(a[i : i + 64], v[i : i + 64]), y[i : i + 64])
-            loss.backward()
+            feats = model.features(a[i : i + 64], v[i : i + 64])
+            logits = model.head(torch.cat(list(feats.values()), 1))
+            nn.functional.cross_entropy(logits, y[i : i + 64]).backward()
             if isinstance(opt, fastmask.AMSSPlus):
-                opt.step(ratios={"visual": 0.3, "audio": 1.0})  # update 30% of the dominant encoder
+                # the dominant modality (higher mutual-information rate) updates a smaller fraction
+                uni = sig.unimodal_logits(model.head, feats)
+                mir = sig.mutual_information_rate(uni, y[i : i + 64], feats)
+                opt.step(ratios=sig.amss_ratios(mir, temperature=0.2))
             else:
                 opt.step()
     with torch.no_grad():

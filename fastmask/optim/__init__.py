@@ -2,5 +2,6 @@
 
 from .amss import AMSS, AMSSPlus
 from .base import FusedOptimizer
+from .ogm import OGM
 
-__all__ = ["AMSS", "AMSSPlus", "FusedOptimizer"]
+__all__ = ["AMSS", "AMSSPlus", "FusedOptimizer", "OGM"]

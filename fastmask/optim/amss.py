@@ -9,7 +9,7 @@ ratio, selection U < pi on the counter RNG, optional unbiased rescale g/pi
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -74,12 +74,37 @@ class AMSS(FusedOptimizer):
                 f"or rescale='legacy' with sampling='exact'{where}"
             )
 
+    def step(
+        self,
+        closure: Callable[[], Any] | None = None,
+        *,
+        ratios: Mapping[str, float] | None = None,
+        grad_scale: torch.Tensor | None = None,
+        found_inf: torch.Tensor | None = None,
+    ) -> Any:
+        """One step; ``ratios`` (modality -> fraction in (0, 1]) = ``set_ratios(ratios)`` first.
+
+        The closure runs first. ``grad_scale`` / ``found_inf``: AMP unscale and skip
+        (also read from the attributes ``torch.amp.GradScaler`` sets). Returns the
+        closure's loss.
+        """
+        return self._run_step(closure, ratios, grad_scale, found_inf)
+
+    def set_ratios(self, ratios: Mapping[str, float]) -> None:
+        """Set per-modality fractions in (0, 1] for this and later steps (others keep theirs)."""
+        self._set_settings(ratios)
+
+    def ratio(self, modality: str | None) -> float:
+        """The current fraction of ``modality`` (1.0 until set; 1.0 for dense groups)."""
+        return self._setting(modality)
+
     def _needs_fisher(self, group: dict[str, Any]) -> bool:
         return group.get("modality") is not None and group["importance"] == "ema"
 
     def _step_config(self, group: dict[str, Any]) -> StepConfig:
         return dataclasses.replace(
             super()._step_config(group),
+            ratio=self.ratio(group.get("modality")),
             **{key: group[key] for key in self.METHOD_DEFAULTS},
         )
 

@@ -53,10 +53,18 @@ def _check_bool(name: str, value: object) -> bool:
 
 
 class FusedOptimizer(torch.optim.Optimizer):
-    """Base class: validation, state, ratios, AMP, stats and checkpoints for fused steps."""
+    """Base class: validation, state, per-modality settings, AMP, stats and checkpoints.
+
+    Each method takes one per-modality setting in ``step()``: AMSS the update
+    fractions ``ratios``, OGM the gradient ``coefficients``. It is named by
+    ``SETTING`` (the dict) and ``SETTING_LABEL`` (one value), defaults to 1.0 (a
+    dense, unmodulated step) and persists until changed.
+    """
 
     _step_supports_amp_scaling = True
     METHOD_DEFAULTS: dict[str, Any] = {}
+    SETTING = "ratios"
+    SETTING_LABEL = "ratio"
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], **hyper: Any) -> None:
         if isinstance(params, (set, torch.Tensor)):
@@ -68,7 +76,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         defaults.update(hyper)
         if defaults["seed"] is None:
             defaults["seed"] = draw_seed()
-        self._ratios: dict[str, float] = {}
+        self._settings: dict[str, float] = {}
         self._stats: dict[str, dict[torch.device, torch.Tensor]] = {}
         self._validate_group(dict(defaults), "")
         super().__init__(params, defaults)
@@ -141,31 +149,33 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _validate_method(self, group: dict[str, Any], where: str) -> None:
         """Subclasses check their own keys here."""
 
-    # ----------------------------------------------------------- ratios
+    # ----------------------------------------------------------- per-modality settings
     def modalities(self) -> list[str]:
         """Modality names of the param groups, in order of first appearance."""
         return list(dict.fromkeys(g["modality"] for g in self.param_groups if g.get("modality") is not None))
 
-    def _checked_ratios(self, ratios: Mapping[str, float]) -> dict[str, float]:
-        if not isinstance(ratios, Mapping):
-            raise TypeError(f"ratios must be a dict of modality -> float, got {type(ratios).__name__}")
-        known = set(self.modalities())
+    def _check_setting(self, label: str, value: object) -> float:
+        """One setting value; subclasses with another range override this."""
+        return check_real(label, value, 0.0, 1.0, low_open=True)
+
+    def _checked_settings(self, values: Mapping[str, float], known: set[str] | None = None) -> dict[str, float]:
+        if not isinstance(values, Mapping):
+            raise TypeError(f"{self.SETTING} must be a dict of modality -> float, got {type(values).__name__}")
+        known = set(self.modalities()) if known is None else known
         checked = {}
-        for name, value in ratios.items():
+        for name, value in values.items():
             if name not in known:
                 raise ValueError(
-                    f"ratios names modality {name!r}, which no param group has (known: {sorted(known)})"
+                    f"{self.SETTING} names modality {name!r}, which no param group has (known: {sorted(known)})"
                 )
-            checked[name] = check_real(f"ratios[{name!r}]", value, 0.0, 1.0, low_open=True)
+            checked[name] = self._check_setting(f"{self.SETTING}[{name!r}]", value)
         return checked
 
-    def set_ratios(self, ratios: Mapping[str, float]) -> None:
-        """Set per-modality fractions in (0, 1] for this and later steps (others keep theirs)."""
-        self._ratios.update(self._checked_ratios(ratios))
+    def _set_settings(self, values: Mapping[str, float]) -> None:
+        self._settings.update(self._checked_settings(values))
 
-    def ratio(self, modality: str | None) -> float:
-        """The current fraction of ``modality`` (1.0 until set; 1.0 for dense groups)."""
-        return 1.0 if modality is None else self._ratios.get(modality, 1.0)
+    def _setting(self, modality: str | None) -> float:
+        return 1.0 if modality is None else self._settings.get(modality, 1.0)
 
     # ----------------------------------------------------------- step
     def _step_config(self, group: dict[str, Any]) -> StepConfig:
@@ -183,7 +193,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
             seed=group["seed"],
-            ratio=self.ratio(group.get("modality")),
         )
 
     def _needs_fisher(self, group: dict[str, Any]) -> bool:
@@ -218,15 +227,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         return value.reshape(())
 
     @torch.no_grad()
-    def step(
+    def _run_step(
         self,
-        closure: Callable[[], Any] | None = None,
-        *,
-        ratios: Mapping[str, float] | None = None,
-        grad_scale: torch.Tensor | None = None,
-        found_inf: torch.Tensor | None = None,
+        closure: Callable[[], Any] | None,
+        settings: Mapping[str, float] | None,
+        grad_scale: torch.Tensor | None,
+        found_inf: torch.Tensor | None,
     ) -> Any:
-        """One step. The closure runs first; ``ratios`` = ``set_ratios(ratios)`` before it.
+        """The shared body of every ``step``: closure, validation of everything, then the update.
 
         ``grad_scale``: grads are divided by it inside the step; ``found_inf``: if
         non-zero, nothing changes (params, states, steps, RNG position). Both
@@ -237,7 +245,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        checked = self._checked_ratios(ratios) if ratios is not None else {}
+        checked = self._checked_settings(settings) if settings is not None else {}
         grad_scale = self._amp_tensor("grad_scale", grad_scale if grad_scale is not None else getattr(self, "grad_scale", None))
         found_inf = self._amp_tensor("found_inf", found_inf if found_inf is not None else getattr(self, "found_inf", None))
         for gi, group in enumerate(self.param_groups):
@@ -252,7 +260,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"param group {gi}, params[{i}] has a complex gradient; not supported")
                 if g.shape != p.shape or g.device != p.device:
                     raise RuntimeError(f"param group {gi}, params[{i}]: grad shape/device differs from the param")
-        self._ratios.update(checked)
+        self._settings.update(checked)
 
         slot = 0
         for group in self.param_groups:
@@ -300,7 +308,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         return buf
 
     def stats(self) -> dict[str, dict[str, float]]:
-        """Per modality (dense groups under "(dense)"): ratio, expected_fraction (sum pi / N),
+        """Per modality (dense groups under "(dense)"): the setting (ratio or coefficient),
+        expected_fraction (sum pi / N),
         realised_fraction (selected / N), units, skipped_tensors, all summed since the last
         ``reset_stats()``. Reads device counters: may synchronise."""
         out = {}
@@ -308,7 +317,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             total = sum(buf.cpu() for buf in per_device.values())
             units = float(total[2])
             out[name] = {
-                "ratio": self.ratio(None if name == DENSE else name),
+                self.SETTING_LABEL: self._setting(None if name == DENSE else name),
                 "expected_fraction": float(total[0]) / units if units else float("nan"),
                 "realised_fraction": float(total[1]) / units if units else float("nan"),
                 "units": units,
@@ -323,9 +332,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus ``"fastmask": {"version", "ratios"}``."""
+        """torch's state dict plus ``"fastmask": {"version", SETTING}`` (e.g. the ratios)."""
         sd = super().state_dict()
-        sd["fastmask"] = {"version": 1, "ratios": dict(self._ratios)}
+        sd["fastmask"] = {"version": 1, self.SETTING: dict(self._settings)}
         return sd
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -333,7 +342,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             for key, value in {**BASE_DEFAULTS, **self.METHOD_DEFAULTS}.items():
                 group.setdefault(key, value)
-        self.__dict__.setdefault("_ratios", {})
+        self.__dict__.setdefault("_settings", {})
         self.__dict__.setdefault("_stats", {})
 
     @torch._disable_dynamo
@@ -390,19 +399,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             p = id_map[pid]
             new_state[p] = self._checked_param_state(entry, p, group_of[id(p)], pid)
 
-        ratios = {}
         meta = state_dict.get("fastmask", {})
         if not isinstance(meta, Mapping):
             raise ValueError("state_dict['fastmask'] must be a mapping")
-        saved_ratios = meta.get("ratios", {})
         known = {g.get("modality") for g in new_groups} - {None}
-        for name, value in dict(saved_ratios).items():
-            if name not in known:
-                raise ValueError(f"state_dict ratios name modality {name!r}, which no param group has")
-            ratios[name] = check_real(f"state_dict ratios[{name!r}]", value, 0.0, 1.0, low_open=True)
+        settings = self._checked_settings(meta.get(self.SETTING, {}), known)
 
         self.__setstate__({"state": new_state, "param_groups": new_groups})
-        self._ratios = ratios
+        self._settings = settings
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

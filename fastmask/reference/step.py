@@ -111,12 +111,11 @@ def _step_tensor(
     ok = finite if found_inf is None else finite & (found_inf == 0)
     new_step = step + 1
 
+    # OGM: scale the gradient (modulate="grad"), then add GE noise with the unmodulated std.
+    grad_coefficient = cfg.coefficient if cfg.modulate == "grad" else 1.0
+    g_mod = g * grad_coefficient if grad_coefficient != 1.0 else g
     if cfg.ge_noise:
-        g_mod = g * cfg.coefficient + ge_noise(g, cfg.seed, rng_stream(new_step, slot, STREAM_NOISE))
-    elif cfg.coefficient != 1.0 and cfg.modulate == "grad":
-        g_mod = g * cfg.coefficient
-    else:
-        g_mod = g
+        g_mod = g_mod + ge_noise(g, cfg.seed, rng_stream(new_step, slot, STREAM_NOISE))
 
     new_fisher = sampling.fisher_update(fisher, g, cfg.fisher_beta) if fisher is not None else None
     selected = None  # None: every element takes the base update
