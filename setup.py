@@ -2,4 +2,7 @@
 
 from setuptools import find_packages, setup
 
-setup(packages=find_packages(include=["fastmask", "fastmask.*"]))
+setup(
+    packages=find_packages(include=["fastmask", "fastmask.*"]) + ["fastmask.kernels", "fastmask.bench"],
+    package_dir={"fastmask.kernels": "kernels", "fastmask.bench": "bench"},
+)

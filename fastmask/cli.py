@@ -25,12 +25,39 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import suites
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    timer = suites.Timer(device, min_time_s=0.2 if args.quick else 0.5, min_iters=3 if args.quick else 5)
+    records = suites.run(device, sets=args.sets, variants=args.variants, backends=args.backends,
+                         baselines=not args.no_baselines, compile_baseline=args.compile, timer=timer)
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump([suites.asdict(r) for r in records], f, indent=1)
+        print(f"wrote {len(records)} records to {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastmask", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="backends, versions, devices and why a backend is unavailable").set_defaults(
         run=_info
     )
+    bench = sub.add_parser("bench", help="time the fused step against torch's AdamW and the baselines")
+    bench.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    bench.add_argument("--sets", nargs="+", choices=["large", "av-resnet18", "small"], help="shape sets (default all)")
+    bench.add_argument("--variants", nargs="+", help="e.g. amss+-adamw-grad2 amss+-adamw-ema amss-sgd-grad2")
+    bench.add_argument("--backends", nargs="+", help="default: every backend that runs on the device")
+    bench.add_argument("--no-baselines", action="store_true", help="only torch fused AdamW and fastmask")
+    bench.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="include torch.compile of the reference step (default: on GPU only)")
+    bench.add_argument("--quick", action="store_true", help="fewer iterations")
+    bench.add_argument("--json", help="write the records to this file")
+    bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -31,8 +31,14 @@ def unit_sums(importance: torch.Tensor, granularity: str) -> torch.Tensor:
     n = unit_count(importance.shape, granularity)
     flat = importance.reshape(n, -1) if n else importance.reshape(0, 1)
     if granularity == "row":
-        return flat.sum(dim=1, dtype=torch.float32)
+        return flat.sum(dim=1, dtype=torch.float64).to(torch.float32)
     return flat.reshape(-1).to(torch.float32)
+
+
+def unit_total(s_units: torch.Tensor) -> torch.Tensor:
+    """S = sum of s_u, accumulated in fp64 and rounded to fp32: every backend sums this way,
+    so S (and pi) agree bit for bit except at fp32 rounding boundaries."""
+    return s_units.sum(dtype=torch.float64).to(torch.float32)
 
 
 def expand_units(values: torch.Tensor, shape: torch.Size, granularity: str) -> torch.Tensor:
@@ -54,8 +60,9 @@ def poisson_probs(s_units: torch.Tensor, ratio: float, min_prob: float = 0.0) ->
     n = s_units.numel()
     if ratio >= 1.0:
         return torch.ones_like(s_units)
-    total = s_units.sum()
-    scale = (ratio * n) / total
+    total = unit_total(s_units)
+    # k = fp32(ratio) * N and k / S, each rounded in fp32, as the kernels compute them
+    scale = (total.new_tensor(ratio) * n) / total
     pi = (s_units * scale).clamp(min=min_prob, max=1.0)
     return torch.where(degenerate(total), torch.full_like(pi, ratio), pi)
 
@@ -85,22 +92,24 @@ def gumbel_keys(s_units: torch.Tensor, seed: int, stream: int | torch.Tensor) ->
     """
     u = uniform(seed, stream, s_units.numel(), s_units.device)
     noise = -torch.log(-torch.log(u))
-    weights = torch.where(degenerate(s_units.sum()), torch.ones_like(s_units), s_units)
+    weights = torch.where(degenerate(unit_total(s_units)), torch.ones_like(s_units), s_units)
     return torch.log(weights) + noise, noise
 
 
-def exact_select(s_units: torch.Tensor, count: int, seed: int, stream: int | torch.Tensor) -> torch.Tensor:
-    """Exactly ``count`` units without replacement, weights s (torch.multinomial semantics).
-
-    Units of zero weight (key -inf) are taken, if they must be, in order of their
-    Gumbel noise: two stable sorts make the order total and backend-independent.
-    """
-    keys, noise = gumbel_keys(s_units, seed, stream)
+def top_by_keys(keys: torch.Tensor, noise: torch.Tensor, count: int) -> torch.Tensor:
+    """Bool mask of the ``count`` largest keys; ties (zero-weight units, key -inf) are broken
+    by the Gumbel noise, then by index: two stable sorts make the order total."""
     by_noise = torch.argsort(noise, descending=True, stable=True)
     order = by_noise[torch.argsort(keys[by_noise], descending=True, stable=True)]
-    selected = torch.zeros(s_units.numel(), dtype=torch.bool, device=s_units.device)
+    selected = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
     selected[order[:count]] = True
     return selected
+
+
+def exact_select(s_units: torch.Tensor, count: int, seed: int, stream: int | torch.Tensor) -> torch.Tensor:
+    """Exactly ``count`` units without replacement, weights s (torch.multinomial semantics),
+    as Gumbel-top-k on the counter RNG."""
+    return top_by_keys(*gumbel_keys(s_units, seed, stream), count)
 
 
 def exact_select_ratio(s_units: torch.Tensor, ratio: float, seed: int, stream: int | torch.Tensor) -> torch.Tensor:
@@ -120,6 +129,6 @@ def rescale_weights(
     if rescale == "ht":
         return 1.0 / pi
     n = s_units.numel()
-    total = s_units.sum()
+    total = unit_total(s_units)
     p = torch.where(degenerate(total), torch.full_like(s_units, 1.0 / n), s_units / total)
     return 1.0 / (p + 1.0 / n)

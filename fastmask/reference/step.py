@@ -14,6 +14,33 @@ from .philox import STREAM_MASK, STREAM_NOISE, normal, rng_stream
 from .spec import StepConfig, TensorGroup, exact_count
 
 
+def power(base: float, exponent: torch.Tensor) -> torch.Tensor:
+    """base ** exponent in fp64 by binary exponentiation (integer exponents < 2^32).
+
+    The kernels compute beta^t the same way, so bias corrections agree to the last bit.
+    """
+    e = exponent.to(torch.int64)
+    result = torch.ones(e.shape, dtype=torch.float64, device=e.device)
+    square = float(base)
+    for bit in range(32):
+        result = torch.where(((e >> bit) & 1) == 1, result * square, result)
+        square = square * square
+    return result
+
+
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded fp32 square root (torch's CPU sqrt is not; an fp64 sqrt
+    rounded once to fp32 is, and it is what the kernels' IEEE sqrt returns)."""
+    return torch.sqrt(x.to(torch.float64)).to(torch.float32)
+
+
+def adam_corrections(steps: torch.Tensor, cfg: StepConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tensor (fp32): step_size = lr / (1 - beta1^t) and sqrt(1 - beta2^t), from fp64."""
+    step_size = (cfg.lr / (1.0 - power(cfg.beta1, steps))).to(torch.float32)
+    bias_correction2_sqrt = torch.sqrt(1.0 - power(cfg.beta2, steps)).to(torch.float32)
+    return step_size, bias_correction2_sqrt
+
+
 def base_update(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -22,11 +49,15 @@ def base_update(
     exp_avg: torch.Tensor | None,
     exp_avg_sq: torch.Tensor | None,
     momentum_buffer: torch.Tensor | None,
+    corrections: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """One dense step of the base optimizer, as torch's single-tensor code does it.
+    """One dense step of the base optimizer, the math of torch's single-tensor optimizers.
 
-    All arguments are fp32; ``step`` is the step count after this step. Returns the
-    new (param, exp_avg, exp_avg_sq, momentum_buffer), out of place.
+    All arguments are fp32; ``step`` is the step count after this step and
+    ``corrections`` the Adam scalars of ``adam_corrections`` for it. Every operation
+    is one IEEE-rounded fp32 op (no fused multiply-add, unlike torch.lerp on CPU), so
+    a kernel can reproduce it bit for bit. Returns the new (param, exp_avg, exp_avg_sq,
+    momentum_buffer), out of place.
     """
     lr = cfg.lr
     if cfg.base == "sgd":
@@ -43,20 +74,18 @@ def base_update(
             param = param * (1.0 - lr * cfg.weight_decay)
         else:
             grad = grad + cfg.weight_decay * param
-    exp_avg = torch.lerp(exp_avg, grad, 1.0 - cfg.beta1)
+    exp_avg = exp_avg + (grad - exp_avg) * (1.0 - cfg.beta1)
     exp_avg_sq = exp_avg_sq * cfg.beta2 + grad * grad * (1.0 - cfg.beta2)
-    step64 = step.to(torch.float64)
-    bias_correction1 = 1.0 - torch.pow(cfg.beta1, step64)
-    bias_correction2_sqrt = torch.sqrt(1.0 - torch.pow(cfg.beta2, step64))
-    step_size = (lr / bias_correction1).to(torch.float32)
-    denom = torch.sqrt(exp_avg_sq) / bias_correction2_sqrt.to(torch.float32) + cfg.eps
+    step_size, bias_correction2_sqrt = corrections if corrections is not None else adam_corrections(step, cfg)
+    denom = sqrt_rn(exp_avg_sq) / bias_correction2_sqrt + cfg.eps
     return param - step_size * (exp_avg / denom), exp_avg, exp_avg_sq, momentum_buffer
 
 
 def ge_noise(grad32: torch.Tensor, seed: int, stream: int | torch.Tensor) -> torch.Tensor:
-    """OGM-GE noise N(0, std(g)^2) per element, std over the tensor (unbiased; 0 for one element)."""
+    """OGM-GE noise N(0, std(g)^2) per element, std over the tensor (unbiased, from fp64
+    moments; 0 for one element)."""
     n = grad32.numel()
-    std = grad32.std() if n > 1 else grad32.new_zeros(())
+    std = grad32.double().std().to(torch.float32) if n > 1 else grad32.new_zeros(())
     return normal(seed, stream, n, grad32.device).reshape(grad32.shape) * std
 
 
@@ -71,6 +100,10 @@ def masked_step_(
     found_inf: torch.Tensor | None = None,
 ) -> None:
     """Apply one masked (AMSS/AMSS+) or modulated (OGM) step to every tensor of ``group``."""
+    if not group.params:
+        return
+    new_steps = torch.stack(group.steps) + 1
+    corrections = adam_corrections(new_steps, cfg) if cfg.base != "sgd" else None
     for i in range(len(group)):
         _step_tensor(
             group.params[i],
@@ -85,6 +118,8 @@ def masked_step_(
             grad_scale,
             found_inf,
             group.stats,
+            new_steps[i],
+            (corrections[0][i], corrections[1][i]) if corrections is not None else None,
         )
 
 
@@ -101,6 +136,8 @@ def _step_tensor(
     grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
     stats: torch.Tensor | None,
+    new_step: torch.Tensor,
+    corrections: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> None:
     g = grad.to(torch.float32)
     if grad_scale is not None:
@@ -109,7 +146,6 @@ def _step_tensor(
         g = -g
     finite = torch.isfinite(g).all()
     ok = finite if found_inf is None else finite & (found_inf == 0)
-    new_step = step + 1
 
     # OGM: scale the gradient (modulate="grad"), then add GE noise with the unmodulated std.
     grad_coefficient = cfg.coefficient if cfg.modulate == "grad" else 1.0
@@ -153,7 +189,9 @@ def _step_tensor(
         stats[3] += (~finite).to(torch.float64)
 
     p32 = param.to(torch.float32)
-    new_p, new_m, new_v, new_buf = base_update(p32, g_mod, new_step, cfg, exp_avg, exp_avg_sq, momentum_buffer)
+    new_p, new_m, new_v, new_buf = base_update(
+        p32, g_mod, new_step, cfg, exp_avg, exp_avg_sq, momentum_buffer, corrections
+    )
     if cfg.modulate == "update" and cfg.coefficient != 1.0:
         new_p = p32 + (new_p - p32) * cfg.coefficient
 

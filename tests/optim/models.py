@@ -61,3 +61,22 @@ def train(model, opt, data, *, ratios=None, scheduler=None, loss_scale=None, **s
 
 def flat_params(model) -> torch.Tensor:
     return torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+
+
+def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rel: float, name: str = "") -> None:
+    """``actual`` within ``rel`` times the scale (max |x|) of ``expected``, elementwise.
+
+    Backends round differently in the last bits (torch's CPU kernels use fused
+    multiply-adds, Triton contracts on GPU, g/pi amplifies a last-bit difference of pi);
+    a tolerance relative to each tensor's scale states what "within 1e-6" means.
+    """
+    expected = expected.detach().float().cpu()
+    scale = expected.abs().max().item() if expected.numel() else 1.0
+    torch.testing.assert_close(actual.detach().float().cpu(), expected, rtol=0, atol=rel * (scale or 1.0),
+                               msg=lambda m: f"{name}: {m}")
+
+
+def assert_params_close(model, ref_model, rel: float = 1e-6) -> None:
+    """Each parameter within ``rel`` of its tensor's scale in the reference run."""
+    for (name, p_ref), p in zip(ref_model.named_parameters(), model.parameters()):
+        assert_close_to_scale(p, p_ref, rel, name)

@@ -1,0 +1,614 @@
+"""The fused AMSS/AMSS+/OGM step in Triton: three launches per (device, dtype, group) batch.
+
+- ``pass1_blocks`` / ``pass1_rows`` read g (and F for "ema" importance) and write
+  fixed-order partials [sum s, sum g, sum g^2, non-finite count] per block of
+  elements or per row (plus each row's importance). No float atomics.
+- ``reduce_tensors`` (one program per tensor) sums its partials in a fixed order,
+  decides ok = finite and not found_inf, advances ``step`` on device, computes the
+  per-tensor scalars (k/S, GE std, Adam bias corrections in fp64) and, for row
+  units, samples the rows into a per-unit weight table (0 = not selected).
+- ``pass2`` is one read-modify-write of every element: importance, inclusion
+  probability, selection by the counter RNG, rescale, OGM terms and the base
+  update; the mask lives in registers and unselected units are not even written.
+
+All tensors of a batch are reached through int64 pointer tables, so thousands
+of small tensors cost three launches, not thousands. Semantics: DESIGN §3.
+"""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from fastmask.reference import sampling
+from fastmask.reference.philox import rng_stream
+from fastmask.reference.spec import StepConfig, TensorGroup, exact_count
+
+from .ops import TL_DTYPES, gumbel_keys
+from .philox import normal_block, uniform_block
+
+# int64 metadata per tensor
+M_NUMEL: tl.constexpr = 0
+M_UNITS: tl.constexpr = 1
+M_ROW: tl.constexpr = 2  # elements per unit (1 for element units)
+M_STREAM_HI: tl.constexpr = 3  # 2 * slot: high word of the mask stream
+M_PART_START: tl.constexpr = 4
+M_N_PARTS: tl.constexpr = 5
+M_UNIT_OFFSET: tl.constexpr = 6
+M_BLOCK_START: tl.constexpr = 7
+META_COLS: tl.constexpr = 8
+
+# int64 data pointers per tensor
+P_PARAM: tl.constexpr = 0
+P_EXP_AVG: tl.constexpr = 1
+P_EXP_AVG_SQ: tl.constexpr = 2
+P_MOMENTUM: tl.constexpr = 3
+P_FISHER: tl.constexpr = 4
+P_STEP: tl.constexpr = 5
+PTR_COLS: tl.constexpr = 6
+
+# fp32 scalars per tensor, written by reduce_tensors for pass2
+S_OK: tl.constexpr = 0
+S_NEW_STEP: tl.constexpr = 1
+S_SCALE: tl.constexpr = 2  # k / S
+S_DEGENERATE: tl.constexpr = 3  # S == 0 or not finite
+S_TOTAL: tl.constexpr = 4  # S (legacy rescale)
+S_STD: tl.constexpr = 5  # GE noise std
+S_STEP_SIZE: tl.constexpr = 6  # lr / (1 - beta1^t)
+S_BC2_SQRT: tl.constexpr = 7  # sqrt(1 - beta2^t)
+S_DECAY: tl.constexpr = 8  # 1 - lr * weight_decay (AdamW)
+S_LR: tl.constexpr = 9
+SCALAR_COLS: tl.constexpr = 10
+
+PART_COLS: tl.constexpr = 4  # partials: sum s, sum g, sum g^2, non-finite count
+STAT_COLS: tl.constexpr = 4  # sum pi, selected units, units, skipped tensors
+
+
+@triton.jit
+def _grad(grad_table, t, offs, inb, grad_scale_ptr, HAS_SCALE: tl.constexpr, G_DTYPE: tl.constexpr):
+    gp = tl.load(grad_table + t).to(tl.pointer_type(G_DTYPE))
+    g = tl.load(gp + offs, mask=inb, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        g = g / tl.load(grad_scale_ptr).to(tl.float32)
+    return g
+
+
+@triton.jit
+def _importance(g, ptr_table, t, offs, inb, fisher_beta, one_minus_fisher_beta, EMA: tl.constexpr):
+    """(s, F') for a block: s = g^2, or the updated EMA F' = beta F + (1 - beta) g^2."""
+    if EMA:
+        fp = tl.load(ptr_table + t * PTR_COLS + P_FISHER).to(tl.pointer_type(tl.float32))
+        fisher = tl.load(fp + offs, mask=inb, other=0.0)
+        fisher = fisher * fisher_beta + g * g * one_minus_fisher_beta
+        return fisher, fisher
+    return g * g, g
+
+
+@triton.jit
+def _partials(out, g, s, inb):
+    """fp64 partial sums: S is accumulated in fp64 and rounded once, as the reference does."""
+    nonfinite = tl.sum((inb & ~(tl.abs(g) < float("inf"))).to(tl.float64), axis=0)
+    g64 = g.to(tl.float64)
+    tl.store(out + 0, tl.sum(s.to(tl.float64), axis=0))
+    tl.store(out + 1, tl.sum(g64, axis=0))
+    tl.store(out + 2, tl.sum(g64 * g64, axis=0))
+    tl.store(out + 3, nonfinite)
+
+
+@triton.jit
+def pass1_blocks(
+    grad_table, ptr_table, meta, block_tensor, partials, grad_scale_ptr, fisher_beta, one_minus_fisher_beta,
+    HAS_SCALE: tl.constexpr, EMA: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    n = tl.load(meta + t * META_COLS + M_NUMEL)
+    b = pid - tl.load(meta + t * META_COLS + M_BLOCK_START)
+    offs = b * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    inb = offs < n
+    g = _grad(grad_table, t, offs, inb, grad_scale_ptr, HAS_SCALE, G_DTYPE)
+    s, _ = _importance(g, ptr_table, t, offs, inb, fisher_beta, one_minus_fisher_beta, EMA)
+    _partials(partials + pid.to(tl.int64) * PART_COLS, g, tl.where(inb, s, 0.0), inb)
+
+
+@triton.jit
+def pass1_rows(
+    grad_table, ptr_table, meta, row_tensor, partials, row_importance, grad_scale_ptr, fisher_beta,
+    one_minus_fisher_beta, HAS_SCALE: tl.constexpr, EMA: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per row (global unit index): the row's importance and partials."""
+    pid = tl.program_id(0)
+    t = tl.load(row_tensor + pid)
+    row_size = tl.load(meta + t * META_COLS + M_ROW)
+    r = pid - tl.load(meta + t * META_COLS + M_UNIT_OFFSET)
+    acc_s = tl.zeros([BLOCK], tl.float64)
+    acc_g = tl.zeros([BLOCK], tl.float64)
+    acc_g2 = tl.zeros([BLOCK], tl.float64)
+    acc_bad = tl.zeros([BLOCK], tl.float64)
+    for start in range(0, row_size, BLOCK):
+        local = start + tl.arange(0, BLOCK).to(tl.int64)
+        inb = local < row_size
+        offs = r * row_size + local
+        g = _grad(grad_table, t, offs, inb, grad_scale_ptr, HAS_SCALE, G_DTYPE)
+        s, _ = _importance(g, ptr_table, t, offs, inb, fisher_beta, one_minus_fisher_beta, EMA)
+        g64 = g.to(tl.float64)
+        acc_s += tl.where(inb, s, 0.0).to(tl.float64)
+        acc_g += g64
+        acc_g2 += g64 * g64
+        acc_bad += (inb & ~(tl.abs(g) < float("inf"))).to(tl.float64)
+    out = partials + pid.to(tl.int64) * PART_COLS
+    row_s = tl.sum(acc_s, axis=0).to(tl.float32)  # s_u is fp32, S sums the rounded s_u
+    tl.store(row_importance + pid, row_s)
+    tl.store(out + 0, row_s.to(tl.float64))
+    tl.store(out + 1, tl.sum(acc_g, axis=0))
+    tl.store(out + 2, tl.sum(acc_g2, axis=0))
+    tl.store(out + 3, tl.sum(acc_bad, axis=0))
+
+
+@triton.jit
+def _pow(base_hi, base_lo, e):
+    """(base_hi + base_lo)^e in fp64 by repeated squaring (e < 2^32): exact to ~1e-15."""
+    b = tl.full([], base_hi, tl.float64) + tl.full([], base_lo, tl.float64)
+    r = tl.full([], 1.0, tl.float64)
+    for i in tl.static_range(32):
+        r = tl.where(((e >> i) & 1) == 1, r * b, r)
+        b = b * b
+    return r
+
+
+@triton.jit
+def _probability(s, scale, degenerate, ratio, min_prob, SAMPLING: tl.constexpr):
+    """pi = clamp(k s / S, min_prob, 1), or ratio (uniform, or S == 0 / not finite)."""
+    if SAMPLING == 0:
+        pi = tl.minimum(tl.maximum(s * scale, min_prob), 1.0)
+        return tl.where(degenerate != 0, ratio, pi)
+    return tl.zeros_like(s) + ratio
+
+
+@triton.jit
+def _weight(pi, s, total, degenerate, n_units, RESCALE: tl.constexpr):
+    """Gradient weight of a selected unit: 1 (AMSS), 1/pi (ht) or 1/(s/S + 1/N) (legacy)."""
+    if RESCALE == 1:
+        return tl.div_rn(tl.full(pi.shape, 1.0, tl.float32), pi)
+    if RESCALE == 2:
+        inv_n = tl.div_rn(1.0, n_units.to(tl.float32))
+        p = tl.where(degenerate != 0, inv_n, tl.div_rn(s, total))
+        return tl.div_rn(tl.full(s.shape, 1.0, tl.float32), p + inv_n)
+    return tl.full(s.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def reduce_tensors(
+    ptr_table, meta, partials, row_importance, unit_weight, scalars, tensor_stats, found_inf_ptr, lr_ptr,
+    lr_hi, lr_lo, decay_value, weight_decay, ratio, min_prob, seed_lo, seed_hi,
+    beta1_hi, beta1_lo, beta2_hi, beta2_lo,
+    HAS_FOUND_INF: tl.constexpr, LR_IS_TENSOR: tl.constexpr, ROW_SAMPLING: tl.constexpr,
+    SAMPLING: tl.constexpr, RESCALE: tl.constexpr, RBLOCK: tl.constexpr,
+):
+    t = tl.program_id(0)
+    mrow = meta + t * META_COLS
+    start = tl.load(mrow + M_PART_START)
+    count = tl.load(mrow + M_N_PARTS)
+    acc = tl.zeros([RBLOCK, PART_COLS], tl.float64)
+    cols = tl.arange(0, PART_COLS)
+    for c in range(0, count, RBLOCK):
+        idx = c + tl.arange(0, RBLOCK).to(tl.int64)
+        ptrs = partials + (start + idx)[:, None] * PART_COLS + cols[None, :]
+        acc += tl.load(ptrs, mask=(idx < count)[:, None], other=0.0)
+    sums = tl.sum(acc, axis=0)
+    total = tl.sum(tl.where(cols == 0, sums, 0.0), axis=0).to(tl.float32)
+    g_sum = tl.sum(tl.where(cols == 1, sums, 0.0), axis=0)
+    g_sq = tl.sum(tl.where(cols == 2, sums, 0.0), axis=0)
+    nonfinite = tl.sum(tl.where(cols == 3, sums, 0.0), axis=0)
+
+    ok = nonfinite == 0
+    skipped = ~ok
+    if HAS_FOUND_INF:
+        inf_flag = tl.load(found_inf_ptr).to(tl.float32) != 0
+        ok = ok & ~inf_flag
+        skipped = skipped & ~inf_flag
+    step_ptr = tl.load(ptr_table + t * PTR_COLS + P_STEP).to(tl.pointer_type(tl.float32))
+    step = tl.load(step_ptr)
+    new_step = step + 1.0
+    tl.store(step_ptr, tl.where(ok, new_step, step))
+
+    n = tl.load(mrow + M_NUMEL)
+    units = tl.load(mrow + M_UNITS)
+    degenerate = ~((total > 0) & (total < float("inf")))
+    scale = tl.div_rn(ratio * units.to(tl.float32), total)
+    nf = n.to(tl.float64)
+    var = tl.maximum(g_sq - g_sum * g_sum / nf, 0.0) / tl.maximum(nf - 1.0, 1.0)
+    std = tl.where(n > 1, tl.sqrt(var), 0.0).to(tl.float32)
+    # as the reference: a float lr is a double (sent as fp32 hi + lo) and 1 - lr*wd is
+    # computed on the host; a tensor lr is fp32 and 1 - lr*wd is fp32 arithmetic
+    if LR_IS_TENSOR:
+        lr32 = tl.load(lr_ptr).to(tl.float32)
+        lr = lr32.to(tl.float64)
+        decay = 1.0 - lr32 * weight_decay
+    else:
+        lr = tl.full([], lr_hi, tl.float64) + tl.full([], lr_lo, tl.float64)
+        decay = tl.full([], decay_value, tl.float32)
+    e = new_step.to(tl.int64)
+    bc1 = 1.0 - _pow(beta1_hi, beta1_lo, e)
+    bc2 = 1.0 - _pow(beta2_hi, beta2_lo, e)
+    out = scalars + t * SCALAR_COLS
+    tl.store(out + S_OK, ok.to(tl.float32))
+    tl.store(out + S_NEW_STEP, new_step)
+    tl.store(out + S_SCALE, scale)
+    tl.store(out + S_DEGENERATE, degenerate.to(tl.float32))
+    tl.store(out + S_TOTAL, total)
+    tl.store(out + S_STD, std)
+    tl.store(out + S_STEP_SIZE, (lr / bc1).to(tl.float32))
+    tl.store(out + S_BC2_SQRT, tl.sqrt(bc2).to(tl.float32))
+    tl.store(out + S_DECAY, decay)
+    tl.store(out + S_LR, lr.to(tl.float32))
+
+    okf = ok.to(tl.float32)
+    stats = tensor_stats + t * STAT_COLS
+    if ROW_SAMPLING:
+        # rows are few: sample them here, once, into the unit weight table
+        offset = tl.load(mrow + M_UNIT_OFFSET)
+        s_hi = tl.load(mrow + M_STREAM_HI)
+        sum_pi = tl.zeros([RBLOCK], tl.float32)
+        n_sel = tl.zeros([RBLOCK], tl.float32)
+        for r0 in range(0, units, RBLOCK):
+            r = r0 + tl.arange(0, RBLOCK).to(tl.int64)
+            inb = r < units
+            s = tl.load(row_importance + offset + r, mask=inb, other=0.0)
+            pi = _probability(s, scale, degenerate.to(tl.float32), ratio, min_prob, SAMPLING)
+            u = uniform_block(r0, new_step.to(tl.int64), s_hi, seed_lo, seed_hi, RBLOCK)
+            sel = inb & (u < pi)
+            w = _weight(pi, s, total, degenerate.to(tl.float32), units, RESCALE)
+            tl.store(unit_weight + offset + r, tl.where(sel, w, 0.0), mask=inb)
+            sum_pi += tl.where(inb, pi, 0.0)
+            n_sel += sel.to(tl.float32)
+        tl.store(stats + 0, tl.sum(sum_pi, axis=0) * okf)
+        tl.store(stats + 1, tl.sum(n_sel, axis=0) * okf)
+    tl.store(stats + 2, units.to(tl.float32) * okf)
+    tl.store(stats + 3, skipped.to(tl.float32))
+
+
+@triton.jit
+def pass2(
+    grad_table, ptr_table, meta, block_tensor, scalars, unit_weight, block_stats, grad_scale_ptr,
+    seed_lo, seed_hi, ratio, min_prob, grad_coefficient, update_coefficient,
+    one_minus_beta1, beta2, one_minus_beta2, eps, momentum, one_minus_dampening, weight_decay,
+    fisher_beta, one_minus_fisher_beta,
+    BASE: tl.constexpr,  # 0 sgd, 1 adam, 2 adamw
+    MASK_MODE: tl.constexpr,  # 0 dense, 1 sample elements here, 2 per-unit weight table
+    SAMPLING: tl.constexpr,  # 0 poisson, 1 uniform
+    RESCALE: tl.constexpr,  # 0 none, 1 ht, 2 legacy
+    FREEZE: tl.constexpr, EMA: tl.constexpr, GE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, MODULATE_UPDATE: tl.constexpr,
+    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    mrow = meta + t * META_COLS
+    n = tl.load(mrow + M_NUMEL)
+    b = pid - tl.load(mrow + M_BLOCK_START)
+    first = b * BLOCK
+    offs = first + tl.arange(0, BLOCK).to(tl.int64)
+    inb = offs < n
+    sc = scalars + t * SCALAR_COLS
+    ok = tl.load(sc + S_OK) != 0
+    new_step = tl.load(sc + S_NEW_STEP)
+    lr = tl.load(sc + S_LR)
+    prow = ptr_table + t * PTR_COLS
+
+    g = _grad(grad_table, t, offs, inb, grad_scale_ptr, HAS_SCALE, G_DTYPE)
+    if MAXIMIZE:
+        g = -g
+    s, fisher = _importance(g, ptr_table, t, offs, inb, fisher_beta, one_minus_fisher_beta, EMA)
+    g_mod = g * grad_coefficient
+    s_hi = tl.load(mrow + M_STREAM_HI)
+    if GE:
+        z = normal_block(first, new_step.to(tl.int64), s_hi + 1, seed_lo, seed_hi, BLOCK)
+        g_mod += tl.load(sc + S_STD) * z
+
+    selected = inb
+    if MASK_MODE == 1:
+        degenerate = tl.load(sc + S_DEGENERATE)
+        pi = _probability(s, tl.load(sc + S_SCALE), degenerate, ratio, min_prob, SAMPLING)
+        u = uniform_block(first, new_step.to(tl.int64), s_hi, seed_lo, seed_hi, BLOCK)
+        selected = inb & (u < pi)
+        w = _weight(pi, s, tl.load(sc + S_TOTAL), degenerate, n, RESCALE)
+        g_mod = tl.where(selected, g_mod * w, 0.0)
+        okf = ok.to(tl.float32)
+        tl.store(block_stats + pid.to(tl.int64) * 2 + 0, tl.sum(tl.where(inb, pi, 0.0), axis=0) * okf)
+        tl.store(block_stats + pid.to(tl.int64) * 2 + 1, tl.sum(selected.to(tl.float32), axis=0) * okf)
+    elif MASK_MODE == 2:
+        unit = tl.load(mrow + M_UNIT_OFFSET) + offs // tl.load(mrow + M_ROW)
+        w = tl.load(unit_weight + unit, mask=inb, other=0.0)
+        selected = inb & (w != 0)
+        g_mod = tl.where(selected, g_mod * w, 0.0)
+
+    pp = tl.load(prow + P_PARAM).to(tl.pointer_type(P_DTYPE))
+    p = tl.load(pp + offs, mask=inb, other=0.0).to(tl.float32)
+    if BASE == 0:
+        d = g_mod + weight_decay * p
+        if HAS_MOMENTUM:
+            bp = tl.load(prow + P_MOMENTUM).to(tl.pointer_type(tl.float32))
+            buf = tl.load(bp + offs, mask=inb, other=0.0)
+            buf = tl.where(new_step == 1.0, d, buf * momentum + d * one_minus_dampening)
+            if NESTEROV:
+                d = d + momentum * buf
+            else:
+                d = buf
+        new_p = p - lr * d
+    else:
+        if BASE == 2:
+            p_decayed = p * tl.load(sc + S_DECAY)
+        else:
+            p_decayed = p
+            g_mod = g_mod + weight_decay * p
+        mp = tl.load(prow + P_EXP_AVG).to(tl.pointer_type(tl.float32))
+        vp = tl.load(prow + P_EXP_AVG_SQ).to(tl.pointer_type(tl.float32))
+        m = tl.load(mp + offs, mask=inb, other=0.0)
+        v = tl.load(vp + offs, mask=inb, other=0.0)
+        # IEEE-rounded sqrt and division (Triton's defaults are approximate on GPU)
+        m = m + (g_mod - m) * one_minus_beta1
+        v = v * beta2 + g_mod * g_mod * one_minus_beta2
+        denom = tl.div_rn(tl.sqrt_rn(v), tl.load(sc + S_BC2_SQRT)) + eps
+        new_p = p_decayed - tl.load(sc + S_STEP_SIZE) * tl.div_rn(m, denom)
+    if MODULATE_UPDATE:
+        new_p = p + (new_p - p) * update_coefficient
+
+    update = tl.where(ok, inb, False)  # (a block & a loaded scalar bool fails in the interpreter)
+    if FREEZE:
+        update = update & selected
+    tl.store(pp + offs, new_p.to(P_DTYPE), mask=update)
+    if BASE == 0:
+        if HAS_MOMENTUM:
+            tl.store(bp + offs, buf, mask=update)
+    else:
+        tl.store(mp + offs, m, mask=update)
+        tl.store(vp + offs, v, mask=update)
+    if EMA:
+        fp = tl.load(prow + P_FISHER).to(tl.pointer_type(tl.float32))
+        tl.store(fp + offs, fisher, mask=update if not FREEZE else tl.where(ok, inb, False))
+
+
+# ----------------------------------------------------------------------------- host side
+
+BLOCK_SIZE = 1024
+REDUCE_BLOCK = 256
+_BASE_IDS = {"sgd": 0, "adam": 1, "adamw": 2}
+
+
+@dataclass
+class _Layout:
+    """Device tables that depend only on the batch's shapes, storages and slots."""
+
+    meta: torch.Tensor  # int64 [T, META_COLS]
+    pointers: torch.Tensor  # int64 [T, PTR_COLS]
+    block_tensor: torch.Tensor  # int32 [n_blocks]
+    row_tensor: torch.Tensor  # int32 [n_units] (row granularity)
+    n_blocks: int
+    n_units: int
+    units: list[int]
+    unit_offsets: list[int]
+
+
+_LAYOUTS: OrderedDict[tuple, _Layout] = OrderedDict()
+_GRAD_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_CACHE_SIZE = 64
+
+
+def _to_device(values: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host
+
+
+def _cached(cache: OrderedDict, key: tuple, build):
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = build()
+        if len(cache) > _CACHE_SIZE:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return value
+
+
+def _layout(work: dict, group: TensorGroup, granularity: str) -> _Layout:
+    params = work["params"]
+    device = params[0].device
+
+    def ptr(values, i):
+        return values[i].data_ptr() if values else 0
+
+    rows = [
+        (ptr(params, i), ptr(work["exp_avgs"], i), ptr(work["exp_avg_sqs"], i),
+         ptr(work["momentum_buffers"], i), ptr(work["fishers"], i), group.steps[i].data_ptr())
+        for i in range(len(params))
+    ]
+    key = (device, granularity, tuple(rows), tuple(p.shape for p in params), tuple(group.slots))
+
+    def build() -> _Layout:
+        meta, block_tensor, row_tensor, units_list, offsets = [], [], [], [], []
+        block_start = unit_offset = 0
+        for t, p in enumerate(params):
+            n = p.numel()
+            units = sampling.unit_count(p.shape, granularity)
+            row = n // units if units else 1
+            blocks = -(-n // BLOCK_SIZE)
+            parts = units if granularity == "row" else blocks
+            part_start = unit_offset if granularity == "row" else block_start
+            meta.append([n, units, max(row, 1), 2 * group.slots[t], part_start, parts, unit_offset, block_start])
+            block_tensor += [t] * blocks
+            row_tensor += [t] * units
+            units_list.append(units)
+            offsets.append(unit_offset)
+            block_start += blocks
+            unit_offset += units
+        return _Layout(
+            meta=_to_device(meta, device, torch.int64),
+            pointers=_to_device([list(r) for r in rows], device, torch.int64),
+            block_tensor=_to_device(block_tensor or [0], device, torch.int32),
+            row_tensor=_to_device(row_tensor or [0], device, torch.int32),
+            n_blocks=block_start,
+            n_units=unit_offset,
+            units=units_list,
+            unit_offsets=offsets,
+        )
+
+    return _cached(_LAYOUTS, key, build)
+
+
+def _grad_table(grads: list[torch.Tensor]) -> torch.Tensor:
+    key = (grads[0].device, tuple(g.data_ptr() for g in grads))
+    return _cached(_GRAD_TABLES, key, lambda: _to_device([g.data_ptr() for g in grads], grads[0].device, torch.int64))
+
+
+def _split_f64(value: float) -> tuple[float, float]:
+    """A double as fp32 hi + lo (kernel args are fp32): ~48 bits of the value survive."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+
+
+def _working_copies(group: TensorGroup) -> tuple[dict, list]:
+    """Contiguous views of every tensor the kernels touch; non-contiguous ones are copied
+    (and written back after the step): the kernels index elements in logical order."""
+    work, write_back = {}, []
+    for name in ("params", "grads", "exp_avgs", "exp_avg_sqs", "momentum_buffers", "fishers"):
+        values = []
+        for x in getattr(group, name):
+            if x.is_contiguous():
+                values.append(x)
+            else:
+                c = x.contiguous()
+                values.append(c)
+                if name != "grads":
+                    write_back.append((x, c))
+        work[name] = values
+    return work, write_back
+
+
+def _exact_unit_weights(
+    work: dict, group: TensorGroup, cfg: StepConfig, layout: _Layout, grad_scale: torch.Tensor | None,
+    unit_weight: torch.Tensor,
+) -> torch.Tensor:
+    """Exact (Gumbel-top-k) selection: keys by a kernel, top-k by torch, written into the unit
+    weight table; returns
+    the per-tensor expected (= selected) unit counts."""
+    counts = []
+    for t, g in enumerate(work["grads"]):
+        units = layout.units[t]
+        g32 = g.to(torch.float32)
+        if grad_scale is not None:
+            g32 = g32 / grad_scale
+        s = sampling.fisher_update(work["fishers"][t], g32, cfg.fisher_beta) if work["fishers"] else g32 * g32
+        s_units = sampling.unit_sums(s, cfg.granularity)
+        count = exact_count(cfg.ratio, units) if units else 0
+        stream = rng_stream(group.steps[t] + 1, group.slots[t]).reshape(1)
+        keys, noise = gumbel_keys(s_units.contiguous(), cfg.seed & 0xFFFFFFFF, cfg.seed >> 32, stream)
+        sel = sampling.top_by_keys(keys, noise, count)
+        weights = sampling.rescale_weights(s_units, None, cfg.unbiased, cfg.rescale)
+        w = sel.to(torch.float32) if weights is None else torch.where(sel, weights, 0.0)
+        offset = layout.unit_offsets[t]
+        unit_weight[offset : offset + units] = w
+        counts.append(float(count))
+    return torch.tensor(counts, dtype=torch.float64, device=unit_weight.device)
+
+
+def masked_step_(
+    group: TensorGroup, cfg: StepConfig, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None
+) -> None:
+    """The triton backend of ``fastmask.ops.masked_step_`` (same semantics as the reference)."""
+    params = group.params
+    device = params[0].device
+    p_dtype, g_dtype = params[0].dtype, group.grads[0].dtype
+    if any(p.dtype != p_dtype for p in params) or any(g.dtype != g_dtype for g in group.grads):
+        raise TypeError("triton masked_step_: all params (and all grads) of a batch must share a dtype")
+    if any(x.device != device for x in params + group.grads + group.steps):
+        raise ValueError("triton masked_step_: all tensors of a batch must be on one device")
+    work, write_back = _working_copies(group)
+    layout = _layout(work, group, cfg.granularity)
+    grads = _grad_table(work["grads"])
+    n_tensors = len(params)
+    f32 = dict(dtype=torch.float32, device=device)
+    n_partials = layout.n_units if cfg.granularity == "row" else layout.n_blocks
+    partials = torch.empty((max(n_partials, 1), PART_COLS), dtype=torch.float64, device=device)
+    row_importance = torch.empty(max(layout.n_units, 1), **f32)
+    unit_weight = torch.zeros(max(layout.n_units if cfg.is_masked else 1, 1), **f32)
+    scalars = torch.empty((n_tensors, SCALAR_COLS), **f32)
+    tensor_stats = torch.zeros((n_tensors, STAT_COLS), **f32)
+    block_stats = torch.zeros((max(layout.n_blocks, 1), 2), **f32)
+    dummy = scalars
+    ema = bool(work["fishers"])
+    common = dict(HAS_SCALE=grad_scale is not None, EMA=ema, G_DTYPE=TL_DTYPES[g_dtype], BLOCK=BLOCK_SIZE)
+    beta_args = (cfg.fisher_beta, 1.0 - cfg.fisher_beta)
+    scale_arg = grad_scale if grad_scale is not None else dummy
+
+    sampling_in_kernel = cfg.is_masked and cfg.sampling != "exact"
+    mask_mode = 0 if not cfg.is_masked else (1 if sampling_in_kernel and cfg.granularity == "element" else 2)
+    exact_counts = None
+    if cfg.is_masked and cfg.sampling == "exact":
+        exact_counts = _exact_unit_weights(work, group, cfg, layout, grad_scale, unit_weight)
+
+    if cfg.granularity == "row" and layout.n_units:
+        pass1_rows[(layout.n_units,)](
+            grads, layout.pointers, layout.meta, layout.row_tensor, partials, row_importance, scale_arg,
+            *beta_args, **common)
+    elif cfg.granularity == "element" and layout.n_blocks:
+        pass1_blocks[(layout.n_blocks,)](
+            grads, layout.pointers, layout.meta, layout.block_tensor, partials, scale_arg, *beta_args, **common)
+
+    lr_is_tensor = isinstance(cfg.lr, torch.Tensor)
+    lr_arg = cfg.lr.to(device=device, dtype=torch.float32) if lr_is_tensor else dummy
+    seed_lo, seed_hi = cfg.seed & 0xFFFFFFFF, cfg.seed >> 32
+    reduce_tensors[(n_tensors,)](
+        layout.pointers, layout.meta, partials, row_importance, unit_weight, scalars, tensor_stats,
+        found_inf if found_inf is not None else dummy, lr_arg,
+        *_split_f64(0.0 if lr_is_tensor else float(cfg.lr)),
+        1.0 if lr_is_tensor else 1.0 - float(cfg.lr) * cfg.weight_decay, cfg.weight_decay,
+        cfg.ratio, cfg.min_prob, seed_lo, seed_hi,
+        *_split_f64(cfg.beta1), *_split_f64(cfg.beta2),
+        HAS_FOUND_INF=found_inf is not None, LR_IS_TENSOR=lr_is_tensor,
+        ROW_SAMPLING=sampling_in_kernel and cfg.granularity == "row",
+        SAMPLING=0 if cfg.sampling == "poisson" else 1, RESCALE=_rescale_id(cfg), RBLOCK=REDUCE_BLOCK,
+        enable_fp_fusion=False,
+    )
+
+    if layout.n_blocks:
+        grad_coefficient = cfg.coefficient if cfg.modulate == "grad" else 1.0
+        pass2[(layout.n_blocks,)](
+            grads, layout.pointers, layout.meta, layout.block_tensor, scalars, unit_weight, block_stats,
+            scale_arg, seed_lo, seed_hi, cfg.ratio, cfg.min_prob, grad_coefficient, cfg.coefficient,
+            1.0 - cfg.beta1, cfg.beta2, 1.0 - cfg.beta2, cfg.eps, cfg.momentum, 1.0 - cfg.dampening,
+            cfg.weight_decay, *beta_args,
+            BASE=_BASE_IDS[cfg.base], MASK_MODE=mask_mode, SAMPLING=0 if cfg.sampling == "poisson" else 1,
+            RESCALE=_rescale_id(cfg), FREEZE=cfg.is_masked and cfg.masked == "freeze", EMA=ema, GE=cfg.ge_noise,
+            HAS_MOMENTUM=cfg.base == "sgd" and bool(cfg.momentum), NESTEROV=cfg.nesterov, MAXIMIZE=cfg.maximize,
+            HAS_SCALE=grad_scale is not None, MODULATE_UPDATE=cfg.modulate == "update" and cfg.coefficient != 1.0,
+            P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype], BLOCK=BLOCK_SIZE,
+            enable_fp_fusion=False,  # no contraction into FMAs: every op rounds as the reference's
+        )
+    for original, copy in write_back:
+        original.copy_(copy)
+    if group.stats is not None:
+        _accumulate_stats(group.stats, cfg, mask_mode, tensor_stats, block_stats, scalars, exact_counts)
+
+
+def _rescale_id(cfg: StepConfig) -> int:
+    return 0 if not cfg.unbiased else (1 if cfg.rescale == "ht" else 2)
+
+
+def _accumulate_stats(stats, cfg, mask_mode, tensor_stats, block_stats, scalars, exact_counts) -> None:
+    per_tensor = tensor_stats.to(torch.float64).sum(0)
+    if exact_counts is not None:
+        chosen = (exact_counts * scalars[:, S_OK].to(torch.float64)).sum()
+        stats += torch.stack((chosen, chosen, per_tensor[2], per_tensor[3]))
+    elif mask_mode == 1:
+        stats += torch.cat((block_stats.to(torch.float64).sum(0), per_tensor[2:]))
+    elif mask_mode == 2:
+        stats += per_tensor
+    else:
+        stats += torch.stack((per_tensor[2], per_tensor[2], per_tensor[2], per_tensor[3]))
+
+
+__all__ = ["masked_step_", "pass1_blocks", "pass1_rows", "pass2", "reduce_tensors"]
