@@ -30,40 +30,40 @@ from .ops import TL_DTYPES, gumbel_keys
 from .philox import normal_block, uniform_block
 
 # int64 metadata per tensor
-M_NUMEL: tl.constexpr = 0
-M_UNITS: tl.constexpr = 1
-M_ROW: tl.constexpr = 2  # elements per unit (1 for element units)
-M_STREAM_HI: tl.constexpr = 3  # 2 * slot: high word of the mask stream
-M_PART_START: tl.constexpr = 4
-M_N_PARTS: tl.constexpr = 5
-M_UNIT_OFFSET: tl.constexpr = 6
-M_BLOCK_START: tl.constexpr = 7
-META_COLS: tl.constexpr = 8
+M_NUMEL = tl.constexpr(0)
+M_UNITS = tl.constexpr(1)
+M_ROW = tl.constexpr(2)  # elements per unit (1 for element units)
+M_STREAM_HI = tl.constexpr(3)  # 2 * slot: high word of the mask stream
+M_PART_START = tl.constexpr(4)
+M_N_PARTS = tl.constexpr(5)
+M_UNIT_OFFSET = tl.constexpr(6)
+M_BLOCK_START = tl.constexpr(7)
+META_COLS = tl.constexpr(8)
 
 # int64 data pointers per tensor
-P_PARAM: tl.constexpr = 0
-P_EXP_AVG: tl.constexpr = 1
-P_EXP_AVG_SQ: tl.constexpr = 2
-P_MOMENTUM: tl.constexpr = 3
-P_FISHER: tl.constexpr = 4
-P_STEP: tl.constexpr = 5
-PTR_COLS: tl.constexpr = 6
+P_PARAM = tl.constexpr(0)
+P_EXP_AVG = tl.constexpr(1)
+P_EXP_AVG_SQ = tl.constexpr(2)
+P_MOMENTUM = tl.constexpr(3)
+P_FISHER = tl.constexpr(4)
+P_STEP = tl.constexpr(5)
+PTR_COLS = tl.constexpr(6)
 
 # fp32 scalars per tensor, written by reduce_tensors for pass2
-S_OK: tl.constexpr = 0
-S_NEW_STEP: tl.constexpr = 1
-S_SCALE: tl.constexpr = 2  # k / S
-S_DEGENERATE: tl.constexpr = 3  # S == 0 or not finite
-S_TOTAL: tl.constexpr = 4  # S (legacy rescale)
-S_STD: tl.constexpr = 5  # GE noise std
-S_STEP_SIZE: tl.constexpr = 6  # lr / (1 - beta1^t)
-S_BC2_SQRT: tl.constexpr = 7  # sqrt(1 - beta2^t)
-S_DECAY: tl.constexpr = 8  # 1 - lr * weight_decay (AdamW)
-S_LR: tl.constexpr = 9
-SCALAR_COLS: tl.constexpr = 10
+S_OK = tl.constexpr(0)
+S_NEW_STEP = tl.constexpr(1)
+S_SCALE = tl.constexpr(2)  # k / S
+S_DEGENERATE = tl.constexpr(3)  # S == 0 or not finite
+S_TOTAL = tl.constexpr(4)  # S (legacy rescale)
+S_STD = tl.constexpr(5)  # GE noise std
+S_STEP_SIZE = tl.constexpr(6)  # lr / (1 - beta1^t)
+S_BC2_SQRT = tl.constexpr(7)  # sqrt(1 - beta2^t)
+S_DECAY = tl.constexpr(8)  # 1 - lr * weight_decay (AdamW)
+S_LR = tl.constexpr(9)
+SCALAR_COLS = tl.constexpr(10)
 
-PART_COLS: tl.constexpr = 4  # partials: sum s, sum g, sum g^2, non-finite count
-STAT_COLS: tl.constexpr = 4  # sum pi, selected units, units, skipped tensors
+PART_COLS = tl.constexpr(4)  # partials: sum s, sum g, sum g^2, non-finite count
+STAT_COLS = tl.constexpr(4)  # sum pi, selected units, units, skipped tensors
 
 
 @triton.jit
@@ -532,11 +532,11 @@ def masked_step_(
     n_tensors = len(params)
     f32 = dict(dtype=torch.float32, device=device)
     n_partials = layout.n_units if cfg.granularity == "row" else layout.n_blocks
-    partials = torch.empty((max(n_partials, 1), PART_COLS), dtype=torch.float64, device=device)
+    partials = torch.empty((max(n_partials, 1), PART_COLS.value), dtype=torch.float64, device=device)
     row_importance = torch.empty(max(layout.n_units, 1), **f32)
     unit_weight = torch.zeros(max(layout.n_units if cfg.is_masked else 1, 1), **f32)
-    scalars = torch.empty((n_tensors, SCALAR_COLS), **f32)
-    tensor_stats = torch.zeros((n_tensors, STAT_COLS), **f32)
+    scalars = torch.empty((n_tensors, SCALAR_COLS.value), **f32)
+    tensor_stats = torch.zeros((n_tensors, STAT_COLS.value), **f32)
     block_stats = torch.zeros((max(layout.n_blocks, 1), 2), **f32)
     dummy = scalars
     ema = bool(work["fishers"])
@@ -601,7 +601,7 @@ def _rescale_id(cfg: StepConfig) -> int:
 def _accumulate_stats(stats, cfg, mask_mode, tensor_stats, block_stats, scalars, exact_counts) -> None:
     per_tensor = tensor_stats.to(torch.float64).sum(0)
     if exact_counts is not None:
-        chosen = (exact_counts * scalars[:, S_OK].to(torch.float64)).sum()
+        chosen = (exact_counts * scalars[:, S_OK.value].to(torch.float64)).sum()
         stats += torch.stack((chosen, chosen, per_tensor[2], per_tensor[3]))
     elif mask_mode == 1:
         stats += torch.cat((block_stats.to(torch.float64).sum(0), per_tensor[2:]))

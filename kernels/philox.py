@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-UNIT_SCALE: tl.constexpr = 5.9604644775390625e-08  # 2^-24
+UNIT_SCALE = tl.constexpr(5.9604644775390625e-08)  # 2^-24
 
 
 @triton.jit

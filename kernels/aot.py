@@ -1,0 +1,83 @@
+"""Compile every kernel and launchable specialisation for a GPU target, without a GPU.
+
+``python -m fastmask.kernels.aot [--arch 90]`` compiles with Triton's bundled ptxas and
+prints one line per kernel: a check that compiled Triton accepts the kernels (the
+interpreter that runs them in CI accepts more). Run it without TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import masked_step as ms
+from . import ops as kops
+
+# argument name -> Triton type; every other argument is an fp32 scalar
+TYPES = {
+    **dict.fromkeys(["grad_table", "ptr_table", "meta", "stream_ptr"], "*i64"),
+    **dict.fromkeys(["block_tensor", "row_tensor"], "*i32"),
+    "partials": "*fp64",
+    **dict.fromkeys(["row_importance", "unit_weight", "scalars", "tensor_stats", "block_stats", "grad_scale_ptr",
+                     "found_inf_ptr", "lr_ptr", "f_ptr", "g_ptr", "s_ptr", "out_ptr", "total_ptr", "keys_ptr",
+                     "noise_ptr", "pi_ptr", "x_ptr"], "*fp32"),
+    "m_ptr": "*i8",
+    **dict.fromkeys(["seed_lo", "seed_hi", "n"], "i64"),
+}
+
+
+def compile_kernel(fn, target: GPUTarget, **constexprs):
+    signature = {name: "constexpr" if name in constexprs else TYPES.get(name, "fp32") for name in fn.arg_names}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
+                          options={"enable_fp_fusion": False})
+
+
+def specialisations():
+    """(name, kernel, constexprs) for every kernel, over the constexpr values the host uses."""
+    for base, mask_mode, rescale in itertools.product((0, 1, 2), (0, 1, 2), (0, 1, 2)):
+        yield f"pass2[base={base},mask={mask_mode},rescale={rescale}]", ms.pass2, dict(
+            BASE=base, MASK_MODE=mask_mode, SAMPLING=rescale % 2, RESCALE=rescale, FREEZE=mask_mode != 0,
+            EMA=base == 2, GE=base == 0, HAS_MOMENTUM=base == 0, NESTEROV=base == 0, MAXIMIZE=rescale == 2,
+            HAS_SCALE=True, MODULATE_UPDATE=base == 1, P_DTYPE=tl.bfloat16 if base else tl.float32,
+            G_DTYPE=tl.float16, BLOCK=ms.BLOCK_SIZE)
+    for ema, dtype in ((False, tl.float32), (True, tl.bfloat16)):
+        common = dict(HAS_SCALE=True, EMA=ema, G_DTYPE=dtype, BLOCK=ms.BLOCK_SIZE)
+        yield f"pass1_blocks[ema={ema}]", ms.pass1_blocks, common
+        yield f"pass1_rows[ema={ema}]", ms.pass1_rows, common
+    for rows, sampling, rescale in ((False, 0, 0), (True, 0, 1), (True, 1, 2)):
+        yield f"reduce_tensors[rows={rows}]", ms.reduce_tensors, dict(
+            HAS_FOUND_INF=True, LR_IS_TENSOR=rows, ROW_SAMPLING=rows, SAMPLING=sampling, RESCALE=rescale,
+            RBLOCK=ms.REDUCE_BLOCK)
+    block = dict(BLOCK=kops.BLOCK_SIZE)
+    yield "fisher_update", kops._fisher_update_kernel, dict(G_DTYPE=tl.bfloat16, **block)
+    yield "block_sums", kops._block_sums_kernel, block
+    yield "probs", kops._probs_kernel, dict(POISSON=True, **block)
+    yield "select", kops._select_kernel, block
+    yield "gumbel", kops._gumbel_kernel, block
+    yield "rescale", kops._rescale_kernel, block
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
+    args = parser.parse_args(argv)
+    target = GPUTarget("cuda", args.arch, 32)
+    failures = 0
+    for name, fn, constexprs in specialisations():
+        try:
+            kernel = compile_kernel(fn, target, **constexprs)
+            print(f"ok   {name}: {len(kernel.asm['cubin'])} B cubin, {kernel.metadata.shared} B shared")
+        except Exception as exc:  # report every failing kernel, not only the first
+            failures += 1
+            print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:400]}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
