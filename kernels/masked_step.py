@@ -16,14 +16,15 @@ of small tensors cost three launches, not thousands. Semantics: DESIGN §3.
 """
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from fastmask.ops._batch import exact_unit_weights, working_copies
 from fastmask.reference import sampling
-from fastmask.reference.philox import rng_stream
 from fastmask.reference.spec import StepConfig, TensorGroup, exact_count
 
 from .ops import TL_DTYPES, gumbel_keys
@@ -264,8 +265,8 @@ def reduce_tensors(
             tl.store(unit_weight + offset + r, tl.where(sel, w, 0.0), mask=inb)
             sum_pi += tl.where(inb, pi, 0.0)
             n_sel += sel.to(tl.float32)
-        tl.store(stats + 0, tl.sum(sum_pi, axis=0) * okf)
-        tl.store(stats + 1, tl.sum(n_sel, axis=0) * okf)
+        tl.store(stats + 0, tl.where(ok, tl.sum(sum_pi, axis=0), 0.0))
+        tl.store(stats + 1, tl.where(ok, tl.sum(n_sel, axis=0), 0.0))
     tl.store(stats + 2, units.to(tl.float32) * okf)
     tl.store(stats + 3, skipped.to(tl.float32))
 
@@ -316,9 +317,9 @@ def pass2(
         selected = inb & (u < pi)
         w = _weight(pi, s, tl.load(sc + S_TOTAL), degenerate, n, RESCALE)
         g_mod = tl.where(selected, g_mod * w, 0.0)
-        okf = ok.to(tl.float32)
-        tl.store(block_stats + pid.to(tl.int64) * 2 + 0, tl.sum(tl.where(inb, pi, 0.0), axis=0) * okf)
-        tl.store(block_stats + pid.to(tl.int64) * 2 + 1, tl.sum(selected.to(tl.float32), axis=0) * okf)
+        # where, not a product: a skipped tensor's pi may be NaN
+        tl.store(block_stats + pid.to(tl.int64) * 2 + 0, tl.where(ok, tl.sum(tl.where(inb, pi, 0.0), axis=0), 0.0))
+        tl.store(block_stats + pid.to(tl.int64) * 2 + 1, tl.where(ok, tl.sum(selected.to(tl.float32), axis=0), 0.0))
     elif MASK_MODE == 2:
         unit = tl.load(mrow + M_UNIT_OFFSET) + offs // tl.load(mrow + M_ROW)
         w = tl.load(unit_weight + unit, mask=inb, other=0.0)
@@ -389,7 +390,6 @@ class _Layout:
     n_blocks: int
     n_units: int
     units: list[int]
-    unit_offsets: list[int]
 
 
 _LAYOUTS: OrderedDict[tuple, _Layout] = OrderedDict()
@@ -429,7 +429,7 @@ def _layout(work: dict, group: TensorGroup, granularity: str) -> _Layout:
     key = (device, granularity, tuple(rows), tuple(p.shape for p in params), tuple(group.slots))
 
     def build() -> _Layout:
-        meta, block_tensor, row_tensor, units_list, offsets = [], [], [], [], []
+        meta, block_tensor, row_tensor, units_list = [], [], [], []
         block_start = unit_offset = 0
         for t, p in enumerate(params):
             n = p.numel()
@@ -442,7 +442,6 @@ def _layout(work: dict, group: TensorGroup, granularity: str) -> _Layout:
             block_tensor += [t] * blocks
             row_tensor += [t] * units
             units_list.append(units)
-            offsets.append(unit_offset)
             block_start += blocks
             unit_offset += units
         return _Layout(
@@ -453,7 +452,6 @@ def _layout(work: dict, group: TensorGroup, granularity: str) -> _Layout:
             n_blocks=block_start,
             n_units=unit_offset,
             units=units_list,
-            unit_offsets=offsets,
         )
 
     return _cached(_LAYOUTS, key, build)
@@ -470,49 +468,14 @@ def _split_f64(value: float) -> tuple[float, float]:
     return hi, float(torch.tensor(value - hi, dtype=torch.float32))
 
 
-def _working_copies(group: TensorGroup) -> tuple[dict, list]:
-    """Contiguous views of every tensor the kernels touch; non-contiguous ones are copied
-    (and written back after the step): the kernels index elements in logical order."""
-    work, write_back = {}, []
-    for name in ("params", "grads", "exp_avgs", "exp_avg_sqs", "momentum_buffers", "fishers"):
-        values = []
-        for x in getattr(group, name):
-            if x.is_contiguous():
-                values.append(x)
-            else:
-                c = x.contiguous()
-                values.append(c)
-                if name != "grads":
-                    write_back.append((x, c))
-        work[name] = values
-    return work, write_back
+def _triton_select(seed: int) -> Callable:
+    """Exact selection with the Gumbel keys computed by the Triton keys kernel."""
 
+    def select(s_units: torch.Tensor, count: int, stream: torch.Tensor) -> torch.Tensor:
+        keys, noise = gumbel_keys(s_units.contiguous(), seed & 0xFFFFFFFF, seed >> 32, stream.reshape(1))
+        return sampling.top_by_keys(keys, noise, count)
 
-def _exact_unit_weights(
-    work: dict, group: TensorGroup, cfg: StepConfig, layout: _Layout, grad_scale: torch.Tensor | None,
-    unit_weight: torch.Tensor,
-) -> torch.Tensor:
-    """Exact (Gumbel-top-k) selection: keys by a kernel, top-k by torch, written into the unit
-    weight table; returns
-    the per-tensor expected (= selected) unit counts."""
-    counts = []
-    for t, g in enumerate(work["grads"]):
-        units = layout.units[t]
-        g32 = g.to(torch.float32)
-        if grad_scale is not None:
-            g32 = g32 / grad_scale
-        s = sampling.fisher_update(work["fishers"][t], g32, cfg.fisher_beta) if work["fishers"] else g32 * g32
-        s_units = sampling.unit_sums(s, cfg.granularity)
-        count = exact_count(cfg.ratio, units) if units else 0
-        stream = rng_stream(group.steps[t] + 1, group.slots[t]).reshape(1)
-        keys, noise = gumbel_keys(s_units.contiguous(), cfg.seed & 0xFFFFFFFF, cfg.seed >> 32, stream)
-        sel = sampling.top_by_keys(keys, noise, count)
-        weights = sampling.rescale_weights(s_units, None, cfg.unbiased, cfg.rescale)
-        w = sel.to(torch.float32) if weights is None else torch.where(sel, weights, 0.0)
-        offset = layout.unit_offsets[t]
-        unit_weight[offset : offset + units] = w
-        counts.append(float(count))
-    return torch.tensor(counts, dtype=torch.float64, device=unit_weight.device)
+    return select
 
 
 def masked_step_(
@@ -526,7 +489,7 @@ def masked_step_(
         raise TypeError("triton masked_step_: all params (and all grads) of a batch must share a dtype")
     if any(x.device != device for x in params + group.grads + group.steps):
         raise ValueError("triton masked_step_: all tensors of a batch must be on one device")
-    work, write_back = _working_copies(group)
+    work, write_back = working_copies(group)
     layout = _layout(work, group, cfg.granularity)
     grads = _grad_table(work["grads"])
     n_tensors = len(params)
@@ -548,7 +511,10 @@ def masked_step_(
     mask_mode = 0 if not cfg.is_masked else (1 if sampling_in_kernel and cfg.granularity == "element" else 2)
     exact_counts = None
     if cfg.is_masked and cfg.sampling == "exact":
-        exact_counts = _exact_unit_weights(work, group, cfg, layout, grad_scale, unit_weight)
+        unit_weight, _ = exact_unit_weights(work, group, cfg, grad_scale, _triton_select(cfg.seed))
+        exact_counts = torch.tensor(
+            [float(exact_count(cfg.ratio, u)) if u else 0.0 for u in layout.units], dtype=torch.float64, device=device
+        )
 
     if cfg.granularity == "row" and layout.n_units:
         pass1_rows[(layout.n_units,)](
@@ -601,7 +567,7 @@ def _rescale_id(cfg: StepConfig) -> int:
 def _accumulate_stats(stats, cfg, mask_mode, tensor_stats, block_stats, scalars, exact_counts) -> None:
     per_tensor = tensor_stats.to(torch.float64).sum(0)
     if exact_counts is not None:
-        chosen = (exact_counts * scalars[:, S_OK.value].to(torch.float64)).sum()
+        chosen = (exact_counts * scalars[:, S_OK.value].to(torch.float64)).sum()  # counts are finite
         stats += torch.stack((chosen, chosen, per_tensor[2], per_tensor[3]))
     elif mask_mode == 1:
         stats += torch.cat((block_stats.to(torch.float64).sum(0), per_tensor[2:]))

@@ -179,10 +179,11 @@ def _step_tensor(
         n_units = sampling.unit_count(g.shape, cfg.granularity)
         expected = n_selected = float(n_units)
     if stats is not None:
-        okf = ok.to(torch.float64)
-        stats[0] += expected * okf
-        stats[1] += n_selected * okf
-        stats[2] += n_units * okf
+        zero = torch.zeros((), dtype=torch.float64, device=g.device)
+        # where, not a product: a skipped tensor's expected count may be NaN
+        stats[0] += torch.where(ok, expected, zero)
+        stats[1] += torch.where(ok, n_selected, zero)
+        stats[2] += torch.where(ok, float(n_units), zero)
     if stats is not None and found_inf is not None:
         stats[3] += (~finite & (found_inf == 0)).to(torch.float64)
     elif stats is not None:

@@ -26,8 +26,9 @@ def _pair(base, hyper, torch_cls, **fm_kwargs):
 
 @pytest.mark.parametrize("base, hyper, torch_cls", CONFIGS)
 @pytest.mark.parametrize("importance", ["grad2", "ema"])
-def test_ratio_one_equals_torch(base, hyper, torch_cls, importance):
-    ref_model, ref, fm_model, fm = _pair(base, hyper, torch_cls, importance=importance)
+@pytest.mark.parametrize("backend", ["torch", None])  # the reference, and what auto picks here
+def test_ratio_one_equals_torch(base, hyper, torch_cls, importance, backend):
+    ref_model, ref, fm_model, fm = _pair(base, hyper, torch_cls, importance=importance, backend=backend)
     data = batches(25)
     train(ref_model, ref, data)
     train(fm_model, fm, data, ratios={"audio": 1.0, "visual": 1.0})

@@ -1,0 +1,1 @@
+"""The C++/CUDA sources of fastmask (installed as ``fastmask.csrc``, compiled on first use)."""

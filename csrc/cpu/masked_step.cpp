@@ -1,0 +1,626 @@
+// The "cpp" backend: the fused masked step on CPU tensors, parallel over fixed chunks.
+//
+// Pass 1 (reads g, and F for "ema") writes fp64 partials per chunk; a per-tensor reduce
+// sums them in chunk order (so results do not depend on the thread count), advances
+// `step`, computes the scalars and samples rows; pass 2 is one read-modify-write per
+// element with the mask in registers. Bit-identical to fastmask.reference in fp32.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../fastmask_math.h"
+
+namespace {
+
+using fastmask::UpdateScalars;
+
+constexpr int64_t kChunk = 1 << 14;  // elements (or rows) per work item; a multiple of 4
+
+struct Config {
+  int base, rescale;
+  double lr, momentum, dampening, beta1, beta2, eps, weight_decay, ratio, min_prob, fisher_beta;
+  double grad_coefficient, update_coefficient;
+  bool nesterov, maximize, masked, poisson, ema, row, freeze, ge, modulate_update, exact;
+  uint64_t seed;
+};
+
+Config config_from(const py::dict& d) {
+  Config c;
+  c.base = d["base"].cast<int>();
+  c.rescale = d["rescale"].cast<int>();
+  c.lr = d["lr"].cast<double>();
+  c.momentum = d["momentum"].cast<double>();
+  c.dampening = d["dampening"].cast<double>();
+  c.beta1 = d["beta1"].cast<double>();
+  c.beta2 = d["beta2"].cast<double>();
+  c.eps = d["eps"].cast<double>();
+  c.weight_decay = d["weight_decay"].cast<double>();
+  c.ratio = d["ratio"].cast<double>();
+  c.min_prob = d["min_prob"].cast<double>();
+  c.fisher_beta = d["fisher_beta"].cast<double>();
+  c.grad_coefficient = d["grad_coefficient"].cast<double>();
+  c.update_coefficient = d["update_coefficient"].cast<double>();
+  c.nesterov = d["nesterov"].cast<bool>();
+  c.maximize = d["maximize"].cast<bool>();
+  c.masked = d["masked"].cast<bool>();
+  c.poisson = d["poisson"].cast<bool>();
+  c.ema = d["ema"].cast<bool>();
+  c.row = d["row"].cast<bool>();
+  c.freeze = d["freeze"].cast<bool>();
+  c.ge = d["ge"].cast<bool>();
+  c.modulate_update = d["modulate_update"].cast<bool>();
+  c.exact = d["exact"].cast<bool>();
+  c.seed = d["seed"].cast<uint64_t>();
+  return c;
+}
+
+struct Item {
+  int64_t tensor, begin, end;  // elements [begin, end), or rows in row mode (pass 1)
+};
+
+struct Partial {
+  double s = 0, g = 0, g2 = 0, bad = 0;
+};
+
+// Per-tensor scalars from the reduce, read by pass 2.
+struct TensorScalars {
+  bool ok, degenerate;
+  float new_step, scale, total, std, inv_n, lr;
+  UpdateScalars update;
+  uint32_t mask_hi, noise_hi, step_word;
+};
+
+template <typename T>
+inline float load(const T* p, int64_t i) {
+  return static_cast<float>(p[i]);
+}
+
+// fp64 sums over [begin, end) in 8 fixed lanes (lane = offset mod 8), so the loop
+// vectorises while the result depends only on the chunk, not on the thread count.
+template <typename G>
+Partial chunk_partial(const G* __restrict g, const float* __restrict fisher, int64_t begin, int64_t end,
+                      float grad_scale, float fisher_beta, float one_minus_fisher_beta) {
+  constexpr int kLanes = 8;
+  double s_acc[kLanes] = {}, g_acc[kLanes] = {}, g2_acc[kLanes] = {}, bad_acc[kLanes] = {};
+  const int64_t n = end - begin;
+  for (int64_t o = 0; o < n; o += kLanes) {
+    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, n - o));
+    for (int l = 0; l < lanes; ++l) {
+      const int64_t i = begin + o + l;
+      const float x = load(g, i) / grad_scale;
+      const float s = fisher ? fisher[i] * fisher_beta + x * x * one_minus_fisher_beta : x * x;
+      s_acc[l] += s;
+      g_acc[l] += x;
+      g2_acc[l] += static_cast<double>(x) * x;
+      bad_acc[l] += (x - x == 0.0f) ? 0.0 : 1.0;  // x - x is NaN for NaN and +-inf
+    }
+  }
+  Partial out;
+  for (int l = 0; l < kLanes; ++l) {
+    out.s += s_acc[l];
+    out.g += g_acc[l];
+    out.g2 += g2_acc[l];
+    out.bad += bad_acc[l];
+  }
+  return out;
+}
+
+enum Mode : int { kDense = 0, kSample = 1, kTable = 2 };
+enum Kind : int { kSgd = 0, kSgdMomentum = 1, kAdam = 2 };
+constexpr int kBlock = 64;  // elements per inner block: 16 Philox calls side by side
+
+struct Pass2Args {
+  const Config& c;
+  uint32_t k0, k1;
+  float grad_scale, fisher_beta, one_minus_fisher_beta;
+};
+
+template <typename P, typename G>
+struct Pass2Tensor {
+  P* p;
+  const G* g;
+  float *m, *v, *buf, *fisher;
+  const float* table;  // per-unit weights (row / exact modes), 0 = not selected
+  int64_t row_size;
+};
+
+// U for the 64 units [first, first + 64): 16 Philox calls side by side, so the rounds
+// vectorise across calls (structure of arrays).
+inline void uniform_block(uint64_t first, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1, float* out) {
+  constexpr int kCalls = kBlock / 4;
+  uint32_t c0[kCalls], c1[kCalls], c2[kCalls], c3[kCalls];
+  for (int j = 0; j < kCalls; ++j) {
+    const uint64_t call = (first >> 2) + j;
+    c0[j] = static_cast<uint32_t>(call);
+    c1[j] = static_cast<uint32_t>(call >> 32);
+    c2[j] = s_lo;
+    c3[j] = s_hi;
+  }
+  uint32_t key0[10], key1[10];
+  for (int r = 0; r < 10; ++r) {
+    key0[r] = k0 + static_cast<uint32_t>(r) * fastmask::kPhiloxW0;
+    key1[r] = k1 + static_cast<uint32_t>(r) * fastmask::kPhiloxW1;
+  }
+  for (int j = 0; j < kCalls; ++j) {  // lanes outside, rounds inside: one vector of 16 calls
+    uint32_t x0 = c0[j], x1 = c1[j], x2 = c2[j], x3 = c3[j];
+#pragma GCC unroll 10
+    for (int r = 0; r < 10; ++r) {
+      const uint64_t p0 = static_cast<uint64_t>(x0) * fastmask::kPhiloxM0;
+      const uint64_t p2 = static_cast<uint64_t>(x2) * fastmask::kPhiloxM1;
+      x0 = static_cast<uint32_t>(p2 >> 32) ^ x1 ^ key0[r];
+      x2 = static_cast<uint32_t>(p0 >> 32) ^ x3 ^ key1[r];
+      x1 = static_cast<uint32_t>(p2);
+      x3 = static_cast<uint32_t>(p0);
+    }
+    c0[j] = x0;
+    c1[j] = x1;
+    c2[j] = x2;
+    c3[j] = x3;
+  }
+  for (int j = 0; j < kCalls; ++j) {
+    out[4 * j + 0] = fastmask::uniform_from_word(c0[j]);
+    out[4 * j + 1] = fastmask::uniform_from_word(c1[j]);
+    out[4 * j + 2] = fastmask::uniform_from_word(c2[j]);
+    out[4 * j + 3] = fastmask::uniform_from_word(c3[j]);
+  }
+}
+
+// Loop-invariant flags of pass 2 as floats, each tested by one comparison in a select:
+// GCC vectorises that, but not a select on a scalar bool (which is what a combination
+// of invariant conditions, e.g. a && b, gets hoisted into).
+struct Pass2Consts {
+  float grad_scale, sign, coefficient, ge, update_coefficient, modulate_update, freeze;
+  float const_pi, degenerate, ratio, min_prob, scale, total, inv_n, fisher_beta, one_minus_fisher_beta;
+  float adamw, adam_l2, wd, decay, lr, step_size, bc2_sqrt, eps, one_minus_beta1, beta2, one_minus_beta2;
+  float momentum, one_minus_dampening, first_step, nesterov;
+};
+
+// Pass 2 on elements [lo, hi): the base update of each element after importance,
+// selection (uniforms, MODE kSample; the segment's unit weight, kTable) and rescale.
+template <typename P, typename G, int KIND, int MODE, int RESCALE, bool EMA>
+inline void update_elements(P* __restrict p, const G* __restrict g, float* __restrict m, float* __restrict v,
+                            float* __restrict buf, float* __restrict fisher, const float* __restrict uniforms,
+                            const float* __restrict noise, float unit_weight, const Pass2Consts& k, int64_t lo,
+                            int64_t hi, double& pi_sum, double& sel_sum) {
+  const Pass2Consts c = k;  // a local copy: stores through the arrays cannot alias it
+  double block_pi = 0, block_sel = 0;
+  // omp simd: vectorise despite the selects; only the stats counters are reassociated
+#pragma omp simd reduction(+ : block_pi, block_sel)
+  for (int64_t i = lo; i < hi; ++i) {
+    const int64_t l = i - lo;
+    const float x = (static_cast<float>(g[i]) / c.grad_scale) * c.sign;
+    float gm = x * c.coefficient;
+    const float nz = noise[l];
+    gm = c.ge != 0.0f ? gm + nz : gm;
+    const float f_old = EMA ? fisher[i] : 0.0f;
+    const float f_new = EMA ? f_old * c.fisher_beta + x * x * c.one_minus_fisher_beta : 0.0f;
+    bool selected = true;
+    if (MODE == kSample) {
+      const float s = EMA ? f_new : x * x;
+      const float pi = c.const_pi != 0.0f ? c.ratio : fastmask::clamp(s * c.scale, c.min_prob, 1.0f);
+      selected = uniforms[l] < pi;
+      if (RESCALE == fastmask::kHT) gm = gm * (1.0f / pi);
+      if (RESCALE == fastmask::kLegacy) gm = gm * (1.0f / ((c.degenerate != 0.0f ? c.inv_n : s / c.total) + c.inv_n));
+      gm = selected ? gm : 0.0f;
+      block_pi += pi;
+      block_sel += selected ? 1.0 : 0.0;
+    } else if (MODE == kTable) {
+      selected = unit_weight != 0.0f;
+      if (RESCALE != fastmask::kNoRescale) gm = gm * unit_weight;
+      gm = selected ? gm : 0.0f;
+    }
+    const bool update = c.freeze != 0.0f ? selected : true;
+    const float p_old = static_cast<float>(p[i]);
+    float p_new;
+    if (KIND == kAdam) {
+      const float pd = c.adamw != 0.0f ? p_old * c.decay : p_old;
+      const float gd = c.adam_l2 != 0.0f ? gm + c.wd * p_old : gm;
+      const float m_old = m[i], v_old = v[i];
+      const float m_new = m_old + (gd - m_old) * c.one_minus_beta1;
+      const float v_new = v_old * c.beta2 + gd * gd * c.one_minus_beta2;
+      p_new = pd - c.step_size * (m_new / (std::sqrt(v_new) / c.bc2_sqrt + c.eps));
+      m[i] = update ? m_new : m_old;
+      v[i] = update ? v_new : v_old;
+    } else {
+      float d = c.wd != 0.0f ? gm + c.wd * p_old : gm;
+      if (KIND == kSgdMomentum) {
+        const float b_old = buf[i];
+        const float b_new = c.first_step != 0.0f ? d : b_old * c.momentum + d * c.one_minus_dampening;
+        d = c.nesterov != 0.0f ? d + c.momentum * b_new : b_new;
+        buf[i] = update ? b_new : b_old;
+      }
+      p_new = p_old - c.lr * d;
+    }
+    p_new = c.modulate_update != 0.0f ? p_old + (p_new - p_old) * c.update_coefficient : p_new;
+    p[i] = static_cast<P>(update ? p_new : p_old);
+    if (EMA) fisher[i] = f_new;
+  }
+  pi_sum += block_pi;
+  sel_sum += block_sel;
+}
+
+// Pass 2 over elements [begin, end) of one tensor (skipped entirely when the tensor is
+// not ok: its step changes nothing), specialised on the base optimizer, the masking
+// mode and the EMA. x / 1, x * 1 and an unselected select are exact, so terms that a
+// configuration does not use cost no accuracy.
+template <typename P, typename G, int KIND, int MODE, int RESCALE, bool EMA>
+void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Pass2Args& a, int64_t begin,
+                 int64_t end, double& pi_sum, double& sel_sum) {
+  if (!sc.ok) return;
+  const Config& c = a.c;
+  const UpdateScalars& u = sc.update;
+  auto flag = [](bool b) { return b ? 1.0f : 0.0f; };
+  const Pass2Consts k{a.grad_scale, c.maximize ? -1.0f : 1.0f, static_cast<float>(c.grad_coefficient), flag(c.ge),
+                      static_cast<float>(c.update_coefficient), flag(c.modulate_update), flag(c.masked && c.freeze),
+                      flag(!c.poisson || sc.degenerate), flag(sc.degenerate),
+                      static_cast<float>(c.ratio), static_cast<float>(c.min_prob), sc.scale, sc.total, sc.inv_n,
+                      a.fisher_beta, a.one_minus_fisher_beta, flag(c.base == fastmask::kAdamW),
+                      flag(c.base == fastmask::kAdam && u.weight_decay != 0.0f), u.weight_decay,
+                      u.decay, u.lr, u.step_size, u.bc2_sqrt, u.eps, u.one_minus_beta1, u.beta2, u.one_minus_beta2,
+                      u.momentum, u.one_minus_dampening, flag(u.first_step), flag(u.nesterov)};
+  alignas(64) float uniforms[kBlock] = {};
+  alignas(64) float noise[kBlock] = {};
+  if (MODE == kTable) {
+    // one unit weight per row segment, so the element loop keeps a loop-invariant weight
+    for (int64_t lo = begin; lo < end;) {
+      const int64_t row = lo / pt.row_size;
+      const int64_t hi = std::min(end, (row + 1) * pt.row_size);
+      for (int64_t b = lo; b < hi; b += kBlock) {
+        const int64_t e = std::min<int64_t>(hi, b + kBlock);
+        if (c.ge)
+          for (int64_t i = b; i < e; ++i)
+            noise[i - b] = fastmask::normal_at(i, sc.step_word, sc.noise_hi, a.k0, a.k1) * sc.std;
+        update_elements<P, G, KIND, MODE, RESCALE, EMA>(pt.p, pt.g, pt.m, pt.v, pt.buf, pt.fisher, uniforms, noise,
+                                               pt.table[row], k, b, e, pi_sum, sel_sum);
+      }
+      lo = hi;
+    }
+    return;
+  }
+  for (int64_t b = begin; b < end; b += kBlock) {
+    const int64_t e = std::min<int64_t>(end, b + kBlock);
+    if (MODE == kSample) uniform_block(static_cast<uint64_t>(b), sc.step_word, sc.mask_hi, a.k0, a.k1, uniforms);
+    if (c.ge)
+      for (int64_t i = b; i < e; ++i)
+        noise[i - b] = fastmask::normal_at(i, sc.step_word, sc.noise_hi, a.k0, a.k1) * sc.std;
+    update_elements<P, G, KIND, MODE, RESCALE, EMA>(pt.p, pt.g, pt.m, pt.v, pt.buf, pt.fisher, uniforms, noise, 0.0f,
+                                           k, b, e, pi_sum, sel_sum);
+  }
+}
+
+template <typename P, typename G, int KIND, int MODE, int RESCALE>
+void pass2_ema(bool ema, const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Pass2Args& a, int64_t begin,
+               int64_t end, double& pi_sum, double& sel_sum) {
+  if (ema)
+    pass2_range<P, G, KIND, MODE, RESCALE, true>(pt, sc, a, begin, end, pi_sum, sel_sum);
+  else
+    pass2_range<P, G, KIND, MODE, RESCALE, false>(pt, sc, a, begin, end, pi_sum, sel_sum);
+}
+
+template <typename P, typename G, int KIND>
+void pass2_mode(int mode, int rescale, bool ema, const Pass2Tensor<P, G>& pt, const TensorScalars& sc,
+                const Pass2Args& a, int64_t begin, int64_t end, double& pi_sum, double& sel_sum) {
+  if (mode == kDense) return pass2_ema<P, G, KIND, kDense, 0>(ema, pt, sc, a, begin, end, pi_sum, sel_sum);
+  if (mode == kTable) {
+    if (rescale == fastmask::kNoRescale)
+      return pass2_ema<P, G, KIND, kTable, fastmask::kNoRescale>(ema, pt, sc, a, begin, end, pi_sum, sel_sum);
+    return pass2_ema<P, G, KIND, kTable, fastmask::kHT>(ema, pt, sc, a, begin, end, pi_sum, sel_sum);
+  }
+  if (rescale == fastmask::kHT)
+    return pass2_ema<P, G, KIND, kSample, fastmask::kHT>(ema, pt, sc, a, begin, end, pi_sum, sel_sum);
+  if (rescale == fastmask::kLegacy)
+    return pass2_ema<P, G, KIND, kSample, fastmask::kLegacy>(ema, pt, sc, a, begin, end, pi_sum, sel_sum);
+  pass2_ema<P, G, KIND, kSample, fastmask::kNoRescale>(ema, pt, sc, a, begin, end, pi_sum, sel_sum);
+}
+
+// The element loop specialised on the base optimizer, masking mode, rescale and EMA.
+template <typename P, typename G>
+void dispatch_pass2(int kind, int mode, int rescale, bool ema, const Pass2Tensor<P, G>& pt, const TensorScalars& sc,
+                    const Pass2Args& a, int64_t begin, int64_t end, double& pi_sum, double& sel_sum) {
+  if (kind == kAdam) return pass2_mode<P, G, kAdam>(mode, rescale, ema, pt, sc, a, begin, end, pi_sum, sel_sum);
+  if (kind == kSgdMomentum)
+    return pass2_mode<P, G, kSgdMomentum>(mode, rescale, ema, pt, sc, a, begin, end, pi_sum, sel_sum);
+  pass2_mode<P, G, kSgd>(mode, rescale, ema, pt, sc, a, begin, end, pi_sum, sel_sum);
+}
+
+template <typename P, typename G>
+void step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+               const std::vector<at::Tensor>& steps, const std::vector<at::Tensor>& exp_avgs,
+               const std::vector<at::Tensor>& exp_avg_sqs, const std::vector<at::Tensor>& momentum_buffers,
+               const std::vector<at::Tensor>& fishers, const std::vector<int64_t>& slots, const Config& c,
+               const c10::optional<at::Tensor>& lr_tensor, const c10::optional<at::Tensor>& grad_scale,
+               const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& unit_weight_in,
+               const std::vector<int64_t>& unit_offsets, const c10::optional<at::Tensor>& stats) {
+  const int64_t n_tensors = static_cast<int64_t>(params.size());
+  const bool scaled = grad_scale.has_value();
+  const float gs = scaled ? grad_scale->item<float>() : 1.0f;
+  const bool inf_flag = found_inf.has_value() && found_inf->item<float>() != 0.0f;
+  const float fisher_beta = static_cast<float>(c.fisher_beta);
+  const float one_minus_fisher_beta = static_cast<float>(1.0 - c.fisher_beta);
+  const uint32_t k0 = static_cast<uint32_t>(c.seed), k1 = static_cast<uint32_t>(c.seed >> 32);
+
+  std::vector<int64_t> numel(n_tensors), units(n_tensors), row_size(n_tensors);
+  std::vector<Item> items1, items2;
+  std::vector<int64_t> first_item1(n_tensors + 1);
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    numel[t] = params[t].numel();
+    units[t] = c.row ? (params[t].dim() ? params[t].size(0) : 1) : numel[t];
+    row_size[t] = units[t] ? numel[t] / units[t] : 1;
+    first_item1[t] = static_cast<int64_t>(items1.size());
+    const int64_t n1 = c.row ? units[t] : numel[t];
+    for (int64_t b = 0; b < n1; b += kChunk) items1.push_back({t, b, std::min(n1, b + kChunk)});
+    for (int64_t b = 0; b < numel[t]; b += kChunk) items2.push_back({t, b, std::min(numel[t], b + kChunk)});
+  }
+  first_item1[n_tensors] = static_cast<int64_t>(items1.size());
+
+  // ---- pass 1: fp64 partials per chunk (and per-row importance in row mode)
+  std::vector<Partial> partials(items1.size());
+  std::vector<std::vector<float>> row_importance(n_tensors);
+  if (c.row)
+    for (int64_t t = 0; t < n_tensors; ++t) row_importance[t].resize(units[t]);
+  at::parallel_for(0, static_cast<int64_t>(items1.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const Item& it = items1[k];
+      const G* g = grads[it.tensor].data_ptr<G>();
+      const float* f = c.ema ? fishers[it.tensor].data_ptr<float>() : nullptr;
+      if (!c.row) {
+        partials[k] = chunk_partial(g, f, it.begin, it.end, gs, fisher_beta, one_minus_fisher_beta);
+        continue;
+      }
+      Partial acc;
+      const int64_t rs = row_size[it.tensor];
+      for (int64_t r = it.begin; r < it.end; ++r) {
+        const Partial row = chunk_partial(g, f, r * rs, (r + 1) * rs, gs, fisher_beta, one_minus_fisher_beta);
+        const float row_s = static_cast<float>(row.s);  // s_u is fp32; S sums the rounded s_u
+        row_importance[it.tensor][r] = row_s;
+        acc.s += row_s;
+        acc.g += row.g;
+        acc.g2 += row.g2;
+        acc.bad += row.bad;
+      }
+      partials[k] = acc;
+    }
+  });
+
+  // ---- reduce: per tensor, in chunk order
+  std::vector<TensorScalars> scalars(n_tensors);
+  std::vector<std::vector<float>> row_weight(n_tensors);
+  double stat_pi = 0, stat_sel = 0, stat_units = 0, stat_skipped = 0;
+  const float* exact_weight = unit_weight_in.has_value() ? unit_weight_in->data_ptr<float>() : nullptr;
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    Partial sum;
+    for (int64_t k = first_item1[t]; k < first_item1[t + 1]; ++k) {
+      sum.s += partials[k].s;
+      sum.g += partials[k].g;
+      sum.g2 += partials[k].g2;
+      sum.bad += partials[k].bad;
+    }
+    TensorScalars& sc = scalars[t];
+    const bool finite = sum.bad == 0;
+    sc.ok = finite && !inf_flag;
+    stat_skipped += (!finite && !inf_flag) ? 1.0 : 0.0;
+    float* step_ptr = steps[t].data_ptr<float>();
+    const float old_step = *step_ptr;
+    sc.new_step = old_step + 1.0f;
+    *step_ptr = sc.ok ? sc.new_step : old_step;
+    sc.total = static_cast<float>(sum.s);
+    sc.degenerate = !(sc.total > 0.0f && sc.total < std::numeric_limits<float>::infinity());
+    sc.scale = (static_cast<float>(c.ratio) * static_cast<float>(units[t])) / sc.total;
+    sc.inv_n = static_cast<float>(1.0 / static_cast<double>(units[t]));
+    const double n = static_cast<double>(numel[t]);
+    sc.std = numel[t] > 1 ? static_cast<float>(std::sqrt(std::max(sum.g2 - sum.g * sum.g / n, 0.0) / (n - 1.0))) : 0.0f;
+    const uint32_t step_int = static_cast<uint32_t>(sc.new_step);
+    sc.step_word = step_int;
+    sc.mask_hi = static_cast<uint32_t>(2 * slots[t]);
+    sc.noise_hi = static_cast<uint32_t>(2 * slots[t] + 1);
+
+    UpdateScalars& u = sc.update;
+    u.base = c.base;
+    float lr32;
+    double lr64;
+    if (lr_tensor.has_value()) {
+      lr32 = lr_tensor->item<float>();
+      lr64 = lr32;
+      u.decay = 1.0f - lr32 * static_cast<float>(c.weight_decay);
+    } else {
+      lr32 = static_cast<float>(c.lr);
+      lr64 = c.lr;
+      u.decay = static_cast<float>(1.0 - c.lr * c.weight_decay);
+    }
+    u.lr = lr32;
+    u.momentum = static_cast<float>(c.momentum);
+    u.one_minus_dampening = static_cast<float>(1.0 - c.dampening);
+    u.weight_decay = static_cast<float>(c.weight_decay);
+    u.nesterov = c.nesterov;
+    u.has_momentum = c.base == fastmask::kSGD && c.momentum != 0.0;
+    u.one_minus_beta1 = static_cast<float>(1.0 - c.beta1);
+    u.beta2 = static_cast<float>(c.beta2);
+    u.one_minus_beta2 = static_cast<float>(1.0 - c.beta2);
+    u.eps = static_cast<float>(c.eps);
+    u.step_size = static_cast<float>(lr64 / (1.0 - fastmask::power(c.beta1, step_int)));
+    u.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - fastmask::power(c.beta2, step_int)));
+    u.first_step = sc.new_step == 1.0f;
+
+    if (sc.ok) stat_units += static_cast<double>(units[t]);
+    if (!c.masked) {
+      if (sc.ok) {
+        stat_pi += static_cast<double>(units[t]);
+        stat_sel += static_cast<double>(units[t]);
+      }
+    } else if (c.row && !c.exact) {
+      // rows are few: sample them here, once
+      std::vector<float>& w = row_weight[t];
+      w.resize(units[t]);
+      double pi_sum = 0, sel = 0;
+      for (int64_t r = 0; r < units[t]; ++r) {
+        const float s = row_importance[t][r];
+        const float pi = fastmask::inclusion_prob(s, sc.scale, sc.degenerate, static_cast<float>(c.ratio),
+                                                  static_cast<float>(c.min_prob), c.poisson);
+        const bool chosen = fastmask::uniform_at(r, sc.step_word, sc.mask_hi, k0, k1) < pi;
+        w[r] = chosen ? fastmask::rescale_weight(c.rescale, pi, s, sc.total, sc.degenerate, sc.inv_n) : 0.0f;
+        pi_sum += pi;
+        sel += chosen ? 1.0 : 0.0;
+      }
+      if (sc.ok) {
+        stat_pi += pi_sum;
+        stat_sel += sel;
+      }
+    } else if (c.exact && sc.ok) {
+      double sel = 0;
+      for (int64_t r = 0; r < units[t]; ++r) sel += exact_weight[unit_offsets[t] + r] != 0.0f ? 1.0 : 0.0;
+      stat_pi += sel;
+      stat_sel += sel;
+    }
+  }
+
+  // ---- pass 2: one read-modify-write per element
+  std::vector<double> item_pi(items2.size(), 0.0), item_sel(items2.size(), 0.0);
+  const Pass2Args args{c, k0, k1, gs, fisher_beta, one_minus_fisher_beta};
+  const int mode = !c.masked ? kDense : ((c.row || c.exact) ? kTable : kSample);
+  const int kind = c.base == fastmask::kSGD ? (c.momentum != 0.0 ? kSgdMomentum : kSgd) : kAdam;
+  at::parallel_for(0, static_cast<int64_t>(items2.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const Item& it = items2[k];
+      const int64_t t = it.tensor;
+      Pass2Tensor pt{params[t].data_ptr<P>(),
+                     grads[t].data_ptr<G>(),
+                     kind == kAdam ? exp_avgs[t].data_ptr<float>() : nullptr,
+                     kind == kAdam ? exp_avg_sqs[t].data_ptr<float>() : nullptr,
+                     kind == kSgdMomentum ? momentum_buffers[t].data_ptr<float>() : nullptr,
+                     c.ema ? fishers[t].data_ptr<float>() : nullptr,
+                     c.exact ? exact_weight + unit_offsets[t] : (c.row ? row_weight[t].data() : nullptr),
+                     row_size[t]};
+      double pi_sum = 0, sel_sum = 0;
+      dispatch_pass2<P, G>(kind, mode, c.rescale, c.ema, pt, scalars[t], args, it.begin, it.end, pi_sum, sel_sum);
+      if (scalars[t].ok) {
+        item_pi[k] = pi_sum;
+        item_sel[k] = sel_sum;
+      }
+    }
+  });
+
+  if (stats.has_value()) {
+    for (size_t k = 0; k < items2.size(); ++k) {
+      stat_pi += item_pi[k];
+      stat_sel += item_sel[k];
+    }
+    double* s = stats->data_ptr<double>();
+    s[0] += stat_pi;
+    s[1] += stat_sel;
+    s[2] += stat_units;
+    s[3] += stat_skipped;
+  }
+}
+
+void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
+                 std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
+                 std::vector<at::Tensor> momentum_buffers, std::vector<at::Tensor> fishers,
+                 std::vector<int64_t> slots, py::dict config, c10::optional<at::Tensor> lr_tensor,
+                 c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
+                 c10::optional<at::Tensor> unit_weight, std::vector<int64_t> unit_offsets,
+                 c10::optional<at::Tensor> stats) {
+  TORCH_CHECK(!params.empty(), "masked_step: no params");
+  const Config c = config_from(config);
+  const auto p_type = params[0].scalar_type(), g_type = grads[0].scalar_type();
+  for (size_t t = 0; t < params.size(); ++t) {
+    TORCH_CHECK(params[t].device().is_cpu() && params[t].is_contiguous() && grads[t].is_contiguous(),
+                "cpp masked_step: params and grads must be contiguous CPU tensors");
+    TORCH_CHECK(params[t].scalar_type() == p_type && grads[t].scalar_type() == g_type,
+                "cpp masked_step: one param dtype and one grad dtype per batch");
+  }
+#define FM_STEP(P, G)                                                                                       \
+  return step_impl<P, G>(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, c,       \
+                         lr_tensor, grad_scale, found_inf, unit_weight, unit_offsets, stats)
+  // the (param, grad) dtype pairs that training produces; fastmask.ops._cpp converts other grads to fp32
+  if (p_type == at::kFloat && g_type == at::kFloat) FM_STEP(float, float);
+  if (p_type == at::kBFloat16 && g_type == at::kBFloat16) FM_STEP(c10::BFloat16, c10::BFloat16);
+  if (p_type == at::kHalf && g_type == at::kHalf) FM_STEP(c10::Half, c10::Half);
+  if (p_type == at::kBFloat16 && g_type == at::kFloat) FM_STEP(c10::BFloat16, float);
+  if (p_type == at::kHalf && g_type == at::kFloat) FM_STEP(c10::Half, float);
+#undef FM_STEP
+  TORCH_CHECK(false, "cpp masked_step: unsupported (param, grad) dtypes ", p_type, ", ", g_type);
+}
+
+// ---- the low-level ops on units (1-D, contiguous fp32)
+
+void fisher_update(at::Tensor fisher, at::Tensor grad, double beta) {
+  const float b = static_cast<float>(beta), ob = static_cast<float>(1.0 - beta);
+  float* f = fisher.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastmask_cpp_fisher", [&] {
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, fisher.numel(), kChunk, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const float x = static_cast<float>(g[i]);
+        f[i] = f[i] * b + x * x * ob;
+      }
+    });
+  });
+}
+
+at::Tensor inclusion_probs(at::Tensor s_units, double ratio, bool poisson, double min_prob) {
+  const int64_t n = s_units.numel();
+  at::Tensor out = at::empty_like(s_units);
+  const float* s = s_units.data_ptr<float>();
+  float* pi = out.data_ptr<float>();
+  if (ratio >= 1.0) return out.fill_(1.0);
+  double total64 = 0;
+  for (int64_t i = 0; i < n; ++i) total64 += s[i];
+  const float total = static_cast<float>(total64);
+  const bool degenerate = !(total > 0.0f && total < std::numeric_limits<float>::infinity());
+  const float scale = (static_cast<float>(ratio) * static_cast<float>(n)) / total;
+  at::parallel_for(0, n, kChunk, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i)
+      pi[i] = fastmask::inclusion_prob(s[i], scale, degenerate, static_cast<float>(ratio),
+                                       static_cast<float>(min_prob), poisson);
+  });
+  return out;
+}
+
+at::Tensor bernoulli_select(at::Tensor probs, uint64_t seed, int64_t stream) {
+  const int64_t n = probs.numel();
+  at::Tensor out = at::empty({n}, probs.options().dtype(at::kBool));
+  const float* pi = probs.data_ptr<float>();
+  bool* sel = out.data_ptr<bool>();
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const uint32_t s0 = static_cast<uint32_t>(stream), s1 = static_cast<uint32_t>(static_cast<uint64_t>(stream) >> 32);
+  at::parallel_for(0, (n + 3) / 4, kChunk / 4, [&](int64_t lo, int64_t hi) {
+    for (int64_t j = lo; j < hi; ++j) {
+      uint32_t w[4];
+      fastmask::philox_call(static_cast<uint64_t>(j), s0, s1, k0, k1, w);
+      for (int64_t l = 0; l < 4 && 4 * j + l < n; ++l) sel[4 * j + l] = fastmask::uniform_from_word(w[l]) < pi[4 * j + l];
+    }
+  });
+  return out;
+}
+
+at::Tensor unbiased_rescale(at::Tensor grad, at::Tensor mask, at::Tensor probs) {
+  at::Tensor out = at::empty_like(grad);
+  const bool* m = mask.data_ptr<bool>();
+  const float* pi = probs.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastmask_cpp_rescale", [&] {
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, grad.numel(), kChunk, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i)
+        o[i] = static_cast<scalar_t>(m[i] ? static_cast<float>(g[i]) / pi[i] : 0.0f);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastmask cpp backend: fused masked step and ops on CPU tensors";
+  m.def("masked_step", &masked_step);
+  m.def("fisher_update", &fisher_update);
+  m.def("inclusion_probs", &inclusion_probs);
+  m.def("bernoulli_select", &bernoulli_select);
+  m.def("unbiased_rescale", &unbiased_rescale);
+}

@@ -1,0 +1,133 @@
+// The per-element math of fastmask, shared by the CPU (OpenMP) and CUDA kernels.
+//
+// Every function reproduces fastmask.reference bit for bit in fp32: each operation is
+// one IEEE-rounded op in the reference's order (build with -ffp-contract=off / no
+// --use_fast_math), beta^t is binary exponentiation in double, S is summed in fp64.
+// Semantics: DESIGN §3 (the step) and §4 (the counter RNG).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FM_HD __host__ __device__ __forceinline__
+#else
+#define FM_HD inline
+#endif
+
+namespace fastmask {
+
+constexpr float kUnitScale = 5.9604644775390625e-08f;  // 2^-24
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u, kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;
+
+enum Base : int { kSGD = 0, kAdam = 1, kAdamW = 2 };
+enum Rescale : int { kNoRescale = 0, kHT = 1, kLegacy = 2 };
+
+FM_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+}
+
+// Philox4x32-10: counter (c0..c3), key (k0, k1); the key is bumped between rounds.
+FM_HD void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t a0 = c[0], a2 = c[2];
+    c[0] = mulhi32(a2, kPhiloxM1) ^ c[1] ^ k0;
+    c[2] = mulhi32(a0, kPhiloxM0) ^ c[3] ^ k1;
+    c[1] = a2 * kPhiloxM1;
+    c[3] = a0 * kPhiloxM0;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+}
+
+// The four words of call j = i / 4 of stream (s_lo, s_hi) under seed (k0, k1).
+FM_HD void philox_call(uint64_t j, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1, uint32_t out[4]) {
+  out[0] = static_cast<uint32_t>(j);
+  out[1] = static_cast<uint32_t>(j >> 32);
+  out[2] = s_lo;
+  out[3] = s_hi;
+  philox4x32_10(out, k0, k1);
+}
+
+FM_HD float uniform_from_word(uint32_t w) { return static_cast<float>(w >> 8) * kUnitScale; }
+
+// U(seed, stream, i): word i mod 4 of call i / 4.
+FM_HD float uniform_at(uint64_t i, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1) {
+  uint32_t w[4];
+  philox_call(i >> 2, s_lo, s_hi, k0, k1, w);
+  return uniform_from_word(w[i & 3]);
+}
+
+// Standard normal of unit i: words (0, 1) of call i / 2 if i is even, (2, 3) if odd.
+FM_HD float normal_at(uint64_t i, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1) {
+  uint32_t w[4];
+  philox_call(i >> 1, s_lo, s_hi, k0, k1, w);
+  const uint32_t wa = (i & 1) ? w[2] : w[0];
+  const uint32_t wb = (i & 1) ? w[3] : w[1];
+  const float u1 = static_cast<float>((wa >> 8) + 1u) * kUnitScale;
+  const float u2 = static_cast<float>(wb >> 8) * kUnitScale;
+  return sqrtf(-2.0f * logf(u1)) * cosf(6.283185307179586f * u2);
+}
+
+// base^e in double by binary exponentiation (as fastmask.reference.step.power).
+FM_HD double power(double base, uint32_t e) {
+  double result = 1.0, square = base;
+  for (int bit = 0; bit < 32; ++bit) {
+    if ((e >> bit) & 1u) result = result * square;
+    square = square * square;
+  }
+  return result;
+}
+
+// torch.clamp: NaN stays NaN (fminf/fmaxf would drop it).
+FM_HD float clamp(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+// pi = clamp(s * scale, min_prob, 1) (poisson), or ratio (uniform, or S == 0 / not finite).
+FM_HD float inclusion_prob(float s, float scale, bool degenerate, float ratio, float min_prob, bool poisson) {
+  if (!poisson || degenerate) return ratio;
+  return clamp(s * scale, min_prob, 1.0f);
+}
+
+// Gradient weight of a selected unit: 1 (AMSS), 1/pi (ht), 1/(s/S + 1/N) (legacy).
+FM_HD float rescale_weight(int mode, float pi, float s, float total, bool degenerate, float inv_n) {
+  if (mode == kHT) return 1.0f / pi;
+  if (mode == kLegacy) return 1.0f / ((degenerate ? inv_n : s / total) + inv_n);
+  return 1.0f;
+}
+
+// Scalars of one step of one tensor (Adam terms from its step count).
+struct UpdateScalars {
+  int base;
+  float lr, momentum, one_minus_dampening, weight_decay;
+  bool nesterov, has_momentum;
+  float one_minus_beta1, beta2, one_minus_beta2, eps;
+  float step_size, bc2_sqrt, decay;  // lr / (1 - beta1^t), sqrt(1 - beta2^t), 1 - lr * wd
+  bool first_step;                   // t == 1: SGD's momentum buffer starts as d_p
+};
+
+// One base-optimizer update of one element (fp32), in the reference's operation order.
+FM_HD float base_update(const UpdateScalars& k, float p, float g, float& m, float& v, float& buf) {
+  if (k.base == kSGD) {
+    float d = k.weight_decay != 0.0f ? g + k.weight_decay * p : g;
+    if (k.has_momentum) {
+      buf = k.first_step ? d : buf * k.momentum + d * k.one_minus_dampening;
+      d = k.nesterov ? d + k.momentum * buf : buf;
+    }
+    return p - k.lr * d;
+  }
+  float pd = p;
+  if (k.weight_decay != 0.0f) {
+    if (k.base == kAdamW) {
+      pd = p * k.decay;
+    } else {
+      g = g + k.weight_decay * p;
+    }
+  }
+  m = m + (g - m) * k.one_minus_beta1;
+  v = v * k.beta2 + g * g * k.one_minus_beta2;
+  const float denom = sqrtf(v) / k.bc2_sqrt + k.eps;
+  return pd - k.step_size * (m / denom);
+}
+
+}  // namespace fastmask
