@@ -11,7 +11,7 @@ from setuptools import find_packages, setup
 
 packages = find_packages(include=["fastmask", "fastmask.*"]) + ["fastmask.kernels", "fastmask.bench", "fastmask.csrc"]
 package_dir = {"fastmask.kernels": "kernels", "fastmask.bench": "bench", "fastmask.csrc": "csrc"}
-package_data = {"fastmask.csrc": ["*.h", "cpu/*.cpp", "cuda/*.cu", "cuda/*.cpp"]}
+package_data = {"fastmask.csrc": ["*.h", "cpu/*.cpp", "cuda/*.h", "cuda/*.cu", "cuda/*.cpp"]}
 ext_modules, cmdclass = [], {}
 
 if os.environ.get("FASTMASK_BUILD_EXT") == "1":

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmask.ops._batch import exact_unit_weights, working_copies
+from fastmask.ops._native import exact_unit_weights, working_copies
 from fastmask.reference import sampling
 from fastmask.reference.spec import StepConfig, TensorGroup, exact_count
 

@@ -13,7 +13,7 @@ import torch
 
 from ..reference.sampling import unit_count
 from ..reference.spec import GRANULARITIES, StepConfig, TensorGroup
-from . import _cpp, _torch, _triton  # noqa: F401  (register the backends)
+from . import _cpp, _cuda, _torch, _triton  # noqa: F401  (register the backends)
 from .checks import check_choice, check_int, check_real, check_stream, check_tensor
 from .dispatch import BACKENDS, BackendUnavailableError, backend_report, implementation, resolve
 

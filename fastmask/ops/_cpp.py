@@ -11,19 +11,14 @@ the torch backend. ``FASTMASK_DISABLE_CPP=1`` turns it off.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
-import threading
-import warnings
-from pathlib import Path
 from types import ModuleType
 
 import torch
 
 from ..reference import sampling
 from ..reference.spec import StepConfig, TensorGroup
-from ._batch import exact_unit_weights, working_copies
+from ._native import JitExtension, native_masked_step_, reference_select
 from .dispatch import register, register_probe
 
 # -ffp-contract=off: no fused multiply-adds, so every operation rounds as the reference's.
@@ -31,50 +26,8 @@ from .dispatch import register, register_probe
 # results are unchanged (IEEE either way; no FP traps are enabled).
 BUILD_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}
-
-
-def csrc_dir() -> Path:
-    spec = importlib.util.find_spec("fastmask.csrc")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("fastmask's C++ sources (fastmask.csrc) are not installed")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _build() -> ModuleType:
-    try:
-        return importlib.import_module("fastmask._cpp")  # built at install (FASTMASK_BUILD_EXT=1)
-    except ImportError:
-        pass
-    from torch.utils.cpp_extension import load
-
-    return load(
-        name="fastmask_cpp",
-        sources=[str(csrc_dir() / "cpu" / "masked_step.cpp")],
-        extra_cflags=BUILD_FLAGS,
-        extra_ldflags=["-fopenmp"],
-        verbose=os.environ.get("FASTMASK_VERBOSE_BUILD") == "1",
-    )
-
-
-def extension() -> ModuleType | None:
-    """The compiled module, building it on first call; None if it cannot be built."""
-    with _lock:
-        if "module" not in _state:
-            try:
-                _state["module"] = _build()
-            except Exception as exc:  # any build failure is reported, never hidden
-                _state["module"] = None
-                lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-                _state["error"] = f"build failed ({type(exc).__name__}: {lines[-1] if lines else exc})"
-                warnings.warn(
-                    f"fastmask: the cpp backend could not be built: {_state['error']}; CPU tensors use the "
-                    "torch backend (set FASTMASK_VERBOSE_BUILD=1 for the compiler output)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-        return _state["module"]  # type: ignore[return-value]
+EXTENSION = JitExtension("fastmask_cpp", "fastmask._cpp", ["cpu/masked_step.cpp"], extra_cflags=BUILD_FLAGS,
+                         extra_ldflags=["-fopenmp"])
 
 
 def _probe(device: torch.device) -> str | None:
@@ -82,8 +35,8 @@ def _probe(device: torch.device) -> str | None:
         return "the cpp backend runs CPU tensors (CUDA tensors: triton or cuda)"
     if os.environ.get("FASTMASK_DISABLE_CPP") == "1":
         return "disabled by FASTMASK_DISABLE_CPP=1"
-    if extension() is None:
-        return str(_state["error"])
+    if EXTENSION.module() is None:
+        return EXTENSION.error
     return None
 
 
@@ -91,54 +44,14 @@ register_probe("cpp", _probe)
 
 
 def _ext() -> ModuleType:
-    module = extension()
+    module = EXTENSION.module()
     assert module is not None, "dispatch only selects cpp after a successful build"
     return module
 
 
-def _reference_select(seed: int):
-    def select(s_units: torch.Tensor, count: int, stream: torch.Tensor) -> torch.Tensor:
-        return sampling.exact_select(s_units, count, seed, stream)
-
-    return select
-
-
-def step_config_dict(cfg: StepConfig) -> dict:
-    """The StepConfig as the flat dict the native step functions read."""
-    exact = cfg.is_masked and cfg.sampling == "exact"
-    return dict(
-        base={"sgd": 0, "adam": 1, "adamw": 2}[cfg.base],
-        rescale=0 if not cfg.unbiased else (1 if cfg.rescale == "ht" else 2),
-        lr=0.0 if isinstance(cfg.lr, torch.Tensor) else float(cfg.lr),
-        momentum=cfg.momentum, dampening=cfg.dampening, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-        weight_decay=cfg.weight_decay, ratio=cfg.ratio, min_prob=cfg.min_prob, fisher_beta=cfg.fisher_beta,
-        grad_coefficient=cfg.coefficient if cfg.modulate == "grad" else 1.0, update_coefficient=cfg.coefficient,
-        nesterov=cfg.nesterov, maximize=cfg.maximize, masked=cfg.is_masked, poisson=cfg.sampling == "poisson",
-        ema=False, row=cfg.granularity == "row",  # ema: set from the batch (fishers are kept)
-        freeze=cfg.masked == "freeze", ge=cfg.ge_noise, modulate_update=cfg.modulate == "update" and cfg.coefficient != 1.0,
-        exact=exact, seed=cfg.seed,
-    )
-
-
 @register("masked_step_", "cpp")
 def masked_step_(group: TensorGroup, cfg: StepConfig, grad_scale, found_inf) -> None:
-    work, write_back = working_copies(group)
-    p_dtype = work["params"][0].dtype
-    if any(g.dtype not in (p_dtype, torch.float32) for g in work["grads"]):  # the kernel's dtype pairs
-        work["grads"] = [g.to(torch.float32) for g in work["grads"]]
-    config = step_config_dict(cfg)
-    config["ema"] = bool(work["fishers"])
-    unit_weight, offsets = None, []
-    if config["exact"]:
-        unit_weight, offsets = exact_unit_weights(work, group, cfg, grad_scale, _reference_select(cfg.seed))
-    lr = cfg.lr.to(torch.float32) if isinstance(cfg.lr, torch.Tensor) else None
-    _ext().masked_step(
-        work["params"], work["grads"], group.steps, work["exp_avgs"], work["exp_avg_sqs"],
-        work["momentum_buffers"], work["fishers"], group.slots, config, lr, grad_scale, found_inf, unit_weight,
-        offsets, group.stats,
-    )
-    for original, copy in write_back:
-        original.copy_(copy)
+    native_masked_step_(_ext(), group, cfg, grad_scale, found_inf, reference_select(cfg.seed))
 
 
 def _units(values: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,173 @@
+// Torch binding of the "cuda" backend: builds the pointer and metadata tables, allocates
+// the step's buffers and launches the kernels of masked_step_kernels.cu on the current
+// stream. Compiled only with a CUDA build of torch (fastmask.ops._cuda).
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <vector>
+
+#include "masked_step.h"
+
+namespace {
+
+using namespace fastmask_cuda;
+
+DeviceConfig device_config(const py::dict& d, bool lr_is_tensor) {
+  DeviceConfig c;
+  c.base = d["base"].cast<int>();
+  c.rescale = d["rescale"].cast<int>();
+  c.ratio = static_cast<float>(d["ratio"].cast<double>());
+  c.min_prob = static_cast<float>(d["min_prob"].cast<double>());
+  const double fisher_beta = d["fisher_beta"].cast<double>();
+  c.fisher_beta = static_cast<float>(fisher_beta);
+  c.one_minus_fisher_beta = static_cast<float>(1.0 - fisher_beta);
+  c.grad_coefficient = static_cast<float>(d["grad_coefficient"].cast<double>());
+  c.update_coefficient = static_cast<float>(d["update_coefficient"].cast<double>());
+  c.momentum = static_cast<float>(d["momentum"].cast<double>());
+  c.one_minus_dampening = static_cast<float>(1.0 - d["dampening"].cast<double>());
+  c.weight_decay = static_cast<float>(d["weight_decay"].cast<double>());
+  c.beta1_d = d["beta1"].cast<double>();
+  c.beta2_d = d["beta2"].cast<double>();
+  c.one_minus_beta1 = static_cast<float>(1.0 - c.beta1_d);
+  c.beta2 = static_cast<float>(c.beta2_d);
+  c.one_minus_beta2 = static_cast<float>(1.0 - c.beta2_d);
+  c.eps = static_cast<float>(d["eps"].cast<double>());
+  c.lr = d["lr"].cast<double>();
+  c.nesterov = d["nesterov"].cast<bool>();
+  c.maximize = d["maximize"].cast<bool>();
+  c.masked = d["masked"].cast<bool>();
+  c.poisson = d["poisson"].cast<bool>();
+  c.ema = d["ema"].cast<bool>();
+  c.row = d["row"].cast<bool>();
+  c.freeze = d["freeze"].cast<bool>();
+  c.ge = d["ge"].cast<bool>();
+  c.modulate_update = d["modulate_update"].cast<bool>();
+  c.exact = d["exact"].cast<bool>();
+  c.lr_is_tensor = lr_is_tensor;
+  const uint64_t seed = d["seed"].cast<uint64_t>();
+  c.k0 = static_cast<uint32_t>(seed);
+  c.k1 = static_cast<uint32_t>(seed >> 32);
+  return c;
+}
+
+at::Tensor device_table(const std::vector<int64_t>& values, const at::Device& device, at::ScalarType type) {
+  auto host = at::tensor(values, at::TensorOptions().dtype(at::kLong)).to(type).pin_memory();
+  return host.to(device, /*non_blocking=*/true);
+}
+
+const float* optional_ptr(const c10::optional<at::Tensor>& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
+
+int dtype_code(at::ScalarType t) {
+  if (t == at::kFloat) return kF32;
+  if (t == at::kBFloat16) return kBF16;
+  TORCH_CHECK(t == at::kHalf, "cuda masked_step: unsupported dtype ", t);
+  return kF16;
+}
+
+void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+            const std::vector<at::Tensor>& steps, const std::vector<at::Tensor>& exp_avgs,
+            const std::vector<at::Tensor>& exp_avg_sqs, const std::vector<at::Tensor>& momentum_buffers,
+            const std::vector<at::Tensor>& fishers, const std::vector<int64_t>& slots, const DeviceConfig& c,
+            const c10::optional<at::Tensor>& lr_tensor, const c10::optional<at::Tensor>& grad_scale,
+            const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& unit_weight_in,
+            const c10::optional<at::Tensor>& stats) {
+  const auto device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t n_tensors = static_cast<int64_t>(params.size());
+  std::vector<int64_t> meta, ptrs, block_tensor, row_tensor;
+  int64_t blocks = 0, units_total = 0;
+  auto ptr = [](const std::vector<at::Tensor>& values, int64_t t) -> int64_t {
+    return values.empty() ? 0 : reinterpret_cast<int64_t>(values[t].data_ptr());
+  };
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    const int64_t n = params[t].numel();
+    const int64_t units = c.row ? (params[t].dim() ? params[t].size(0) : 1) : n;
+    const int64_t nb = (n + kBlockElems - 1) / kBlockElems;
+    meta.insert(meta.end(), {n, units, units ? std::max<int64_t>(n / units, 1) : 1, 2 * slots[t],
+                             c.row ? units_total : blocks, c.row ? units : nb, units_total, blocks});
+    ptrs.insert(ptrs.end(), {ptr(params, t), ptr(grads, t), ptr(exp_avgs, t), ptr(exp_avg_sqs, t),
+                             ptr(momentum_buffers, t), ptr(fishers, t), ptr(steps, t)});
+    block_tensor.insert(block_tensor.end(), nb, t);
+    row_tensor.insert(row_tensor.end(), units, t);
+    blocks += nb;
+    units_total += units;
+  }
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
+  at::Tensor meta_d = device_table(meta, device, at::kLong);
+  at::Tensor ptrs_d = device_table(ptrs, device, at::kLong);
+  at::Tensor blocks_d = device_table(block_tensor.empty() ? std::vector<int64_t>{0} : block_tensor, device, at::kInt);
+  at::Tensor rows_d = device_table(row_tensor.empty() ? std::vector<int64_t>{0} : row_tensor, device, at::kInt);
+  at::Tensor partials = at::empty({std::max<int64_t>(c.row ? units_total : blocks, 1), 4}, f64);
+  at::Tensor row_importance = at::empty({std::max<int64_t>(units_total, 1)}, f32);
+  at::Tensor unit_weight =
+      unit_weight_in.has_value() ? *unit_weight_in : at::zeros({std::max<int64_t>(units_total, 1)}, f32);
+  at::Tensor scalars = at::empty({n_tensors * static_cast<int64_t>(sizeof(TensorScalars))}, f32.dtype(at::kByte));
+  at::Tensor tensor_stats = at::zeros({n_tensors, 4}, f64);
+  at::Tensor block_stats = at::zeros({std::max<int64_t>(blocks, 1), 2}, f64);
+  at::Tensor lr32 = lr_tensor.has_value() ? lr_tensor->to(device, at::kFloat) : at::Tensor();
+
+  LaunchArgs a;
+  a.param_dtype = dtype_code(params[0].scalar_type());
+  a.grad_dtype = dtype_code(grads[0].scalar_type());
+  a.n_tensors = n_tensors;
+  a.n_blocks = blocks;
+  a.n_units = units_total;
+  a.meta = meta_d.data_ptr<int64_t>();
+  a.ptrs = ptrs_d.data_ptr<int64_t>();
+  a.block_tensor = blocks_d.data_ptr<int32_t>();
+  a.row_tensor = rows_d.data_ptr<int32_t>();
+  a.partials = partials.data_ptr<double>();
+  a.row_importance = row_importance.data_ptr<float>();
+  a.unit_weight = unit_weight.data_ptr<float>();
+  a.scalars = reinterpret_cast<TensorScalars*>(scalars.data_ptr());
+  a.tensor_stats = tensor_stats.data_ptr<double>();
+  a.block_stats = block_stats.data_ptr<double>();
+  a.grad_scale = optional_ptr(grad_scale);
+  a.found_inf = optional_ptr(found_inf);
+  a.lr = lr32.defined() ? lr32.data_ptr<float>() : nullptr;
+  a.config = c;
+  const cudaError_t err = fastmask_cuda::masked_step(a, stream);
+  TORCH_CHECK(err == cudaSuccess, "cuda masked_step: ", cudaGetErrorString(err));
+  if (stats.has_value()) {
+    at::Tensor per_tensor = tensor_stats.sum(0);
+    if (c.masked && !c.row && !c.exact) {
+      stats->slice(0, 0, 2).add_(block_stats.sum(0));
+      stats->slice(0, 2, 4).add_(per_tensor.slice(0, 2, 4));
+    } else {
+      stats->add_(per_tensor);
+    }
+  }
+}
+
+void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
+                 std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
+                 std::vector<at::Tensor> momentum_buffers, std::vector<at::Tensor> fishers,
+                 std::vector<int64_t> slots, py::dict config, c10::optional<at::Tensor> lr_tensor,
+                 c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
+                 c10::optional<at::Tensor> unit_weight, std::vector<int64_t> unit_offsets,
+                 c10::optional<at::Tensor> stats) {
+  TORCH_CHECK(!params.empty(), "cuda masked_step: no params");
+  (void)unit_offsets;  // the unit table is laid out in tensor order, as the metadata's offsets
+  const DeviceConfig c = device_config(config, lr_tensor.has_value());
+  const auto p_type = params[0].scalar_type(), g_type = grads[0].scalar_type();
+  for (size_t t = 0; t < params.size(); ++t) {
+    TORCH_CHECK(params[t].is_cuda() && params[t].is_contiguous() && grads[t].is_contiguous(),
+                "cuda masked_step: params and grads must be contiguous CUDA tensors");
+    TORCH_CHECK(params[t].scalar_type() == p_type && grads[t].scalar_type() == g_type,
+                "cuda masked_step: one param dtype and one grad dtype per batch");
+  }
+  launch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, c, lr_tensor, grad_scale,
+         found_inf, unit_weight, stats);
+  return;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastmask cuda backend: the fused masked step as multi-tensor CUDA kernels";
+  m.def("masked_step", &masked_step);
+}

@@ -1,0 +1,61 @@
+// Interface between the CUDA kernels (masked_step_kernels.cu, plain CUDA) and their
+// torch binding (masked_step.cpp): the kernels need no torch headers, so CI can compile
+// them with nvcc for sm_90 on a machine without a CUDA build of torch.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../fastmask_math.h"
+
+namespace fastmask_cuda {
+
+constexpr int kThreads = 256;
+constexpr int kVec = 4;                       // elements per thread: one Philox call
+constexpr int kBlockElems = kThreads * kVec;  // elements per pass-1 / pass-2 block
+
+enum MetaCol { kNumel = 0, kUnits, kRowSize, kSlot2, kPartStart, kNumParts, kUnitOffset, kBlockStart, kMetaCols };
+enum PtrCol { kParam = 0, kGrad, kExpAvg, kExpAvgSq, kMomentum, kFisher, kStep, kPtrCols };
+enum DType { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+struct DeviceConfig {
+  int base, rescale;
+  float ratio, min_prob, fisher_beta, one_minus_fisher_beta, grad_coefficient, update_coefficient;
+  float momentum, one_minus_dampening, weight_decay, one_minus_beta1, beta2, one_minus_beta2, eps;
+  double lr, beta1_d, beta2_d;
+  bool nesterov, maximize, masked, poisson, ema, row, freeze, ge, modulate_update, exact, lr_is_tensor;
+  uint32_t k0, k1;
+};
+
+struct TensorScalars {
+  int ok, degenerate;
+  float new_step, scale, total, std, inv_n;
+  uint32_t step_word, mask_hi, noise_hi;
+  fastmask::UpdateScalars update;
+};
+
+// Device buffers of one step, all allocated by the caller.
+struct LaunchArgs {
+  int param_dtype, grad_dtype;
+  int64_t n_tensors, n_blocks, n_units;
+  const int64_t* meta;          // [n_tensors, kMetaCols]
+  const int64_t* ptrs;          // [n_tensors, kPtrCols]
+  const int32_t* block_tensor;  // [n_blocks]
+  const int32_t* row_tensor;    // [n_units]
+  double* partials;             // [max(n_blocks or n_units, 1), 4]
+  float* row_importance;        // [n_units]
+  float* unit_weight;           // [n_units] (exact mode: filled by the caller)
+  TensorScalars* scalars;       // [n_tensors]
+  double* tensor_stats;         // [n_tensors, 4]
+  double* block_stats;          // [n_blocks, 2]
+  const float* grad_scale;      // or nullptr
+  const float* found_inf;       // or nullptr
+  const float* lr;              // or nullptr (float lr in the config)
+  DeviceConfig config;
+};
+
+// Launches pass 1, the reduce and pass 2 on `stream`; returns the launch error, if any.
+cudaError_t masked_step(const LaunchArgs& args, cudaStream_t stream);
+
+}  // namespace fastmask_cuda

@@ -1,0 +1,309 @@
+// The "cuda" backend's kernels: the fused masked step over all tensors of a batch.
+//
+// Same pipeline and math as the CPU backend (../fastmask_math.h): pass 1 over g writes
+// fixed-order fp64 partials per block (or per row), a per-tensor reduce sums them in a
+// fixed tree, advances `step` on device and samples rows, and pass 2 updates every
+// element with the mask in registers. One launch per pass covers all tensors through
+// int64 pointer and metadata tables. Each thread owns 4 consecutive elements: one
+// Philox call, and one 16-byte load and store of the fp32 states when aligned.
+// Build with --fmad=false (no contraction: every op rounds as the reference's).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "masked_step.h"
+
+namespace fastmask_cuda {
+namespace {
+
+using fastmask::UpdateScalars;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <typename P>
+__device__ __forceinline__ P from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+// Deterministic block sum of per-thread doubles (a fixed tree); the result is in thread 0.
+__device__ double block_sum(double value, double* shared) {
+  shared[threadIdx.x] = value;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
+    __syncthreads();
+  }
+  const double total = shared[0];
+  __syncthreads();
+  return total;
+}
+
+template <typename G>
+__device__ void accumulate(const G* g, const float* fisher, int64_t i, float grad_scale, const DeviceConfig& c,
+                           double acc[4]) {
+  const float x = to_float(g[i]) / grad_scale;
+  const float s = c.ema ? fisher[i] * c.fisher_beta + x * x * c.one_minus_fisher_beta : x * x;
+  acc[0] += s;
+  acc[1] += x;
+  acc[2] += static_cast<double>(x) * x;
+  acc[3] += isfinite(x) ? 0.0 : 1.0;
+}
+
+template <typename G>
+__global__ void pass1_blocks(const int64_t* ptrs, const int64_t* meta, const int32_t* block_tensor, double* partials,
+                             const float* grad_scale, DeviceConfig c) {
+  __shared__ double shared[kThreads];
+  const int64_t t = block_tensor[blockIdx.x];
+  const int64_t* mrow = meta + t * kMetaCols;
+  const int64_t n = mrow[kNumel];
+  const int64_t first = (static_cast<int64_t>(blockIdx.x) - mrow[kBlockStart]) * kBlockElems;
+  const G* g = reinterpret_cast<const G*>(ptrs[t * kPtrCols + kGrad]);
+  const float* fisher = reinterpret_cast<const float*>(ptrs[t * kPtrCols + kFisher]);
+  const float gs = grad_scale ? *grad_scale : 1.0f;
+  double acc[4] = {0, 0, 0, 0};
+  for (int j = 0; j < kVec; ++j) {
+    const int64_t i = first + threadIdx.x * kVec + j;
+    if (i < n) accumulate(g, fisher, i, gs, c, acc);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const double total = block_sum(acc[k], shared);
+    if (threadIdx.x == 0) partials[static_cast<int64_t>(blockIdx.x) * 4 + k] = total;
+  }
+}
+
+// One block per row (global unit index): the row's importance s_u (fp32) and its partials.
+template <typename G>
+__global__ void pass1_rows(const int64_t* ptrs, const int64_t* meta, const int32_t* row_tensor, double* partials,
+                           float* row_importance, const float* grad_scale, DeviceConfig c) {
+  __shared__ double shared[kThreads];
+  const int64_t t = row_tensor[blockIdx.x];
+  const int64_t* mrow = meta + t * kMetaCols;
+  const int64_t row_size = mrow[kRowSize];
+  const int64_t r = static_cast<int64_t>(blockIdx.x) - mrow[kUnitOffset];
+  const G* g = reinterpret_cast<const G*>(ptrs[t * kPtrCols + kGrad]);
+  const float* fisher = reinterpret_cast<const float*>(ptrs[t * kPtrCols + kFisher]);
+  const float gs = grad_scale ? *grad_scale : 1.0f;
+  double acc[4] = {0, 0, 0, 0};
+  for (int64_t k = threadIdx.x; k < row_size; k += blockDim.x) accumulate(g, fisher, r * row_size + k, gs, c, acc);
+  double sums[4];
+  for (int k = 0; k < 4; ++k) sums[k] = block_sum(acc[k], shared);
+  if (threadIdx.x == 0) {
+    const float row_s = static_cast<float>(sums[0]);  // s_u is fp32; S sums the rounded s_u
+    row_importance[blockIdx.x] = row_s;
+    double* out = partials + static_cast<int64_t>(blockIdx.x) * 4;
+    out[0] = row_s;
+    out[1] = sums[1];
+    out[2] = sums[2];
+    out[3] = sums[3];
+  }
+}
+
+// One block per tensor: totals in a fixed order, ok, step, scalars, row sampling, stats.
+__global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const double* partials,
+                               const float* row_importance, float* unit_weight, TensorScalars* scalars,
+                               double* tensor_stats, const float* found_inf, const float* lr_ptr, DeviceConfig c) {
+  __shared__ double shared[kThreads];
+  __shared__ TensorScalars sc_shared;
+  const int64_t t = blockIdx.x;
+  const int64_t* mrow = meta + t * kMetaCols;
+  double acc[4] = {0, 0, 0, 0};
+  for (int64_t k = threadIdx.x; k < mrow[kNumParts]; k += blockDim.x)
+    for (int j = 0; j < 4; ++j) acc[j] += partials[(mrow[kPartStart] + k) * 4 + j];
+  double sums[4];
+  for (int j = 0; j < 4; ++j) sums[j] = block_sum(acc[j], shared);
+  const int64_t n = mrow[kNumel], units = mrow[kUnits];
+  const bool inf_flag = found_inf && *found_inf != 0.0f;
+  if (threadIdx.x == 0) {
+    TensorScalars sc;
+    const bool finite = sums[3] == 0.0;
+    sc.ok = finite && !inf_flag;
+    float* step_ptr = reinterpret_cast<float*>(ptrs[t * kPtrCols + kStep]);
+    const float old_step = *step_ptr;
+    sc.new_step = old_step + 1.0f;
+    *step_ptr = sc.ok ? sc.new_step : old_step;
+    sc.total = static_cast<float>(sums[0]);
+    sc.degenerate = !(sc.total > 0.0f && sc.total < INFINITY);
+    sc.scale = (c.ratio * static_cast<float>(units)) / sc.total;
+    sc.inv_n = static_cast<float>(1.0 / static_cast<double>(units));
+    const double nd = static_cast<double>(n);
+    sc.std = n > 1 ? static_cast<float>(sqrt(fmax(sums[2] - sums[1] * sums[1] / nd, 0.0) / (nd - 1.0))) : 0.0f;
+    const uint32_t step_int = static_cast<uint32_t>(sc.new_step);
+    sc.step_word = step_int;
+    sc.mask_hi = static_cast<uint32_t>(mrow[kSlot2]);
+    sc.noise_hi = static_cast<uint32_t>(mrow[kSlot2] + 1);
+    UpdateScalars& u = sc.update;
+    u.base = c.base;
+    float lr32;
+    double lr64;
+    if (c.lr_is_tensor) {
+      lr32 = *lr_ptr;
+      lr64 = lr32;
+      u.decay = 1.0f - lr32 * c.weight_decay;
+    } else {
+      lr32 = static_cast<float>(c.lr);
+      lr64 = c.lr;
+      u.decay = static_cast<float>(1.0 - c.lr * static_cast<double>(c.weight_decay));
+    }
+    u.lr = lr32;
+    u.momentum = c.momentum;
+    u.one_minus_dampening = c.one_minus_dampening;
+    u.weight_decay = c.weight_decay;
+    u.nesterov = c.nesterov;
+    u.has_momentum = c.base == fastmask::kSGD && c.momentum != 0.0f;
+    u.one_minus_beta1 = c.one_minus_beta1;
+    u.beta2 = c.beta2;
+    u.one_minus_beta2 = c.one_minus_beta2;
+    u.eps = c.eps;
+    u.step_size = static_cast<float>(lr64 / (1.0 - fastmask::power(c.beta1_d, step_int)));
+    u.bc2_sqrt = static_cast<float>(sqrt(1.0 - fastmask::power(c.beta2_d, step_int)));
+    u.first_step = sc.new_step == 1.0f;
+    sc_shared = sc;
+    scalars[t] = sc;
+  }
+  __syncthreads();
+  const TensorScalars sc = sc_shared;
+  double pi_sum = 0, sel = 0;
+  if (c.masked && c.row && !c.exact) {
+    for (int64_t r = threadIdx.x; r < units; r += blockDim.x) {
+      const float s = row_importance[mrow[kUnitOffset] + r];
+      const float pi = fastmask::inclusion_prob(s, sc.scale, sc.degenerate, c.ratio, c.min_prob, c.poisson);
+      const bool chosen = fastmask::uniform_at(r, sc.step_word, sc.mask_hi, c.k0, c.k1) < pi;
+      unit_weight[mrow[kUnitOffset] + r] =
+          chosen ? fastmask::rescale_weight(c.rescale, pi, s, sc.total, sc.degenerate, sc.inv_n) : 0.0f;
+      pi_sum += pi;
+      sel += chosen ? 1.0 : 0.0;
+    }
+  } else if (c.masked && c.exact) {
+    for (int64_t r = threadIdx.x; r < units; r += blockDim.x) sel += unit_weight[mrow[kUnitOffset] + r] != 0.0f;
+    pi_sum = sel;
+  }
+  pi_sum = block_sum(pi_sum, shared);
+  sel = block_sum(sel, shared);
+  if (threadIdx.x == 0) {
+    double* out = tensor_stats + t * 4;
+    const bool dense = !c.masked;
+    out[0] = sc.ok ? (dense ? static_cast<double>(units) : pi_sum) : 0.0;
+    out[1] = sc.ok ? (dense ? static_cast<double>(units) : sel) : 0.0;
+    out[2] = sc.ok ? static_cast<double>(units) : 0.0;
+    out[3] = (sums[3] != 0.0 && !inf_flag) ? 1.0 : 0.0;
+  }
+}
+
+template <typename P, typename G>
+__global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* block_tensor,
+                      const TensorScalars* scalars, const float* unit_weight, double* block_stats,
+                      const float* grad_scale, DeviceConfig c) {
+  __shared__ double shared[kThreads];
+  const int64_t t = block_tensor[blockIdx.x];
+  const int64_t* mrow = meta + t * kMetaCols;
+  const TensorScalars sc = scalars[t];
+  const int64_t n = mrow[kNumel];
+  const int64_t i0 = (static_cast<int64_t>(blockIdx.x) - mrow[kBlockStart]) * kBlockElems + threadIdx.x * kVec;
+  const int64_t* prow = ptrs + t * kPtrCols;
+  P* p = reinterpret_cast<P*>(prow[kParam]);
+  const G* g = reinterpret_cast<const G*>(prow[kGrad]);
+  float* m = reinterpret_cast<float*>(prow[kExpAvg]);
+  float* v = reinterpret_cast<float*>(prow[kExpAvgSq]);
+  float* buf = reinterpret_cast<float*>(prow[kMomentum]);
+  float* fisher = reinterpret_cast<float*>(prow[kFisher]);
+  const float gs = grad_scale ? *grad_scale : 1.0f;
+  double pi_sum = 0, sel_sum = 0;
+  if (sc.ok && i0 < n) {
+    const bool sample_here = c.masked && !c.row && !c.exact;
+    uint32_t words[4] = {0, 0, 0, 0};
+    if (sample_here) fastmask::philox_call(static_cast<uint64_t>(i0) >> 2, sc.step_word, sc.mask_hi, c.k0, c.k1, words);
+    // 16-byte loads and stores of the fp32 arrays when all four elements are in bounds and aligned
+    const bool vec = i0 + kVec <= n && (!m || reinterpret_cast<uintptr_t>(m + i0) % 16 == 0);
+    float mv[kVec], vv[kVec];
+    if (vec && m) {
+      *reinterpret_cast<float4*>(mv) = *reinterpret_cast<const float4*>(m + i0);
+      *reinterpret_cast<float4*>(vv) = *reinterpret_cast<const float4*>(v + i0);
+    }
+    for (int j = 0; j < kVec; ++j) {
+      const int64_t i = i0 + j;
+      if (i >= n) break;
+      const float x = (to_float(g[i]) / gs) * (c.maximize ? -1.0f : 1.0f);
+      float gm = c.grad_coefficient != 1.0f ? x * c.grad_coefficient : x;
+      if (c.ge) gm = gm + fastmask::normal_at(i, sc.step_word, sc.noise_hi, c.k0, c.k1) * sc.std;
+      const float f_new = c.ema ? fisher[i] * c.fisher_beta + x * x * c.one_minus_fisher_beta : 0.0f;
+      bool selected = true;
+      if (sample_here) {
+        const float s = c.ema ? f_new : x * x;
+        const float pi = fastmask::inclusion_prob(s, sc.scale, sc.degenerate, c.ratio, c.min_prob, c.poisson);
+        selected = fastmask::uniform_from_word(words[j]) < pi;
+        if (c.rescale != fastmask::kNoRescale)
+          gm = gm * fastmask::rescale_weight(c.rescale, pi, s, sc.total, sc.degenerate, sc.inv_n);
+        gm = selected ? gm : 0.0f;
+        pi_sum += pi;
+        sel_sum += selected ? 1.0 : 0.0;
+      } else if (c.masked) {
+        const float w = unit_weight[mrow[kUnitOffset] + i / mrow[kRowSize]];
+        selected = w != 0.0f;
+        if (c.rescale != fastmask::kNoRescale) gm = gm * w;
+        gm = selected ? gm : 0.0f;
+      }
+      const float p_old = to_float(p[i]);
+      float m_i = m ? (vec ? mv[j] : m[i]) : 0.0f, v_i = v ? (vec ? vv[j] : v[i]) : 0.0f;
+      float b_i = buf ? buf[i] : 0.0f;
+      const float m_old = m_i, v_old = v_i;
+      float p_new = fastmask::base_update(sc.update, p_old, gm, m_i, v_i, b_i);
+      if (c.modulate_update) p_new = p_old + (p_new - p_old) * c.update_coefficient;
+      const bool update = !c.masked || !c.freeze || selected;
+      if (update) p[i] = from_float<P>(p_new);
+      if (m) {
+        mv[j] = update ? m_i : m_old;
+        vv[j] = update ? v_i : v_old;
+        if (!vec) {
+          m[i] = mv[j];
+          v[i] = vv[j];
+        }
+      }
+      if (buf && update) buf[i] = b_i;
+      if (c.ema) fisher[i] = f_new;
+    }
+    if (vec && m) {
+      *reinterpret_cast<float4*>(m + i0) = *reinterpret_cast<const float4*>(mv);
+      *reinterpret_cast<float4*>(v + i0) = *reinterpret_cast<const float4*>(vv);
+    }
+  }
+  pi_sum = block_sum(pi_sum, shared);
+  sel_sum = block_sum(sel_sum, shared);
+  if (threadIdx.x == 0) {
+    block_stats[static_cast<int64_t>(blockIdx.x) * 2] = pi_sum;
+    block_stats[static_cast<int64_t>(blockIdx.x) * 2 + 1] = sel_sum;
+  }
+}
+
+template <typename P, typename G>
+void launch_typed(const LaunchArgs& a, cudaStream_t stream) {
+  const DeviceConfig& c = a.config;
+  if (c.row && a.n_units)
+    pass1_rows<G><<<a.n_units, kThreads, 0, stream>>>(a.ptrs, a.meta, a.row_tensor, a.partials, a.row_importance,
+                                                     a.grad_scale, c);
+  else if (!c.row && a.n_blocks)
+    pass1_blocks<G><<<a.n_blocks, kThreads, 0, stream>>>(a.ptrs, a.meta, a.block_tensor, a.partials, a.grad_scale, c);
+  reduce_tensors<<<a.n_tensors, kThreads, 0, stream>>>(a.ptrs, a.meta, a.partials, a.row_importance, a.unit_weight,
+                                                       a.scalars, a.tensor_stats, a.found_inf, a.lr, c);
+  if (a.n_blocks)
+    pass2<P, G><<<a.n_blocks, kThreads, 0, stream>>>(a.ptrs, a.meta, a.block_tensor, a.scalars, a.unit_weight,
+                                                     a.block_stats, a.grad_scale, c);
+}
+
+}  // namespace
+
+cudaError_t masked_step(const LaunchArgs& a, cudaStream_t stream) {
+  if (a.param_dtype == kF32 && a.grad_dtype == kF32) launch_typed<float, float>(a, stream);
+  else if (a.param_dtype == kBF16 && a.grad_dtype == kBF16) launch_typed<__nv_bfloat16, __nv_bfloat16>(a, stream);
+  else if (a.param_dtype == kF16 && a.grad_dtype == kF16) launch_typed<__half, __half>(a, stream);
+  else if (a.param_dtype == kBF16 && a.grad_dtype == kF32) launch_typed<__nv_bfloat16, float>(a, stream);
+  else if (a.param_dtype == kF16 && a.grad_dtype == kF32) launch_typed<__half, float>(a, stream);
+  else return cudaErrorInvalidValue;
+  return cudaGetLastError();
+}
+
+}  // namespace fastmask_cuda
