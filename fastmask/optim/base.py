@@ -431,6 +431,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 value = torch.tensor(check_real(f"state[{pid!r}]['step']", value, 0.0, 2.0**24), dtype=torch.float32)
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"state[{pid!r}][{key!r}] must be a tensor, got {type(value).__name__}")
+            if value.device.type == "meta" or value.is_sparse or value.is_complex():
+                raise ValueError(f"state[{pid!r}][{key!r}] must be a dense real tensor with data, got {value.device} "
+                                 f"{value.layout} {value.dtype}")
             if not value.is_floating_point() and not (key == "step" and value.dtype in (torch.int64, torch.int32)):
                 raise TypeError(f"state[{pid!r}][{key!r}] must be floating point, got {value.dtype}")
             if key == "step":

@@ -128,3 +128,19 @@ def test_low_precision_params(backend, dtype, tol):
     ref_model, _ = _run("torch", cls, kwargs, dtype=dtype)
     model, _ = _run(backend, cls, kwargs, dtype=dtype)
     torch.testing.assert_close(flat_params(model), flat_params(ref_model), rtol=tol, atol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU with > 20 GB free (64-bit indexing)")
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_step_on_more_than_2_31_elements(backend):
+    from fastmask.reference.philox import rng_stream, uniform
+
+    n = 2**31 + 4099
+    p = torch.nn.Parameter(torch.zeros(n, device=DEVICE))
+    p.grad = torch.ones(n, device=DEVICE)  # equal importance: pi = 0.5 everywhere
+    opt = fastmask.AMSSPlus([{"params": [p], "modality": "m"}], base="sgd", lr=1.0, seed=3, backend=backend)
+    opt.step(ratios={"m": 0.5})
+    tail = p.detach()[-4096:]
+    u = uniform(3, rng_stream(1, 0), 4096, DEVICE, start=n - 4096)  # the global element index
+    assert torch.equal(tail, torch.where(u < 0.5, -2.0, 0.0))  # selected: -lr * g / pi
