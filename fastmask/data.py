@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .ops.checks import check_int
+
 __all__ = ["MFEAT_VIEWS", "MultiModalData", "SEGMENT_MODALITIES", "load", "load_mfeat", "load_segment"]
 
 SEGMENT_MODALITIES = {
@@ -52,7 +54,7 @@ def _package_dir(module: str, pip_command: str) -> Path:
 
 def _stratified_split(labels: torch.Tensor, seed: int, fractions=(0.6, 0.2)) -> tuple[torch.Tensor, ...]:
     """Indices of train / val / test, stratified by class, fixed by ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(check_int("seed", seed, 0, 2**63))
     parts: list[list[torch.Tensor]] = [[], [], []]
     for c in torch.unique(labels):
         idx = torch.nonzero(labels == c).flatten()

@@ -46,6 +46,8 @@ def test_errors(monkeypatch):
         data.load_mfeat(["fou"])
     with pytest.raises(ValueError, match="dataset"):
         data.load("cifar")
+    with pytest.raises(ValueError, match="seed"):
+        data.load_segment(seed=-1)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "river" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match=r"pip install river==0\.26\.1"):

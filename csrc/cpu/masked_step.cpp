@@ -183,6 +183,10 @@ struct Pass2Consts {
 
 // Pass 2 on elements [lo, hi): the base update of each element after importance,
 // selection (uniforms, MODE kSample; the segment's unit weight, kTable) and rescale.
+// The SGD/Adam arithmetic is fastmask::base_update's, in the same operation order, written
+// out here with float flags: that function's bool branches keep GCC from vectorising the
+// loop (the CUDA kernel calls it as it is). The bit-exact backend tests hold both to the
+// reference.
 template <typename P, typename G, int KIND, int MODE, int RESCALE, bool EMA>
 inline void update_elements(P* __restrict p, const G* __restrict g, float* __restrict m, float* __restrict v,
                             float* __restrict buf, float* __restrict fisher, const float* __restrict uniforms,

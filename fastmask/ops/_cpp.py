@@ -18,7 +18,7 @@ import torch
 
 from ..reference import sampling
 from ..reference.spec import StepConfig, TensorGroup
-from ._native import JitExtension, native_masked_step_, reference_select
+from ._native import JitExtension, as_units, native_masked_step_, reference_select
 from .dispatch import register, register_probe
 
 # -ffp-contract=off: no fused multiply-adds, so every operation rounds as the reference's.
@@ -54,10 +54,6 @@ def masked_step_(group: TensorGroup, cfg: StepConfig, grad_scale, found_inf) -> 
     native_masked_step_(_ext(), group, cfg, grad_scale, found_inf, reference_select(cfg.seed))
 
 
-def _units(values: torch.Tensor) -> torch.Tensor:
-    return values.to(torch.float32).contiguous()
-
-
 @register("fisher_update_", "cpp")
 def fisher_update_(fisher: torch.Tensor, grad: torch.Tensor, beta: float) -> None:
     work = fisher if fisher.is_contiguous() else fisher.contiguous()
@@ -68,14 +64,14 @@ def fisher_update_(fisher: torch.Tensor, grad: torch.Tensor, beta: float) -> Non
 
 @register("inclusion_probs", "cpp")
 def inclusion_probs(importance, ratio, granularity, sampling_mode, min_prob) -> torch.Tensor:
-    s_units = _units(sampling.unit_sums(importance, granularity))
+    s_units = as_units(sampling.unit_sums(importance, granularity))
     pi = _ext().inclusion_probs(s_units, ratio, sampling_mode == "poisson", min_prob)
     return sampling.expand_units(pi, importance.shape, granularity).contiguous()
 
 
 @register("sample_mask", "cpp")
 def sample_mask(unit_probs, seed, stream, shape, granularity) -> torch.Tensor:
-    selected = _ext().bernoulli_select(_units(unit_probs), seed, int(stream))
+    selected = _ext().bernoulli_select(as_units(unit_probs), seed, int(stream))
     return sampling.expand_units(selected, shape, granularity).contiguous()
 
 
@@ -88,4 +84,4 @@ def sample_exact(importance, count, seed, stream, granularity) -> torch.Tensor:
 
 @register("unbiased_rescale", "cpp")
 def unbiased_rescale(grad, mask, probs) -> torch.Tensor:
-    return _ext().unbiased_rescale(grad.contiguous(), mask.contiguous(), _units(probs))
+    return _ext().unbiased_rescale(grad.contiguous(), mask.contiguous(), as_units(probs))

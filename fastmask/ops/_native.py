@@ -39,6 +39,11 @@ def working_copies(group: TensorGroup) -> tuple[dict[str, list[torch.Tensor]], l
     return work, write_back
 
 
+def as_units(values: torch.Tensor) -> torch.Tensor:
+    """Per-unit values as the contiguous fp32 tensor the native op kernels read."""
+    return values.to(torch.float32).contiguous()
+
+
 def unit_layout(params: list[torch.Tensor], granularity: str) -> tuple[list[int], list[int]]:
     """Units per tensor and each tensor's offset in a concatenated per-unit table."""
     units = [sampling.unit_count(p.shape, granularity) for p in params]

@@ -12,6 +12,7 @@ import os
 import torch
 
 from ..reference import sampling
+from ._native import as_units
 from .dispatch import register, register_probe
 
 
@@ -40,10 +41,6 @@ def masked_step_(group, config, grad_scale, found_inf) -> None:
     kernels("masked_step").masked_step_(group, config, grad_scale, found_inf)
 
 
-def _contiguous_units(values: torch.Tensor) -> torch.Tensor:
-    return values.to(torch.float32).contiguous()
-
-
 @register("fisher_update_", "triton")
 def fisher_update_(fisher: torch.Tensor, grad: torch.Tensor, beta: float) -> None:
     work = fisher if fisher.is_contiguous() else fisher.contiguous()
@@ -56,7 +53,7 @@ def fisher_update_(fisher: torch.Tensor, grad: torch.Tensor, beta: float) -> Non
 def inclusion_probs(
     importance: torch.Tensor, ratio: float, granularity: str, sampling_mode: str, min_prob: float
 ) -> torch.Tensor:
-    s_units = _contiguous_units(sampling.unit_sums(importance, granularity))
+    s_units = as_units(sampling.unit_sums(importance, granularity))
     pi = kernels("ops").inclusion_probs_units(s_units, ratio, sampling_mode == "poisson", min_prob)
     return sampling.expand_units(pi, importance.shape, granularity).contiguous()
 
@@ -67,7 +64,7 @@ def sample_mask(
 ) -> torch.Tensor:
     k = kernels("ops")
     stream_t = k.stream_tensor(stream, unit_probs.device)
-    selected = k.bernoulli_select(_contiguous_units(unit_probs), *k.split_seed(seed), stream_t).view(torch.bool)
+    selected = k.bernoulli_select(as_units(unit_probs), *k.split_seed(seed), stream_t).view(torch.bool)
     return sampling.expand_units(selected, shape, granularity).contiguous()
 
 
@@ -76,7 +73,7 @@ def sample_exact(
     importance: torch.Tensor, count: int, seed: int, stream: int | torch.Tensor, granularity: str
 ) -> torch.Tensor:
     k = kernels("ops")
-    s_units = _contiguous_units(sampling.unit_sums(importance, granularity))
+    s_units = as_units(sampling.unit_sums(importance, granularity))
     keys, noise = k.gumbel_keys(s_units, *k.split_seed(seed), k.stream_tensor(stream, importance.device))
     selected = sampling.top_by_keys(keys, noise, count)
     return sampling.expand_units(selected, importance.shape, granularity).contiguous()
