@@ -23,7 +23,7 @@ from . import ops as kops
 TYPES = {
     **dict.fromkeys(["grad_table", "ptr_table", "meta", "stream_ptr"], "*i64"),
     **dict.fromkeys(["block_tensor", "row_tensor"], "*i32"),
-    "partials": "*fp64",
+    **dict.fromkeys(["partials", "sums_out"], "*fp64"),
     **dict.fromkeys(["row_importance", "unit_weight", "scalars", "tensor_stats", "block_stats", "grad_scale_ptr",
                      "found_inf_ptr", "lr_ptr", "f_ptr", "g_ptr", "s_ptr", "out_ptr", "total_ptr", "keys_ptr",
                      "noise_ptr", "pi_ptr", "x_ptr"], "*fp32"),
@@ -44,16 +44,18 @@ def specialisations():
         yield f"pass2[base={base},mask={mask_mode},rescale={rescale}]", ms.pass2, dict(
             BASE=base, MASK_MODE=mask_mode, SAMPLING=rescale % 2, RESCALE=rescale, FREEZE=mask_mode != 0,
             EMA=base == 2, GE=base == 0, HAS_MOMENTUM=base == 0, NESTEROV=base == 0, MAXIMIZE=rescale == 2,
-            HAS_SCALE=True, MODULATE_UPDATE=base == 1, P_DTYPE=tl.bfloat16 if base else tl.float32,
-            G_DTYPE=tl.float16, BLOCK=ms.BLOCK_SIZE)
+            HAS_SCALE=True, MODULATE_UPDATE=base == 1, ALIGNED=rescale != 1,
+            P_DTYPE=tl.bfloat16 if base else tl.float32, G_DTYPE=tl.float16, BLOCK=ms.BLOCK_SIZE)
     for ema, dtype in ((False, tl.float32), (True, tl.bfloat16)):
         common = dict(HAS_SCALE=True, EMA=ema, G_DTYPE=dtype, BLOCK=ms.BLOCK_SIZE)
         yield f"pass1_blocks[ema={ema}]", ms.pass1_blocks, common
         yield f"pass1_rows[ema={ema}]", ms.pass1_rows, common
-    for rows, sampling, rescale in ((False, 0, 0), (True, 0, 1), (True, 1, 2)):
-        yield f"reduce_tensors[rows={rows}]", ms.reduce_tensors, dict(
+    for rows, sampling, rescale, sharded in ((False, 0, 0, False), (True, 0, 1, False), (True, 1, 2, True),
+                                             (False, 0, 2, True)):
+        yield f"reduce_tensors[rows={rows},sharded={sharded}]", ms.reduce_tensors, dict(
             HAS_FOUND_INF=True, LR_IS_TENSOR=rows, ROW_SAMPLING=rows, SAMPLING=sampling, RESCALE=rescale,
-            RBLOCK=ms.REDUCE_BLOCK)
+            PRE_SUMMED=sharded, ALIGNED=not sharded, RBLOCK=ms.REDUCE_BLOCK)
+    yield "sum_partials", ms.sum_partials, dict(RBLOCK=ms.REDUCE_BLOCK)
     block = dict(BLOCK=kops.BLOCK_SIZE)
     yield "fisher_update", kops._fisher_update_kernel, dict(G_DTYPE=tl.bfloat16, **block)
     yield "block_sums", kops._block_sums_kernel, block

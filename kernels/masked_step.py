@@ -11,6 +11,10 @@
   probability, selection by the counter RNG, rescale, OGM terms and the base
   update; the mask lives in registers and unselected units are not even written.
 
+Sharded tensors (FSDP2): ``sum_partials`` first writes per-tensor sums, which the
+group's ``reduce_sums`` all-reduces, and ``reduce_tensors`` reads them; N, the GE
+element count and the RNG index are the full tensor's (metadata columns below).
+
 All tensors of a batch are reached through int64 pointer tables, so thousands
 of small tensors cost three launches, not thousands. Semantics: DESIGN §3.
 """
@@ -28,7 +32,7 @@ from fastmask.reference import sampling
 from fastmask.reference.spec import StepConfig, TensorGroup, exact_count
 
 from .ops import TL_DTYPES, gumbel_keys
-from .philox import normal_block, uniform_block
+from .philox import normal_at, normal_block, uniform_at, uniform_block
 
 # int64 metadata per tensor
 M_NUMEL = tl.constexpr(0)
@@ -39,7 +43,11 @@ M_PART_START = tl.constexpr(4)
 M_N_PARTS = tl.constexpr(5)
 M_UNIT_OFFSET = tl.constexpr(6)
 M_BLOCK_START = tl.constexpr(7)
-META_COLS = tl.constexpr(8)
+M_FULL_UNITS = tl.constexpr(8)  # units of the full tensor (N), = M_UNITS unless sharded
+M_FULL_NUMEL = tl.constexpr(9)
+M_FIRST_UNIT = tl.constexpr(10)  # full-tensor index of the first local unit (RNG index)
+M_FIRST_ELEMENT = tl.constexpr(11)  # full-tensor index of the first local element (GE noise)
+META_COLS = tl.constexpr(12)
 
 # int64 data pointers per tensor
 P_PARAM = tl.constexpr(0)
@@ -181,15 +189,8 @@ def _weight(pi, s, total, degenerate, n_units, RESCALE: tl.constexpr):
 
 
 @triton.jit
-def reduce_tensors(
-    ptr_table, meta, partials, row_importance, unit_weight, scalars, tensor_stats, found_inf_ptr, lr_ptr,
-    lr_hi, lr_lo, decay_value, weight_decay, ratio, min_prob, seed_lo, seed_hi,
-    beta1_hi, beta1_lo, beta2_hi, beta2_lo,
-    HAS_FOUND_INF: tl.constexpr, LR_IS_TENSOR: tl.constexpr, ROW_SAMPLING: tl.constexpr,
-    SAMPLING: tl.constexpr, RESCALE: tl.constexpr, RBLOCK: tl.constexpr,
-):
-    t = tl.program_id(0)
-    mrow = meta + t * META_COLS
+def _tensor_sums(partials, mrow, RBLOCK: tl.constexpr):
+    """A tensor's pass-1 partials summed in a fixed order: [sum s, sum g, sum g^2, non-finite]."""
     start = tl.load(mrow + M_PART_START)
     count = tl.load(mrow + M_N_PARTS)
     acc = tl.zeros([RBLOCK, PART_COLS], tl.float64)
@@ -198,7 +199,33 @@ def reduce_tensors(
         idx = c + tl.arange(0, RBLOCK).to(tl.int64)
         ptrs = partials + (start + idx)[:, None] * PART_COLS + cols[None, :]
         acc += tl.load(ptrs, mask=(idx < count)[:, None], other=0.0)
-    sums = tl.sum(acc, axis=0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def sum_partials(meta, partials, sums_out, RBLOCK: tl.constexpr):
+    """Per-tensor pass-1 sums [T, 4], for the all-reduce of sharded tensors."""
+    t = tl.program_id(0)
+    tl.store(sums_out + t * PART_COLS + tl.arange(0, PART_COLS), _tensor_sums(partials, meta + t * META_COLS, RBLOCK))
+
+
+@triton.jit
+def reduce_tensors(
+    ptr_table, meta, partials, row_importance, unit_weight, scalars, tensor_stats, found_inf_ptr, lr_ptr,
+    lr_hi, lr_lo, decay_value, weight_decay, ratio, min_prob, seed_lo, seed_hi,
+    beta1_hi, beta1_lo, beta2_hi, beta2_lo,
+    HAS_FOUND_INF: tl.constexpr, LR_IS_TENSOR: tl.constexpr, ROW_SAMPLING: tl.constexpr,
+    SAMPLING: tl.constexpr, RESCALE: tl.constexpr, PRE_SUMMED: tl.constexpr, ALIGNED: tl.constexpr,
+    RBLOCK: tl.constexpr,
+):
+    """PRE_SUMMED: ``partials`` holds [T, 4] per-tensor sums (from sum_partials, reduced)."""
+    t = tl.program_id(0)
+    mrow = meta + t * META_COLS
+    cols = tl.arange(0, PART_COLS)
+    if PRE_SUMMED:
+        sums = tl.load(partials + t * PART_COLS + cols)
+    else:
+        sums = _tensor_sums(partials, mrow, RBLOCK)
     total = tl.sum(tl.where(cols == 0, sums, 0.0), axis=0).to(tl.float32)
     g_sum = tl.sum(tl.where(cols == 1, sums, 0.0), axis=0)
     g_sq = tl.sum(tl.where(cols == 2, sums, 0.0), axis=0)
@@ -215,10 +242,11 @@ def reduce_tensors(
     new_step = step + 1.0
     tl.store(step_ptr, tl.where(ok, new_step, step))
 
-    n = tl.load(mrow + M_NUMEL)
+    n = tl.load(mrow + M_FULL_NUMEL)
     units = tl.load(mrow + M_UNITS)
+    full_units = tl.load(mrow + M_FULL_UNITS)
     degenerate = ~((total > 0) & (total < float("inf")))
-    scale = tl.div_rn(ratio * units.to(tl.float32), total)
+    scale = tl.div_rn(ratio * full_units.to(tl.float32), total)
     nf = n.to(tl.float64)
     var = tl.maximum(g_sq - g_sum * g_sum / nf, 0.0) / tl.maximum(nf - 1.0, 1.0)
     std = tl.where(n > 1, tl.sqrt(var), 0.0).to(tl.float32)
@@ -251,6 +279,7 @@ def reduce_tensors(
     if ROW_SAMPLING:
         # rows are few: sample them here, once, into the unit weight table
         offset = tl.load(mrow + M_UNIT_OFFSET)
+        first_unit = tl.load(mrow + M_FIRST_UNIT)
         s_hi = tl.load(mrow + M_STREAM_HI)
         sum_pi = tl.zeros([RBLOCK], tl.float32)
         n_sel = tl.zeros([RBLOCK], tl.float32)
@@ -259,9 +288,12 @@ def reduce_tensors(
             inb = r < units
             s = tl.load(row_importance + offset + r, mask=inb, other=0.0)
             pi = _probability(s, scale, degenerate.to(tl.float32), ratio, min_prob, SAMPLING)
-            u = uniform_block(r0, new_step.to(tl.int64), s_hi, seed_lo, seed_hi, RBLOCK)
+            if ALIGNED:
+                u = uniform_block(first_unit + r0, new_step.to(tl.int64), s_hi, seed_lo, seed_hi, RBLOCK)
+            else:
+                u = uniform_at(first_unit + r, new_step.to(tl.int64), s_hi, seed_lo, seed_hi)
             sel = inb & (u < pi)
-            w = _weight(pi, s, total, degenerate.to(tl.float32), units, RESCALE)
+            w = _weight(pi, s, total, degenerate.to(tl.float32), full_units, RESCALE)
             tl.store(unit_weight + offset + r, tl.where(sel, w, 0.0), mask=inb)
             sum_pi += tl.where(inb, pi, 0.0)
             n_sel += sel.to(tl.float32)
@@ -283,6 +315,7 @@ def pass2(
     RESCALE: tl.constexpr,  # 0 none, 1 ht, 2 legacy
     FREEZE: tl.constexpr, EMA: tl.constexpr, GE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
     NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALE: tl.constexpr, MODULATE_UPDATE: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every tensor's first full-tensor index is a multiple of 4
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -305,17 +338,24 @@ def pass2(
     s, fisher = _importance(g, ptr_table, t, offs, inb, fisher_beta, one_minus_fisher_beta, EMA)
     g_mod = g * grad_coefficient
     s_hi = tl.load(mrow + M_STREAM_HI)
+    first_global = tl.load(mrow + M_FIRST_ELEMENT) + first  # the RNG index of the full tensor
     if GE:
-        z = normal_block(first, new_step.to(tl.int64), s_hi + 1, seed_lo, seed_hi, BLOCK)
+        if ALIGNED:
+            z = normal_block(first_global, new_step.to(tl.int64), s_hi + 1, seed_lo, seed_hi, BLOCK)
+        else:
+            z = normal_at(first_global + tl.arange(0, BLOCK), new_step.to(tl.int64), s_hi + 1, seed_lo, seed_hi)
         g_mod += tl.load(sc + S_STD) * z
 
     selected = inb
     if MASK_MODE == 1:
         degenerate = tl.load(sc + S_DEGENERATE)
         pi = _probability(s, tl.load(sc + S_SCALE), degenerate, ratio, min_prob, SAMPLING)
-        u = uniform_block(first, new_step.to(tl.int64), s_hi, seed_lo, seed_hi, BLOCK)
+        if ALIGNED:
+            u = uniform_block(first_global, new_step.to(tl.int64), s_hi, seed_lo, seed_hi, BLOCK)
+        else:
+            u = uniform_at(first_global + tl.arange(0, BLOCK), new_step.to(tl.int64), s_hi, seed_lo, seed_hi)
         selected = inb & (u < pi)
-        w = _weight(pi, s, tl.load(sc + S_TOTAL), degenerate, n, RESCALE)
+        w = _weight(pi, s, tl.load(sc + S_TOTAL), degenerate, tl.load(mrow + M_FULL_UNITS), RESCALE)
         g_mod = tl.where(selected, g_mod * w, 0.0)
         # where, not a product: a skipped tensor's pi may be NaN
         tl.store(block_stats + pid.to(tl.int64) * 2 + 0, tl.where(ok, tl.sum(tl.where(inb, pi, 0.0), axis=0), 0.0))
@@ -390,6 +430,7 @@ class _Layout:
     n_blocks: int
     n_units: int
     units: list[int]
+    aligned: bool  # every first full-tensor index is a multiple of 4: block-wise RNG
 
 
 _LAYOUTS: OrderedDict[tuple, _Layout] = OrderedDict()
@@ -426,11 +467,13 @@ def _layout(work: dict, group: TensorGroup, granularity: str) -> _Layout:
          ptr(work["momentum_buffers"], i), ptr(work["fishers"], i), group.steps[i].data_ptr())
         for i in range(len(params))
     ]
-    key = (device, granularity, tuple(rows), tuple(p.shape for p in params), tuple(group.slots))
+    key = (device, granularity, tuple(rows), tuple(p.shape for p in params), tuple(group.slots),
+           tuple(group.shards))
 
     def build() -> _Layout:
         meta, block_tensor, row_tensor, units_list = [], [], [], []
         block_start = unit_offset = 0
+        aligned = True
         for t, p in enumerate(params):
             n = p.numel()
             units = sampling.unit_count(p.shape, granularity)
@@ -438,7 +481,11 @@ def _layout(work: dict, group: TensorGroup, granularity: str) -> _Layout:
             blocks = -(-n // BLOCK_SIZE)
             parts = units if granularity == "row" else blocks
             part_start = unit_offset if granularity == "row" else block_start
-            meta.append([n, units, max(row, 1), 2 * group.slots[t], part_start, parts, unit_offset, block_start])
+            first_unit, full_units, full_numel = group.index_space(t, granularity)
+            first_element = group.shard(t).offset if group.shard(t) is not None else 0
+            aligned = aligned and first_unit % 4 == 0 and first_element % 4 == 0
+            meta.append([n, units, max(row, 1), 2 * group.slots[t], part_start, parts, unit_offset, block_start,
+                         full_units, full_numel, first_unit, first_element])
             block_tensor += [t] * blocks
             row_tensor += [t] * units
             units_list.append(units)
@@ -452,6 +499,7 @@ def _layout(work: dict, group: TensorGroup, granularity: str) -> _Layout:
             n_blocks=block_start,
             n_units=unit_offset,
             units=units_list,
+            aligned=aligned,
         )
 
     return _cached(_LAYOUTS, key, build)
@@ -524,6 +572,12 @@ def masked_step_(
         pass1_blocks[(layout.n_blocks,)](
             grads, layout.pointers, layout.meta, layout.block_tensor, partials, scale_arg, *beta_args, **common)
 
+    if group.reduce_sums is not None:
+        sums = torch.empty((n_tensors, PART_COLS.value), dtype=torch.float64, device=device)
+        sum_partials[(n_tensors,)](layout.meta, partials, sums, RBLOCK=REDUCE_BLOCK)
+        group.reduce_sums(sums)
+        partials = sums
+
     lr_is_tensor = isinstance(cfg.lr, torch.Tensor)
     lr_arg = cfg.lr.to(device=device, dtype=torch.float32) if lr_is_tensor else dummy
     seed_lo, seed_hi = cfg.seed & 0xFFFFFFFF, cfg.seed >> 32
@@ -536,7 +590,8 @@ def masked_step_(
         *_split_f64(cfg.beta1), *_split_f64(cfg.beta2),
         HAS_FOUND_INF=found_inf is not None, LR_IS_TENSOR=lr_is_tensor,
         ROW_SAMPLING=sampling_in_kernel and cfg.granularity == "row",
-        SAMPLING=0 if cfg.sampling == "poisson" else 1, RESCALE=_rescale_id(cfg), RBLOCK=REDUCE_BLOCK,
+        SAMPLING=0 if cfg.sampling == "poisson" else 1, RESCALE=_rescale_id(cfg),
+        PRE_SUMMED=group.reduce_sums is not None, ALIGNED=layout.aligned, RBLOCK=REDUCE_BLOCK,
         enable_fp_fusion=False,
     )
 
@@ -551,7 +606,7 @@ def masked_step_(
             RESCALE=_rescale_id(cfg), FREEZE=cfg.is_masked and cfg.masked == "freeze", EMA=ema, GE=cfg.ge_noise,
             HAS_MOMENTUM=cfg.base == "sgd" and bool(cfg.momentum), NESTEROV=cfg.nesterov, MAXIMIZE=cfg.maximize,
             HAS_SCALE=grad_scale is not None, MODULATE_UPDATE=cfg.modulate == "update" and cfg.coefficient != 1.0,
-            P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype], BLOCK=BLOCK_SIZE,
+            ALIGNED=layout.aligned, P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype], BLOCK=BLOCK_SIZE,
             enable_fp_fusion=False,  # no contraction into FMAs: every op rounds as the reference's
         )
     for original, copy in write_back:
@@ -577,4 +632,4 @@ def _accumulate_stats(stats, cfg, mask_mode, tensor_stats, block_stats, scalars,
         stats += torch.stack((per_tensor[2], per_tensor[2], per_tensor[2], per_tensor[3]))
 
 
-__all__ = ["masked_step_", "pass1_blocks", "pass1_rows", "pass2", "reduce_tensors"]
+__all__ = ["masked_step_", "pass1_blocks", "pass1_rows", "pass2", "reduce_tensors", "sum_partials"]

@@ -21,13 +21,18 @@ def philox4x32(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def _calls(first_call, s_lo, s_hi, k_lo, k_hi, N_CALLS: tl.constexpr):
-    j = first_call + tl.arange(0, N_CALLS).to(tl.int64)
+def _calls_at(j, s_lo, s_hi, k_lo, k_hi):
+    """Philox calls with int64 counters ``j`` (any shape) on stream (s_lo, s_hi)."""
     c0 = (j & 0xFFFFFFFF).to(tl.uint32)
     c1 = (j >> 32).to(tl.uint32)
-    c2 = tl.zeros([N_CALLS], tl.uint32) + s_lo.to(tl.uint32)
-    c3 = tl.zeros([N_CALLS], tl.uint32) + s_hi.to(tl.uint32)
+    c2 = tl.zeros_like(c0) + s_lo.to(tl.uint32)
+    c3 = tl.zeros_like(c0) + s_hi.to(tl.uint32)
     return philox4x32(c0, c1, c2, c3, k_lo.to(tl.uint32), k_hi.to(tl.uint32))
+
+
+@triton.jit
+def _calls(first_call, s_lo, s_hi, k_lo, k_hi, N_CALLS: tl.constexpr):
+    return _calls_at(first_call + tl.arange(0, N_CALLS).to(tl.int64), s_lo, s_hi, k_lo, k_hi)
 
 
 @triton.jit
@@ -44,6 +49,17 @@ def uniform_block(first, s_lo, s_hi, k_lo, k_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def uniform_at(index, s_lo, s_hi, k_lo, k_hi):
+    """U(seed, stream, i) for arbitrary int64 unit indices: one Philox call per unit, so four
+    times the work of ``uniform_block``; for blocks that do not start at a multiple of 4
+    (shards of a tensor)."""
+    w0, w1, w2, w3 = _calls_at(index >> 2, s_lo, s_hi, k_lo, k_hi)
+    lane = index & 3
+    word = tl.where(lane == 0, w0, tl.where(lane == 1, w1, tl.where(lane == 2, w2, w3)))
+    return (word >> 8).to(tl.float32) * UNIT_SCALE
+
+
+@triton.jit
 def _box_muller(wa, wb):
     u1 = ((wa >> 8) + 1).to(tl.float32) * UNIT_SCALE
     u2 = (wb >> 8).to(tl.float32) * UNIT_SCALE
@@ -56,3 +72,11 @@ def normal_block(first, s_lo, s_hi, k_lo, k_hi, BLOCK: tl.constexpr):
     i // 2 for even i, words (2, 3) for odd i (Box-Muller)."""
     w0, w1, w2, w3 = _calls(first // 2, s_lo, s_hi, k_lo, k_hi, BLOCK // 2)
     return tl.reshape(tl.join(_box_muller(w0, w1), _box_muller(w2, w3)), [BLOCK])
+
+
+@triton.jit
+def normal_at(index, s_lo, s_hi, k_lo, k_hi):
+    """Standard normals for arbitrary int64 indices (one Philox call per element)."""
+    w0, w1, w2, w3 = _calls_at(index >> 1, s_lo, s_hi, k_lo, k_hi)
+    odd = (index & 1) == 1
+    return _box_muller(tl.where(odd, w2, w0), tl.where(odd, w3, w1))

@@ -4,6 +4,9 @@
 // sums them in chunk order (so results do not depend on the thread count), advances
 // `step`, computes the scalars and samples rows; pass 2 is one read-modify-write per
 // element with the mask in registers. Bit-identical to fastmask.reference in fp32.
+// Shards of larger tensors (FSDP2): the per-tensor sums go through the config's
+// `reduce_sums` (an all-reduce) between pass 1 and the reduce, and N, the GE element
+// count and the RNG indices are the full tensor's.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -28,6 +31,10 @@ struct Config {
   double grad_coefficient, update_coefficient;
   bool nesterov, maximize, masked, poisson, ema, row, freeze, ge, modulate_update, exact;
   uint64_t seed;
+  // per tensor, empty unless sharded: the full tensor's units and elements, and the
+  // full-tensor index of the first local unit and element
+  std::vector<int64_t> full_units, full_numels, first_units, first_elements;
+  py::object reduce_sums;  // None, or called with the [T, 4] float64 sums
 };
 
 Config config_from(const py::dict& d) {
@@ -57,6 +64,13 @@ Config config_from(const py::dict& d) {
   c.modulate_update = d["modulate_update"].cast<bool>();
   c.exact = d["exact"].cast<bool>();
   c.seed = d["seed"].cast<uint64_t>();
+  if (d.contains("full_units")) {
+    c.full_units = d["full_units"].cast<std::vector<int64_t>>();
+    c.full_numels = d["full_numels"].cast<std::vector<int64_t>>();
+    c.first_units = d["first_units"].cast<std::vector<int64_t>>();
+    c.first_elements = d["first_elements"].cast<std::vector<int64_t>>();
+  }
+  c.reduce_sums = d.contains("reduce_sums") ? py::object(d["reduce_sums"]) : py::object(py::none());
   return c;
 }
 
@@ -74,6 +88,7 @@ struct TensorScalars {
   float new_step, scale, total, std, inv_n, lr;
   UpdateScalars update;
   uint32_t mask_hi, noise_hi, step_word;
+  int64_t first_element;  // the RNG index of the tensor's first local element
 };
 
 template <typename T>
@@ -130,13 +145,13 @@ struct Pass2Tensor {
   int64_t row_size;
 };
 
-// U for the 64 units [first, first + 64): 16 Philox calls side by side, so the rounds
-// vectorise across calls (structure of arrays).
-inline void uniform_block(uint64_t first, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1, float* out) {
-  constexpr int kCalls = kBlock / 4;
+// U for the 4 * kCalls units from 4 * first_call: kCalls Philox calls side by side, so
+// the rounds vectorise across calls (structure of arrays).
+template <int kCalls>
+inline void uniform_calls(uint64_t first_call, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1, float* out) {
   uint32_t c0[kCalls], c1[kCalls], c2[kCalls], c3[kCalls];
   for (int j = 0; j < kCalls; ++j) {
-    const uint64_t call = (first >> 2) + j;
+    const uint64_t call = first_call + j;
     c0[j] = static_cast<uint32_t>(call);
     c1[j] = static_cast<uint32_t>(call >> 32);
     c2[j] = s_lo;
@@ -169,6 +184,15 @@ inline void uniform_block(uint64_t first, uint32_t s_lo, uint32_t s_hi, uint32_t
     out[4 * j + 2] = fastmask::uniform_from_word(c2[j]);
     out[4 * j + 3] = fastmask::uniform_from_word(c3[j]);
   }
+}
+
+// U for the 64 units [first, first + 64); a shard's `first` need not be a multiple of 4.
+inline void uniform_block(uint64_t first, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1, float* out) {
+  const int shift = static_cast<int>(first & 3);
+  if (shift == 0) return uniform_calls<kBlock / 4>(first >> 2, s_lo, s_hi, k0, k1, out);
+  alignas(64) float words[kBlock + 4];
+  uniform_calls<kBlock / 4 + 1>(first >> 2, s_lo, s_hi, k0, k1, words);
+  for (int l = 0; l < kBlock; ++l) out[l] = words[shift + l];
 }
 
 // Loop-invariant flags of pass 2 as floats, each tested by one comparison in a select:
@@ -249,6 +273,13 @@ inline void update_elements(P* __restrict p, const G* __restrict g, float* __res
   sel_sum += block_sel;
 }
 
+// OGM-GE noise std * z for local elements [b, e)
+inline void fill_noise(const TensorScalars& sc, const Pass2Args& a, int64_t b, int64_t e, float* noise) {
+  for (int64_t i = b; i < e; ++i)
+    noise[i - b] = fastmask::normal_at(static_cast<uint64_t>(sc.first_element + i), sc.step_word, sc.noise_hi,
+                                       a.k0, a.k1) * sc.std;
+}
+
 // Pass 2 over elements [begin, end) of one tensor (skipped entirely when the tensor is
 // not ok: its step changes nothing), specialised on the base optimizer, the masking
 // mode and the EMA. x / 1, x * 1 and an unselected select are exact, so terms that a
@@ -277,9 +308,7 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Pas
       const int64_t hi = std::min(end, (row + 1) * pt.row_size);
       for (int64_t b = lo; b < hi; b += kBlock) {
         const int64_t e = std::min<int64_t>(hi, b + kBlock);
-        if (c.ge)
-          for (int64_t i = b; i < e; ++i)
-            noise[i - b] = fastmask::normal_at(i, sc.step_word, sc.noise_hi, a.k0, a.k1) * sc.std;
+        if (c.ge) fill_noise(sc, a, b, e, noise);
         update_elements<P, G, KIND, MODE, RESCALE, EMA>(pt.p, pt.g, pt.m, pt.v, pt.buf, pt.fisher, uniforms, noise,
                                                pt.table[row], k, b, e, pi_sum, sel_sum);
       }
@@ -289,10 +318,9 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Pas
   }
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t e = std::min<int64_t>(end, b + kBlock);
-    if (MODE == kSample) uniform_block(static_cast<uint64_t>(b), sc.step_word, sc.mask_hi, a.k0, a.k1, uniforms);
-    if (c.ge)
-      for (int64_t i = b; i < e; ++i)
-        noise[i - b] = fastmask::normal_at(i, sc.step_word, sc.noise_hi, a.k0, a.k1) * sc.std;
+    if (MODE == kSample)
+      uniform_block(static_cast<uint64_t>(sc.first_element + b), sc.step_word, sc.mask_hi, a.k0, a.k1, uniforms);
+    if (c.ge) fill_noise(sc, a, b, e, noise);
     update_elements<P, G, KIND, MODE, RESCALE, EMA>(pt.p, pt.g, pt.m, pt.v, pt.buf, pt.fisher, uniforms, noise, 0.0f,
                                            k, b, e, pi_sum, sel_sum);
   }
@@ -392,20 +420,34 @@ void step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tens
     }
   });
 
-  // ---- reduce: per tensor, in chunk order
+  // ---- per-tensor sums, in chunk order; a sharded batch all-reduces them here
+  at::Tensor sums_table = at::zeros({n_tensors, 4}, at::TensorOptions().dtype(at::kDouble));
+  {
+    double* out = sums_table.data_ptr<double>();
+    for (int64_t t = 0; t < n_tensors; ++t)
+      for (int64_t k = first_item1[t]; k < first_item1[t + 1]; ++k) {
+        out[4 * t + 0] += partials[k].s;
+        out[4 * t + 1] += partials[k].g;
+        out[4 * t + 2] += partials[k].g2;
+        out[4 * t + 3] += partials[k].bad;
+      }
+  }
+  if (!c.reduce_sums.is_none()) c.reduce_sums(sums_table);
+  const double* sums = sums_table.data_ptr<double>();
+  const bool sharded = !c.full_units.empty();
+
+  // ---- reduce: per tensor
   std::vector<TensorScalars> scalars(n_tensors);
   std::vector<std::vector<float>> row_weight(n_tensors);
   double stat_pi = 0, stat_sel = 0, stat_units = 0, stat_skipped = 0;
   const float* exact_weight = unit_weight_in.has_value() ? unit_weight_in->data_ptr<float>() : nullptr;
   for (int64_t t = 0; t < n_tensors; ++t) {
-    Partial sum;
-    for (int64_t k = first_item1[t]; k < first_item1[t + 1]; ++k) {
-      sum.s += partials[k].s;
-      sum.g += partials[k].g;
-      sum.g2 += partials[k].g2;
-      sum.bad += partials[k].bad;
-    }
+    const Partial sum{sums[4 * t + 0], sums[4 * t + 1], sums[4 * t + 2], sums[4 * t + 3]};
+    const int64_t full_units = sharded ? c.full_units[t] : units[t];
+    const int64_t full_numel = sharded ? c.full_numels[t] : numel[t];
+    const int64_t first_unit = sharded ? c.first_units[t] : 0;
     TensorScalars& sc = scalars[t];
+    sc.first_element = sharded ? c.first_elements[t] : 0;
     const bool finite = sum.bad == 0;
     sc.ok = finite && !inf_flag;
     stat_skipped += (!finite && !inf_flag) ? 1.0 : 0.0;
@@ -415,10 +457,11 @@ void step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tens
     *step_ptr = sc.ok ? sc.new_step : old_step;
     sc.total = static_cast<float>(sum.s);
     sc.degenerate = !(sc.total > 0.0f && sc.total < std::numeric_limits<float>::infinity());
-    sc.scale = (static_cast<float>(c.ratio) * static_cast<float>(units[t])) / sc.total;
-    sc.inv_n = static_cast<float>(1.0 / static_cast<double>(units[t]));
-    const double n = static_cast<double>(numel[t]);
-    sc.std = numel[t] > 1 ? static_cast<float>(std::sqrt(std::max(sum.g2 - sum.g * sum.g / n, 0.0) / (n - 1.0))) : 0.0f;
+    sc.scale = (static_cast<float>(c.ratio) * static_cast<float>(full_units)) / sc.total;
+    sc.inv_n = static_cast<float>(1.0 / static_cast<double>(full_units));
+    const double n = static_cast<double>(full_numel);
+    sc.std = full_numel > 1 ? static_cast<float>(std::sqrt(std::max(sum.g2 - sum.g * sum.g / n, 0.0) / (n - 1.0)))
+                            : 0.0f;
     const uint32_t step_int = static_cast<uint32_t>(sc.new_step);
     sc.step_word = step_int;
     sc.mask_hi = static_cast<uint32_t>(2 * slots[t]);
@@ -466,7 +509,8 @@ void step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tens
         const float s = row_importance[t][r];
         const float pi = fastmask::inclusion_prob(s, sc.scale, sc.degenerate, static_cast<float>(c.ratio),
                                                   static_cast<float>(c.min_prob), c.poisson);
-        const bool chosen = fastmask::uniform_at(r, sc.step_word, sc.mask_hi, k0, k1) < pi;
+        const bool chosen = fastmask::uniform_at(static_cast<uint64_t>(first_unit + r), sc.step_word, sc.mask_hi, k0,
+                                                 k1) < pi;
         w[r] = chosen ? fastmask::rescale_weight(c.rescale, pi, s, sc.total, sc.degenerate, sc.inv_n) : 0.0f;
         pi_sum += pi;
         sel += chosen ? 1.0 : 0.0;

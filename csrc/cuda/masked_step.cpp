@@ -72,13 +72,20 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
             const std::vector<at::Tensor>& fishers, const std::vector<int64_t>& slots, const DeviceConfig& c,
             const c10::optional<at::Tensor>& lr_tensor, const c10::optional<at::Tensor>& grad_scale,
             const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& unit_weight_in,
-            const c10::optional<at::Tensor>& stats) {
+            const c10::optional<at::Tensor>& stats, const py::dict& config) {
   const auto device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n_tensors = static_cast<int64_t>(params.size());
   std::vector<int64_t> meta, ptrs, block_tensor, row_tensor;
   int64_t blocks = 0, units_total = 0;
+  // shards of larger tensors (FSDP2): the full tensors' sizes and first indices, per tensor
+  const bool sharded = config.contains("full_units");
+  auto shard_values = [&](const char* key) {
+    return sharded ? config[key].cast<std::vector<int64_t>>() : std::vector<int64_t>();
+  };
+  const std::vector<int64_t> full_units = shard_values("full_units"), full_numels = shard_values("full_numels"),
+                             first_units = shard_values("first_units"), first_elements = shard_values("first_elements");
   auto ptr = [](const std::vector<at::Tensor>& values, int64_t t) -> int64_t {
     return values.empty() ? 0 : reinterpret_cast<int64_t>(values[t].data_ptr());
   };
@@ -87,7 +94,9 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
     const int64_t units = c.row ? (params[t].dim() ? params[t].size(0) : 1) : n;
     const int64_t nb = (n + kBlockElems - 1) / kBlockElems;
     meta.insert(meta.end(), {n, units, units ? std::max<int64_t>(n / units, 1) : 1, 2 * slots[t],
-                             c.row ? units_total : blocks, c.row ? units : nb, units_total, blocks});
+                             c.row ? units_total : blocks, c.row ? units : nb, units_total, blocks,
+                             sharded ? full_units[t] : units, sharded ? full_numels[t] : n,
+                             sharded ? first_units[t] : 0, sharded ? first_elements[t] : 0});
     ptrs.insert(ptrs.end(), {ptr(params, t), ptr(grads, t), ptr(exp_avgs, t), ptr(exp_avg_sqs, t),
                              ptr(momentum_buffers, t), ptr(fishers, t), ptr(steps, t)});
     block_tensor.insert(block_tensor.end(), nb, t);
@@ -130,8 +139,18 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   a.found_inf = optional_ptr(found_inf);
   a.lr = lr32.defined() ? lr32.data_ptr<float>() : nullptr;
   a.config = c;
-  const cudaError_t err = fastmask_cuda::masked_step(a, stream);
-  TORCH_CHECK(err == cudaSuccess, "cuda masked_step: ", cudaGetErrorString(err));
+  if (config.contains("reduce_sums")) {
+    // pass 1, the all-reduce of the per-tensor sums (on this stream), then the rest
+    at::Tensor sums = at::empty({n_tensors, 4}, f64);
+    cudaError_t err = fastmask_cuda::masked_step_sums(a, sums.data_ptr<double>(), stream);
+    TORCH_CHECK(err == cudaSuccess, "cuda masked_step: ", cudaGetErrorString(err));
+    config["reduce_sums"](sums);
+    err = fastmask_cuda::masked_step_finish(a, sums.data_ptr<double>(), stream);
+    TORCH_CHECK(err == cudaSuccess, "cuda masked_step: ", cudaGetErrorString(err));
+  } else {
+    const cudaError_t err = fastmask_cuda::masked_step(a, stream);
+    TORCH_CHECK(err == cudaSuccess, "cuda masked_step: ", cudaGetErrorString(err));
+  }
   if (stats.has_value()) {
     at::Tensor per_tensor = tensor_stats.sum(0);
     if (c.masked && !c.row && !c.exact) {
@@ -143,13 +162,13 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   }
 }
 
-void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
-                 std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
-                 std::vector<at::Tensor> momentum_buffers, std::vector<at::Tensor> fishers,
-                 std::vector<int64_t> slots, py::dict config, c10::optional<at::Tensor> lr_tensor,
-                 c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
-                 c10::optional<at::Tensor> unit_weight, std::vector<int64_t> unit_offsets,
-                 c10::optional<at::Tensor> stats) {
+void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
+                         std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
+                         std::vector<at::Tensor> momentum_buffers, std::vector<at::Tensor> fishers,
+                         std::vector<int64_t> slots, py::dict config, c10::optional<at::Tensor> lr_tensor,
+                         c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
+                         c10::optional<at::Tensor> unit_weight, std::vector<int64_t> unit_offsets,
+                         c10::optional<at::Tensor> stats) {
   TORCH_CHECK(!params.empty(), "cuda masked_step: no params");
   (void)unit_offsets;  // the unit table is laid out in tensor order, as the metadata's offsets
   const DeviceConfig c = device_config(config, lr_tensor.has_value());
@@ -161,7 +180,7 @@ void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, 
                 "cuda masked_step: one param dtype and one grad dtype per batch");
   }
   launch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, c, lr_tensor, grad_scale,
-         found_inf, unit_weight, stats);
+         found_inf, unit_weight, stats, config);
   return;
 }
 
@@ -169,5 +188,5 @@ void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastmask cuda backend: the fused masked step as multi-tensor CUDA kernels";
-  m.def("masked_step", &masked_step);
+  m.def("masked_step", &masked_step_binding);
 }

@@ -15,7 +15,12 @@ constexpr int kThreads = 256;
 constexpr int kVec = 4;                       // elements per thread: one Philox call
 constexpr int kBlockElems = kThreads * kVec;  // elements per pass-1 / pass-2 block
 
-enum MetaCol { kNumel = 0, kUnits, kRowSize, kSlot2, kPartStart, kNumParts, kUnitOffset, kBlockStart, kMetaCols };
+// kFullUnits .. kFirstElement: the full tensor's units and elements and the full-tensor
+// index of the first local unit and element (= kUnits, kNumel, 0, 0 unless sharded)
+enum MetaCol {
+  kNumel = 0, kUnits, kRowSize, kSlot2, kPartStart, kNumParts, kUnitOffset, kBlockStart,
+  kFullUnits, kFullNumel, kFirstUnit, kFirstElement, kMetaCols
+};
 enum PtrCol { kParam = 0, kGrad, kExpAvg, kExpAvgSq, kMomentum, kFisher, kStep, kPtrCols };
 enum DType { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
@@ -57,5 +62,11 @@ struct LaunchArgs {
 
 // Launches pass 1, the reduce and pass 2 on `stream`; returns the launch error, if any.
 cudaError_t masked_step(const LaunchArgs& args, cudaStream_t stream);
+
+// The same step in two halves, for shards of larger tensors: pass 1 and the per-tensor
+// sums [n_tensors, 4] into `sums`; the caller all-reduces them; then the reduce (reading
+// `sums`) and pass 2.
+cudaError_t masked_step_sums(const LaunchArgs& args, double* sums, cudaStream_t stream);
+cudaError_t masked_step_finish(const LaunchArgs& args, const double* sums, cudaStream_t stream);
 
 }  // namespace fastmask_cuda

@@ -103,20 +103,39 @@ __global__ void pass1_rows(const int64_t* ptrs, const int64_t* meta, const int32
   }
 }
 
-// One block per tensor: totals in a fixed order, ok, step, scalars, row sampling, stats.
+// A tensor's partials summed in a fixed tree: [sum s, sum g, sum g^2, non-finite count].
+__device__ void tensor_sums(const int64_t* mrow, const double* partials, double* shared, double sums[4]) {
+  double acc[4] = {0, 0, 0, 0};
+  for (int64_t k = threadIdx.x; k < mrow[kNumParts]; k += blockDim.x)
+    for (int j = 0; j < 4; ++j) acc[j] += partials[(mrow[kPartStart] + k) * 4 + j];
+  for (int j = 0; j < 4; ++j) sums[j] = block_sum(acc[j], shared);
+}
+
+// One block per tensor: the per-tensor sums [n_tensors, 4] (for the all-reduce of shards).
+__global__ void sum_partials(const int64_t* meta, const double* partials, double* out) {
+  __shared__ double shared[kThreads];
+  double sums[4];
+  tensor_sums(meta + static_cast<int64_t>(blockIdx.x) * kMetaCols, partials, shared, sums);
+  if (threadIdx.x == 0)
+    for (int j = 0; j < 4; ++j) out[static_cast<int64_t>(blockIdx.x) * 4 + j] = sums[j];
+}
+
+// One block per tensor: totals in a fixed order (or `pre_summed`, [n_tensors, 4]), ok,
+// step, scalars, row sampling, stats.
 __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const double* partials,
-                               const float* row_importance, float* unit_weight, TensorScalars* scalars,
-                               double* tensor_stats, const float* found_inf, const float* lr_ptr, DeviceConfig c) {
+                               const double* pre_summed, const float* row_importance, float* unit_weight,
+                               TensorScalars* scalars, double* tensor_stats, const float* found_inf,
+                               const float* lr_ptr, DeviceConfig c) {
   __shared__ double shared[kThreads];
   __shared__ TensorScalars sc_shared;
   const int64_t t = blockIdx.x;
   const int64_t* mrow = meta + t * kMetaCols;
-  double acc[4] = {0, 0, 0, 0};
-  for (int64_t k = threadIdx.x; k < mrow[kNumParts]; k += blockDim.x)
-    for (int j = 0; j < 4; ++j) acc[j] += partials[(mrow[kPartStart] + k) * 4 + j];
   double sums[4];
-  for (int j = 0; j < 4; ++j) sums[j] = block_sum(acc[j], shared);
-  const int64_t n = mrow[kNumel], units = mrow[kUnits];
+  if (pre_summed)
+    for (int j = 0; j < 4; ++j) sums[j] = pre_summed[t * 4 + j];
+  else
+    tensor_sums(mrow, partials, shared, sums);
+  const int64_t n = mrow[kFullNumel], units = mrow[kUnits], full_units = mrow[kFullUnits];
   const bool inf_flag = found_inf && *found_inf != 0.0f;
   if (threadIdx.x == 0) {
     TensorScalars sc;
@@ -128,8 +147,8 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
     *step_ptr = sc.ok ? sc.new_step : old_step;
     sc.total = static_cast<float>(sums[0]);
     sc.degenerate = !(sc.total > 0.0f && sc.total < INFINITY);
-    sc.scale = (c.ratio * static_cast<float>(units)) / sc.total;
-    sc.inv_n = static_cast<float>(1.0 / static_cast<double>(units));
+    sc.scale = (c.ratio * static_cast<float>(full_units)) / sc.total;
+    sc.inv_n = static_cast<float>(1.0 / static_cast<double>(full_units));
     const double nd = static_cast<double>(n);
     sc.std = n > 1 ? static_cast<float>(sqrt(fmax(sums[2] - sums[1] * sums[1] / nd, 0.0) / (nd - 1.0))) : 0.0f;
     const uint32_t step_int = static_cast<uint32_t>(sc.new_step);
@@ -172,7 +191,8 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
     for (int64_t r = threadIdx.x; r < units; r += blockDim.x) {
       const float s = row_importance[mrow[kUnitOffset] + r];
       const float pi = fastmask::inclusion_prob(s, sc.scale, sc.degenerate, c.ratio, c.min_prob, c.poisson);
-      const bool chosen = fastmask::uniform_at(r, sc.step_word, sc.mask_hi, c.k0, c.k1) < pi;
+      const bool chosen =
+          fastmask::uniform_at(static_cast<uint64_t>(mrow[kFirstUnit] + r), sc.step_word, sc.mask_hi, c.k0, c.k1) < pi;
       unit_weight[mrow[kUnitOffset] + r] =
           chosen ? fastmask::rescale_weight(c.rescale, pi, s, sc.total, sc.degenerate, sc.inv_n) : 0.0f;
       pi_sum += pi;
@@ -204,6 +224,7 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
   const TensorScalars sc = scalars[t];
   const int64_t n = mrow[kNumel];
   const int64_t i0 = (static_cast<int64_t>(blockIdx.x) - mrow[kBlockStart]) * kBlockElems + threadIdx.x * kVec;
+  const int64_t first = mrow[kFirstElement];  // RNG index = first + local index
   const int64_t* prow = ptrs + t * kPtrCols;
   P* p = reinterpret_cast<P*>(prow[kParam]);
   const G* g = reinterpret_cast<const G*>(prow[kGrad]);
@@ -215,8 +236,12 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
   double pi_sum = 0, sel_sum = 0;
   if (sc.ok && i0 < n) {
     const bool sample_here = c.masked && !c.row && !c.exact;
+    // one Philox call serves the thread's 4 elements when they start at a multiple of 4 of
+    // the full tensor (always, unless a shard starts elsewhere: then one call per element)
+    const bool aligned = (first & 3) == 0;
     uint32_t words[4] = {0, 0, 0, 0};
-    if (sample_here) fastmask::philox_call(static_cast<uint64_t>(i0) >> 2, sc.step_word, sc.mask_hi, c.k0, c.k1, words);
+    if (sample_here && aligned)
+      fastmask::philox_call(static_cast<uint64_t>(first + i0) >> 2, sc.step_word, sc.mask_hi, c.k0, c.k1, words);
     // 16-byte loads and stores of the fp32 arrays when all four elements are in bounds and aligned
     const bool vec = i0 + kVec <= n && (!m || reinterpret_cast<uintptr_t>(m + i0) % 16 == 0);
     float mv[kVec], vv[kVec];
@@ -229,13 +254,17 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
       if (i >= n) break;
       const float x = (to_float(g[i]) / gs) * (c.maximize ? -1.0f : 1.0f);
       float gm = c.grad_coefficient != 1.0f ? x * c.grad_coefficient : x;
-      if (c.ge) gm = gm + fastmask::normal_at(i, sc.step_word, sc.noise_hi, c.k0, c.k1) * sc.std;
+      if (c.ge)
+        gm = gm + fastmask::normal_at(static_cast<uint64_t>(first + i), sc.step_word, sc.noise_hi, c.k0, c.k1) * sc.std;
       const float f_new = c.ema ? fisher[i] * c.fisher_beta + x * x * c.one_minus_fisher_beta : 0.0f;
       bool selected = true;
       if (sample_here) {
         const float s = c.ema ? f_new : x * x;
         const float pi = fastmask::inclusion_prob(s, sc.scale, sc.degenerate, c.ratio, c.min_prob, c.poisson);
-        selected = fastmask::uniform_from_word(words[j]) < pi;
+        const float u = aligned ? fastmask::uniform_from_word(words[j])
+                                : fastmask::uniform_at(static_cast<uint64_t>(first + i), sc.step_word, sc.mask_hi,
+                                                       c.k0, c.k1);
+        selected = u < pi;
         if (c.rescale != fastmask::kNoRescale)
           gm = gm * fastmask::rescale_weight(c.rescale, pi, s, sc.total, sc.degenerate, sc.inv_n);
         gm = selected ? gm : 0.0f;
@@ -279,31 +308,58 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
   }
 }
 
-template <typename P, typename G>
-void launch_typed(const LaunchArgs& a, cudaStream_t stream) {
+template <typename G>
+void launch_pass1(const LaunchArgs& a, cudaStream_t stream) {
   const DeviceConfig& c = a.config;
   if (c.row && a.n_units)
     pass1_rows<G><<<a.n_units, kThreads, 0, stream>>>(a.ptrs, a.meta, a.row_tensor, a.partials, a.row_importance,
                                                      a.grad_scale, c);
   else if (!c.row && a.n_blocks)
     pass1_blocks<G><<<a.n_blocks, kThreads, 0, stream>>>(a.ptrs, a.meta, a.block_tensor, a.partials, a.grad_scale, c);
-  reduce_tensors<<<a.n_tensors, kThreads, 0, stream>>>(a.ptrs, a.meta, a.partials, a.row_importance, a.unit_weight,
-                                                       a.scalars, a.tensor_stats, a.found_inf, a.lr, c);
+}
+
+template <typename P, typename G>
+void launch_finish(const LaunchArgs& a, const double* pre_summed, cudaStream_t stream) {
+  const DeviceConfig& c = a.config;
+  reduce_tensors<<<a.n_tensors, kThreads, 0, stream>>>(a.ptrs, a.meta, a.partials, pre_summed, a.row_importance,
+                                                       a.unit_weight, a.scalars, a.tensor_stats, a.found_inf, a.lr, c);
   if (a.n_blocks)
     pass2<P, G><<<a.n_blocks, kThreads, 0, stream>>>(a.ptrs, a.meta, a.block_tensor, a.scalars, a.unit_weight,
                                                      a.block_stats, a.grad_scale, c);
 }
 
+// Calls launch(P{}, G{}) with the batch's (param, grad) dtype pair; false if unsupported.
+template <typename Launch>
+bool with_dtypes(const LaunchArgs& a, Launch launch) {
+  if (a.param_dtype == kF32 && a.grad_dtype == kF32) launch(float{}, float{});
+  else if (a.param_dtype == kBF16 && a.grad_dtype == kBF16) launch(__nv_bfloat16{}, __nv_bfloat16{});
+  else if (a.param_dtype == kF16 && a.grad_dtype == kF16) launch(__half{}, __half{});
+  else if (a.param_dtype == kBF16 && a.grad_dtype == kF32) launch(__nv_bfloat16{}, float{});
+  else if (a.param_dtype == kF16 && a.grad_dtype == kF32) launch(__half{}, float{});
+  else return false;
+  return true;
+}
+
 }  // namespace
 
-cudaError_t masked_step(const LaunchArgs& a, cudaStream_t stream) {
-  if (a.param_dtype == kF32 && a.grad_dtype == kF32) launch_typed<float, float>(a, stream);
-  else if (a.param_dtype == kBF16 && a.grad_dtype == kBF16) launch_typed<__nv_bfloat16, __nv_bfloat16>(a, stream);
-  else if (a.param_dtype == kF16 && a.grad_dtype == kF16) launch_typed<__half, __half>(a, stream);
-  else if (a.param_dtype == kBF16 && a.grad_dtype == kF32) launch_typed<__nv_bfloat16, float>(a, stream);
-  else if (a.param_dtype == kF16 && a.grad_dtype == kF32) launch_typed<__half, float>(a, stream);
-  else return cudaErrorInvalidValue;
+cudaError_t masked_step_sums(const LaunchArgs& a, double* sums, cudaStream_t stream) {
+  const bool known = with_dtypes(a, [&](auto, auto g) { launch_pass1<decltype(g)>(a, stream); });
+  if (!known) return cudaErrorInvalidValue;
+  sum_partials<<<a.n_tensors, kThreads, 0, stream>>>(a.meta, a.partials, sums);
   return cudaGetLastError();
+}
+
+cudaError_t masked_step_finish(const LaunchArgs& a, const double* sums, cudaStream_t stream) {
+  const bool known = with_dtypes(a, [&](auto p, auto g) { launch_finish<decltype(p), decltype(g)>(a, sums, stream); });
+  return known ? cudaGetLastError() : cudaErrorInvalidValue;
+}
+
+cudaError_t masked_step(const LaunchArgs& a, cudaStream_t stream) {
+  const bool known = with_dtypes(a, [&](auto p, auto g) {
+    launch_pass1<decltype(g)>(a, stream);
+    launch_finish<decltype(p), decltype(g)>(a, nullptr, stream);
+  });
+  return known ? cudaGetLastError() : cudaErrorInvalidValue;
 }
 
 }  // namespace fastmask_cuda

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..reference.sampling import unit_count
-from ..reference.spec import GRANULARITIES, StepConfig, TensorGroup
+from ..reference.spec import GRANULARITIES, StepConfig, TensorGroup, check_shardable
 from . import _cpp, _cuda, _torch, _triton  # noqa: F401  (register the backends)
 from .checks import check_choice, check_int, check_real, check_stream, check_tensor
 from .dispatch import BACKENDS, BackendUnavailableError, backend_report, implementation, resolve
@@ -161,7 +161,8 @@ def masked_step_(
     """The fused optimizer step on one (device, dtype) batch; updates it in place.
 
     The optimizers call this after validating their groups; it checks only what
-    it needs to run safely (lengths, devices). See ``fastmask.reference.step``.
+    it needs to run safely (lengths, devices). See ``fastmask.reference.step``;
+    ``group.shards`` / ``group.reduce_sums`` make it a step of shards of larger tensors.
     """
     if not group.params:
         return
@@ -170,9 +171,10 @@ def masked_step_(
     for name in ("grads", "steps", "slots"):
         if len(getattr(group, name)) != n:
             raise ValueError(f"group.{name} has {len(getattr(group, name))} entries for {n} params")
-    for name in ("exp_avgs", "exp_avg_sqs", "momentum_buffers", "fishers"):
+    for name in ("exp_avgs", "exp_avg_sqs", "momentum_buffers", "fishers", "shards"):
         if len(getattr(group, name)) not in (0, n):
             raise ValueError(f"group.{name} has {len(getattr(group, name))} entries for {n} params")
+    check_shardable(group, config)
     for name in ("grad_scale", "found_inf"):
         value = locals()[name]
         if value is not None:

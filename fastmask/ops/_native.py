@@ -99,6 +99,23 @@ def step_config_dict(cfg: StepConfig, ema: bool) -> dict:
     )
 
 
+def shard_config(group: TensorGroup, granularity: str) -> dict:
+    """The config entries of a sharded batch (none for whole tensors): per tensor the full
+    tensor's units and elements and the full-tensor index of its first local unit and
+    element, and ``reduce_sums``, which the extension calls between pass 1 and pass 2."""
+    out: dict = {}
+    if any(group.shards):
+        spaces = [group.index_space(i, granularity) for i in range(len(group))]
+        out.update(
+            first_units=[first for first, _, _ in spaces], full_units=[units for _, units, _ in spaces],
+            full_numels=[numel for _, _, numel in spaces],
+            first_elements=[shard.offset if shard is not None else 0 for shard in group.shards],
+        )
+    if group.reduce_sums is not None:
+        out["reduce_sums"] = group.reduce_sums
+    return out
+
+
 def csrc_dir() -> Path:
     spec = importlib.util.find_spec("fastmask.csrc")
     if spec is None or not spec.submodule_search_locations:
@@ -158,6 +175,7 @@ def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConf
     if any(g.dtype not in (p_dtype, torch.float32) for g in work["grads"]):  # the kernels' dtype pairs
         work["grads"] = [g.to(torch.float32) for g in work["grads"]]
     config = step_config_dict(cfg, ema=bool(work["fishers"]))
+    config.update(shard_config(group, cfg.granularity))
     unit_weight, offsets = None, []
     if config["exact"]:
         unit_weight, offsets = exact_unit_weights(work, group, cfg, grad_scale, select)

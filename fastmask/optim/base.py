@@ -22,6 +22,7 @@ from .. import ops
 from ..ops.checks import FLOAT_DTYPES, check_choice, check_int, check_real
 from ..ops.dispatch import requested_backend
 from ..reference.spec import BASES, StepConfig, TensorGroup
+from . import sharding
 
 DENSE = "(dense)"  # the stats() key of groups without a modality
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer", "fisher")
@@ -104,6 +105,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise TypeError(
                     f"params[{i}] has dtype {p.dtype}; fastmask needs float32, bfloat16 or float16 params{where}"
                 )
+            if sharding.is_dtensor(p):
+                sharding.shard_mesh_dim(p, f"params[{i}]{where}")
         for key, value in self.defaults.items():
             if key not in group:
                 # A tensor lr is cloned so that schedulers, which write it in place, act per group.
@@ -212,7 +215,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         for key in self._state_keys(group):
             if key not in state:
-                if key == "step":
+                if key == "step":  # a plain tensor, also for DTensor params (as torch's optimizers)
                     state[key] = torch.zeros((), dtype=torch.float32, device=p.device)
                 else:
                     state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
@@ -260,42 +263,56 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"param group {gi}, params[{i}] has a complex gradient; not supported")
                 if g.shape != p.shape or g.device != p.device:
                     raise RuntimeError(f"param group {gi}, params[{i}]: grad shape/device differs from the param")
+                if sharding.is_dtensor(p) and group.get("sampling") == "exact":
+                    if sharding.shard_mesh_dim(p, f"param group {gi}, params[{i}]") is not None:
+                        raise NotImplementedError(
+                            f"param group {gi}: sampling='exact' needs every unit of a tensor on one rank, and "
+                            f"params[{i}] is sharded; use sampling='poisson' or 'uniform' with FSDP2/DTensor"
+                        )
         self._settings.update(checked)
 
         slot = 0
-        for group in self.param_groups:
-            batches: dict[tuple[torch.device, torch.dtype], TensorGroup] = {}
-            for p in group["params"]:
+        for gi, group in enumerate(self.param_groups):
+            batches: dict[tuple[torch.device, torch.dtype], tuple[TensorGroup, list[object]]] = {}
+            for i, p in enumerate(group["params"]):
                 if p.grad is not None:
                     key = (p.device, p.dtype)
-                    batch = batches.get(key)
-                    if batch is None:
-                        batch = batches[key] = TensorGroup([], [], [], [], stats=self._stats_buffer(group, p.device))
-                    self._append(batch, p, group, slot)
+                    if key not in batches:
+                        batches[key] = (TensorGroup([], [], [], [], stats=self._stats_buffer(group, p.device)), [])
+                    self._append(*batches[key], p, group, slot, f"param group {gi}, params[{i}]")
                 slot += 1
             if not batches:
                 continue
             config = self._step_config(group)
-            for (device, _), batch in batches.items():
+            for (device, _), (batch, process_groups) in batches.items():
+                batch.reduce_sums = sharding.sums_reducer(process_groups)
                 gs = grad_scale.to(device) if grad_scale is not None else None
                 fi = found_inf.to(device) if found_inf is not None else None
                 ops.masked_step_(batch, config, grad_scale=gs, found_inf=fi, backend=group["backend"])
         return loss
 
-    def _append(self, batch: TensorGroup, p: torch.Tensor, group: dict[str, Any], slot: int) -> None:
+    def _append(
+        self, batch: TensorGroup, process_groups: list[object], p: torch.Tensor, group: dict[str, Any], slot: int,
+        name: str,
+    ) -> None:
+        """Add ``p`` (a DTensor: its local shard) and its state to ``batch``."""
         state = self._init_state(p, group)
-        batch.params.append(p)
-        batch.grads.append(p.grad)
+        keys = [k for k in ("exp_avg", "exp_avg_sq", "momentum_buffer", "fisher") if k in self._state_keys(group)]
+        if sharding.is_dtensor(p):
+            param, grad, shard, process_group = sharding.local_shard(p, name)
+            states = {k: state[k].to_local() for k in keys}
+        else:
+            param, grad, shard, process_group, states = p, p.grad, None, None, {k: state[k] for k in keys}
+        batch.params.append(param)
+        batch.grads.append(grad)
         batch.steps.append(state["step"])
         batch.slots.append(slot)
-        keys = self._state_keys(group)
-        if "exp_avg" in keys:
-            batch.exp_avgs.append(state["exp_avg"])
-            batch.exp_avg_sqs.append(state["exp_avg_sq"])
-        if "momentum_buffer" in keys:
-            batch.momentum_buffers.append(state["momentum_buffer"])
-        if "fisher" in keys:
-            batch.fishers.append(state["fisher"])
+        batch.shards.append(shard)
+        process_groups.append(process_group)
+        for key, values in (("exp_avg", batch.exp_avgs), ("exp_avg_sq", batch.exp_avg_sqs),
+                            ("momentum_buffer", batch.momentum_buffers), ("fisher", batch.fishers)):
+            if key in states:
+                values.append(states[key])
 
     # ----------------------------------------------------------- stats
     def _stats_buffer(self, group: dict[str, Any], device: torch.device) -> torch.Tensor:
@@ -445,6 +462,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise ValueError(
                         f"state[{pid!r}][{key!r}] has shape {tuple(value.shape)}; its param has {tuple(p.shape)}"
                     )
+                if sharding.is_dtensor(p):
+                    out[key] = sharding.load_state_tensor(p, value.detach(), f"state[{pid!r}][{key!r}]")
+                    continue
+                if sharding.is_dtensor(value):
+                    raise ValueError(f"state[{pid!r}][{key!r}] is a DTensor; its param is a plain tensor")
                 moved = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                 out[key] = moved.copy_(value.detach())
         return out

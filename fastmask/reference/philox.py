@@ -119,20 +119,25 @@ def uniform_at(seed: int, stream: int | torch.Tensor, index: torch.Tensor) -> to
     return (random_words(seed, stream, index) >> 8).to(torch.float32) * UNIT_SCALE
 
 
-def normal(seed: int, stream: int | torch.Tensor, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard normals by Box-Muller (DESIGN §4), float32, for i in [0, n).
+def normal(
+    seed: int, stream: int | torch.Tensor, n: int, device: torch.device | str = "cpu", start: int = 0
+) -> torch.Tensor:
+    """Standard normals by Box-Muller (DESIGN §4), float32, for i in [start, start + n).
 
     Unit i uses words (0, 1) of call i // 2 if i is even, words (2, 3) if odd;
     u1 = ((wa >> 8) + 1) * 2^-24 in (0, 1], u2 = (wb >> 8) * 2^-24,
     z = sqrt(-2 ln u1) * cos(2 pi u2).
     """
     device = torch.device(device)
+    if n == 0:
+        return torch.empty(0, device=device)
     k0, k1 = _split_seed(seed)
     s0, s1 = _stream_words(stream, device)
-    j = torch.arange((n + 1) // 2, device=device, dtype=torch.int64)
+    j = torch.arange(start >> 1, ((start + n - 1) >> 1) + 1, device=device, dtype=torch.int64)
     w0, w1, w2, w3 = philox4x32(j & MASK32, j >> 32, s0.expand_as(j), s1.expand_as(j), k0, k1)
-    wa = torch.stack((w0, w2), dim=1).reshape(-1)[:n]
-    wb = torch.stack((w1, w3), dim=1).reshape(-1)[:n]
+    offset = start & 1
+    wa = torch.stack((w0, w2), dim=1).reshape(-1)[offset : offset + n]
+    wb = torch.stack((w1, w3), dim=1).reshape(-1)[offset : offset + n]
     u1 = ((wa >> 8) + 1).to(torch.float32) * UNIT_SCALE
     u2 = (wb >> 8).to(torch.float32) * UNIT_SCALE
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)

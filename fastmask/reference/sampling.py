@@ -10,20 +10,12 @@ from __future__ import annotations
 import torch
 
 from .philox import uniform
-from .spec import exact_count
+from .spec import exact_count, unit_count
 
 
 def fisher_update(fisher: torch.Tensor, grad32: torch.Tensor, beta: float) -> torch.Tensor:
     """F' = beta * F + (1 - beta) * g^2 (fp32), returned out of place."""
     return fisher * beta + grad32 * grad32 * (1.0 - beta)
-
-
-def unit_count(shape: torch.Size, granularity: str) -> int:
-    if granularity == "row" and len(shape) > 0:
-        return shape[0]
-    if granularity == "row":
-        return 1
-    return shape.numel()
 
 
 def unit_sums(importance: torch.Tensor, granularity: str) -> torch.Tensor:
@@ -55,12 +47,22 @@ def degenerate(total: torch.Tensor) -> torch.Tensor:
     return ~(torch.isfinite(total) & (total > 0))
 
 
-def poisson_probs(s_units: torch.Tensor, ratio: float, min_prob: float = 0.0) -> torch.Tensor:
-    """pi_u = clamp(k * s_u / S, min_prob, 1) with k = ratio * N; pi_u = ratio if S is 0 or not finite."""
-    n = s_units.numel()
+def poisson_probs(
+    s_units: torch.Tensor,
+    ratio: float,
+    min_prob: float = 0.0,
+    total: torch.Tensor | None = None,
+    n: int | None = None,
+) -> torch.Tensor:
+    """pi_u = clamp(k * s_u / S, min_prob, 1) with k = ratio * N; pi_u = ratio if S is 0 or not finite.
+
+    ``total`` (S, fp32) and ``n`` (N) default to those of ``s_units``; a shard passes its
+    full tensor's.
+    """
+    n = s_units.numel() if n is None else n
     if ratio >= 1.0:
         return torch.ones_like(s_units)
-    total = unit_total(s_units)
+    total = unit_total(s_units) if total is None else total
     # k = fp32(ratio) * N and k / S, each rounded in fp32, as the kernels compute them
     scale = (total.new_tensor(ratio) * n) / total
     pi = (s_units * scale).clamp(min=min_prob, max=1.0)
@@ -72,9 +74,16 @@ def uniform_probs(s_units: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.full_like(s_units, min(ratio, 1.0))
 
 
-def inclusion_probs_units(s_units: torch.Tensor, ratio: float, sampling: str, min_prob: float) -> torch.Tensor:
+def inclusion_probs_units(
+    s_units: torch.Tensor,
+    ratio: float,
+    sampling: str,
+    min_prob: float,
+    total: torch.Tensor | None = None,
+    n: int | None = None,
+) -> torch.Tensor:
     if sampling == "poisson":
-        return poisson_probs(s_units, ratio, min_prob)
+        return poisson_probs(s_units, ratio, min_prob, total, n)
     if sampling == "uniform":
         return uniform_probs(s_units, ratio)
     raise ValueError(f"sampling={sampling!r} has no closed-form inclusion probabilities; use sample_exact")
@@ -117,18 +126,24 @@ def exact_select_ratio(s_units: torch.Tensor, ratio: float, seed: int, stream: i
 
 
 def rescale_weights(
-    s_units: torch.Tensor, pi: torch.Tensor | None, unbiased: bool, rescale: str
+    s_units: torch.Tensor,
+    pi: torch.Tensor | None,
+    unbiased: bool,
+    rescale: str,
+    total: torch.Tensor | None = None,
+    n: int | None = None,
 ) -> torch.Tensor | None:
     """Per-unit gradient weight on selected units, or None for weight 1 (AMSS).
 
     ht: 1 / pi_u (Horvitz-Thompson, E[g~] = g). legacy: 1 / (p_u + 1/N), p_u = s_u / S
-    (the official code's rule; p_u = 1/N when S is 0 or not finite).
+    (the official code's rule; p_u = 1/N when S is 0 or not finite). ``total``/``n`` as
+    in ``poisson_probs``.
     """
     if not unbiased:
         return None
     if rescale == "ht":
         return 1.0 / pi
-    n = s_units.numel()
-    total = unit_total(s_units)
+    n = s_units.numel() if n is None else n
+    total = unit_total(s_units) if total is None else total
     p = torch.where(degenerate(total), torch.full_like(s_units, 1.0 / n), s_units / total)
     return 1.0 / (p + 1.0 / n)

@@ -8,6 +8,7 @@ A backend's ``masked_step_`` reads both and updates the tensors in place.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,34 @@ def exact_count(ratio: float, n_units: int) -> int:
     return min(n_units, max(1, math.ceil(ratio * n_units - 1e-9)))
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Where a local tensor lies in its full (unsharded) tensor: a run of dim-0 slices.
+
+    ``offset`` is the full tensor's flat (row-major) index of the local tensor's first
+    element; a row boundary, so row units stay whole. The counter RNG is indexed by the
+    full tensor's unit index, and N (units) is the full tensor's, so a sharded step draws
+    the same masks as the unsharded one.
+    """
+
+    full_shape: torch.Size
+    offset: int
+
+    def units(self, granularity: str) -> tuple[int, int]:
+        """(first unit's index in the full tensor, the full tensor's number of units)."""
+        total = unit_count(self.full_shape, granularity)
+        if granularity == "row" and total:
+            return self.offset // (self.full_shape.numel() // total), total
+        return self.offset, total
+
+
+def unit_count(shape: torch.Size, granularity: str) -> int:
+    """Units of a tensor: its elements, or its dim-0 slices (one for a 0-d tensor)."""
+    if granularity == "row":
+        return shape[0] if len(shape) > 0 else 1
+    return shape.numel()
+
+
 @dataclass
 class TensorGroup:
     """Tensors of one (device, param dtype, group) batch, index-aligned.
@@ -74,7 +103,14 @@ class TensorGroup:
     ``fishers`` unless importance is "ema" in a masked group). ``slots`` are the
     params' positions in the optimizer (the RNG stream input). ``stats`` is a
     float64 tensor [sum_pi, selected_units, units, skipped_tensors] that the
-    step adds to, or None.
+    step adds to, or None (counted over the local tensors).
+
+    Sharded tensors (FSDP2/DTensor): ``shards`` gives each tensor's place in its full
+    tensor (None for a whole tensor; an empty list: all whole), and ``reduce_sums`` is
+    called once per step, between pass 1 and pass 2, with the float64 [T, 4] table of
+    per-tensor pass-1 sums (sum of s_u, sum g, sum g^2, non-finite count); it must
+    replace the rows of sharded tensors in place by their totals over the shards (one
+    all-reduce), so that S, the GE std and the non-finite skip are the full tensor's.
     """
 
     params: list[torch.Tensor]
@@ -86,6 +122,27 @@ class TensorGroup:
     momentum_buffers: list[torch.Tensor] = field(default_factory=list)
     fishers: list[torch.Tensor] = field(default_factory=list)
     stats: torch.Tensor | None = None
+    shards: list[Shard | None] = field(default_factory=list)
+    reduce_sums: Callable[[torch.Tensor], None] | None = None
+
+    def shard(self, i: int) -> Shard | None:
+        return self.shards[i] if self.shards else None
+
+    def index_space(self, i: int, granularity: str) -> tuple[int, int, int]:
+        """Tensor i's (first unit's index, units, elements) in its full tensor."""
+        shard = self.shard(i)
+        if shard is None:
+            shape = self.params[i].shape
+            return 0, unit_count(shape, granularity), shape.numel()
+        start, units = shard.units(granularity)
+        return start, units, shard.full_shape.numel()
 
     def __len__(self) -> int:
         return len(self.params)
+
+
+def check_shardable(group: TensorGroup, cfg: StepConfig) -> None:
+    """Raise for configurations a sharded step cannot compute shard-locally."""
+    if cfg.is_masked and cfg.sampling == "exact" and any(group.shards):
+        raise NotImplementedError("sampling='exact' needs every unit of a tensor on one rank; sharded "
+                                  "tensors support sampling='poisson' or 'uniform'")

@@ -11,7 +11,7 @@ import torch
 
 from . import sampling
 from .philox import STREAM_MASK, STREAM_NOISE, normal, rng_stream
-from .spec import StepConfig, TensorGroup, exact_count
+from .spec import StepConfig, TensorGroup, check_shardable, exact_count
 
 
 def power(base: float, exponent: torch.Tensor) -> torch.Tensor:
@@ -81,16 +81,48 @@ def base_update(
     return param - step_size * (exp_avg / denom), exp_avg, exp_avg_sq, momentum_buffer
 
 
-def ge_noise(grad32: torch.Tensor, seed: int, stream: int | torch.Tensor) -> torch.Tensor:
-    """OGM-GE noise N(0, std(g)^2) per element, std over the tensor (unbiased, from fp64
-    moments; 0 for one element)."""
-    n = grad32.numel()
-    std = grad32.double().std().to(torch.float32) if n > 1 else grad32.new_zeros(())
-    return normal(seed, stream, n, grad32.device).reshape(grad32.shape) * std
+def ge_noise(
+    grad32: torch.Tensor, seed: int, stream: int | torch.Tensor, sum_g: torch.Tensor, sum_g2: torch.Tensor,
+    numel: int, start: int = 0,
+) -> torch.Tensor:
+    """OGM-GE noise N(0, std(g)^2) per element. std is the full tensor's, unbiased, from its
+    fp64 sums of g and g^2 (0 for one element); ``start`` is the shard's first element."""
+    var = (sum_g2 - sum_g * sum_g / numel).clamp(min=0.0) / max(numel - 1, 1)
+    std = torch.sqrt(var).to(torch.float32) if numel > 1 else grad32.new_zeros(())
+    return normal(seed, stream, grad32.numel(), grad32.device, start=start).reshape(grad32.shape) * std
 
 
 def _get(values: list[torch.Tensor], i: int) -> torch.Tensor | None:
     return values[i] if values else None
+
+
+def _unscaled(grad: torch.Tensor, cfg: StepConfig, grad_scale: torch.Tensor | None) -> torch.Tensor:
+    g = grad.to(torch.float32)
+    if grad_scale is not None:
+        g = g / grad_scale
+    return -g if cfg.maximize else g
+
+
+def _importance_units(
+    g: torch.Tensor, fisher: torch.Tensor | None, cfg: StepConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(s_u per local unit, the updated EMA F' or None)."""
+    new_fisher = sampling.fisher_update(fisher, g, cfg.fisher_beta) if fisher is not None else None
+    importance = new_fisher if new_fisher is not None else g * g
+    return sampling.unit_sums(importance, cfg.granularity), new_fisher
+
+
+def pass1_sums(group: TensorGroup, cfg: StepConfig, grad_scale: torch.Tensor | None) -> torch.Tensor:
+    """Per tensor, float64 [T, 4]: sum of s_u, sum g, sum g^2, non-finite count (DESIGN §5
+    pass 1). ``group.reduce_sums`` turns a shard's row into its full tensor's."""
+    rows = []
+    for i in range(len(group)):
+        g = _unscaled(group.grads[i], cfg, grad_scale)
+        s_units, _ = _importance_units(g, _get(group.fishers, i), cfg)
+        g64 = g.to(torch.float64)
+        nonfinite = (~torch.isfinite(g)).sum(dtype=torch.float64)
+        rows.append(torch.stack((s_units.sum(dtype=torch.float64), g64.sum(), (g64 * g64).sum(), nonfinite)))
+    return torch.stack(rows)
 
 
 def masked_step_(
@@ -102,72 +134,61 @@ def masked_step_(
     """Apply one masked (AMSS/AMSS+) or modulated (OGM) step to every tensor of ``group``."""
     if not group.params:
         return
+    check_shardable(group, cfg)
+    sums = pass1_sums(group, cfg, grad_scale)
+    if group.reduce_sums is not None:
+        group.reduce_sums(sums)
     new_steps = torch.stack(group.steps) + 1
     corrections = adam_corrections(new_steps, cfg) if cfg.base != "sgd" else None
     for i in range(len(group)):
         _step_tensor(
-            group.params[i],
-            group.grads[i],
-            group.steps[i],
-            group.slots[i],
-            _get(group.exp_avgs, i),
-            _get(group.exp_avg_sqs, i),
-            _get(group.momentum_buffers, i),
-            _get(group.fishers, i),
-            cfg,
-            grad_scale,
-            found_inf,
-            group.stats,
-            new_steps[i],
+            group, i, sums[i], cfg, grad_scale, found_inf, new_steps[i],
             (corrections[0][i], corrections[1][i]) if corrections is not None else None,
         )
 
 
 def _step_tensor(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    step: torch.Tensor,
-    slot: int,
-    exp_avg: torch.Tensor | None,
-    exp_avg_sq: torch.Tensor | None,
-    momentum_buffer: torch.Tensor | None,
-    fisher: torch.Tensor | None,
+    group: TensorGroup,
+    i: int,
+    sums: torch.Tensor,
     cfg: StepConfig,
     grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None,
-    stats: torch.Tensor | None,
     new_step: torch.Tensor,
     corrections: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> None:
-    g = grad.to(torch.float32)
-    if grad_scale is not None:
-        g = g / grad_scale
-    if cfg.maximize:
-        g = -g
-    finite = torch.isfinite(g).all()
+    param, step, slot, stats = group.params[i], group.steps[i], group.slots[i], group.stats
+    exp_avg, exp_avg_sq = _get(group.exp_avgs, i), _get(group.exp_avg_sqs, i)
+    momentum_buffer, fisher = _get(group.momentum_buffers, i), _get(group.fishers, i)
+    unit_start, n_full_units, full_numel = group.index_space(i, cfg.granularity)
+    shard = group.shard(i)
+    element_start = shard.offset if shard is not None else 0
+
+    g = _unscaled(group.grads[i], cfg, grad_scale)
+    finite = sums[3] == 0
     ok = finite if found_inf is None else finite & (found_inf == 0)
 
     # OGM: scale the gradient (modulate="grad"), then add GE noise with the unmodulated std.
     grad_coefficient = cfg.coefficient if cfg.modulate == "grad" else 1.0
     g_mod = g * grad_coefficient if grad_coefficient != 1.0 else g
     if cfg.ge_noise:
-        g_mod = g_mod + ge_noise(g, cfg.seed, rng_stream(new_step, slot, STREAM_NOISE))
+        stream = rng_stream(new_step, slot, STREAM_NOISE)
+        g_mod = g_mod + ge_noise(g, cfg.seed, stream, sums[1], sums[2], full_numel, element_start)
 
-    new_fisher = sampling.fisher_update(fisher, g, cfg.fisher_beta) if fisher is not None else None
+    s_units, new_fisher = _importance_units(g, fisher, cfg)
     selected = None  # None: every element takes the base update
     if cfg.is_masked:
-        importance = new_fisher if new_fisher is not None else g * g
-        s_units = sampling.unit_sums(importance, cfg.granularity)
         stream = rng_stream(new_step, slot, STREAM_MASK)
+        total = sums[0].to(torch.float32)
         if cfg.sampling == "exact":
             sel_units = sampling.exact_select_ratio(s_units, cfg.ratio, cfg.seed, stream)
             pi = None
             expected = float(exact_count(cfg.ratio, s_units.numel()))
         else:
-            pi = sampling.inclusion_probs_units(s_units, cfg.ratio, cfg.sampling, cfg.min_prob)
-            sel_units = sampling.bernoulli_select(pi, cfg.seed, stream)
+            pi = sampling.inclusion_probs_units(s_units, cfg.ratio, cfg.sampling, cfg.min_prob, total, n_full_units)
+            sel_units = sampling.bernoulli_select(pi, cfg.seed, stream, start=unit_start)
             expected = pi.sum(dtype=torch.float64)
-        weights = sampling.rescale_weights(s_units, pi, cfg.unbiased, cfg.rescale)
+        weights = sampling.rescale_weights(s_units, pi, cfg.unbiased, cfg.rescale, total, n_full_units)
         selected = sampling.expand_units(sel_units, g.shape, cfg.granularity)
         if weights is not None:
             g_mod = g_mod * sampling.expand_units(weights, g.shape, cfg.granularity)

@@ -1,0 +1,110 @@
+"""FSDP2 / DTensor parameters: the step runs on local shards with full-tensor semantics.
+
+A sharded parameter (a ``DTensor`` whose placements are ``Shard(0)`` on one mesh
+dimension and ``Replicate()`` on the others, what ``fully_shard`` produces) is
+stepped on its local shard. Its random numbers are indexed by the full tensor's unit
+index and its N, S, GE std and non-finite skip are the full tensor's: the pass-1 sums
+of a batch's sharded tensors are all-reduced over their shard group in one collective
+per step (one per process group, when a batch mixes meshes). So the masks and
+parameters equal those of an unsharded run, on any number of ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..reference.spec import Shard
+
+_SHARD_HELP = "fastmask steps DTensor params placed as Shard(0) and/or Replicate() (what FSDP2's fully_shard makes)"
+
+
+def _dtensor_types():
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import Shard as ShardPlacement
+
+    return DTensor, Replicate, ShardPlacement
+
+
+def is_dtensor(x: object) -> bool:
+    types = _dtensor_types()
+    return types is not None and isinstance(x, types[0])
+
+
+def shard_mesh_dim(p: torch.Tensor, name: str) -> int | None:
+    """The mesh dimension over which ``p`` is split on dim 0, or None (replicated);
+    raises for placements fastmask cannot step shard-locally."""
+    _, replicate, shard_placement = _dtensor_types()
+    mesh_dim = None
+    for d, placement in enumerate(p.placements):
+        if type(placement) is replicate:
+            continue
+        if type(placement) is shard_placement and placement.dim == 0 and mesh_dim is None:
+            mesh_dim = d
+            continue
+        raise NotImplementedError(f"{name} is a DTensor placed as {tuple(p.placements)}; {_SHARD_HELP}")
+    return mesh_dim
+
+
+def local_shard(p: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor | None, Shard | None, object]:
+    """(local param, local grad, its Shard or None, the shard process group or None).
+
+    The local tensors are views of the DTensors' storage: the step writes through them.
+    """
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = p.to_local()
+    grad = p.grad.to_local() if p.grad is not None else None
+    mesh_dim = shard_mesh_dim(p, name)
+    if mesh_dim is None:
+        return local, grad, None, None
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if tuple(shape) != tuple(local.shape):
+        raise RuntimeError(f"{name}: local shard has shape {tuple(local.shape)}, DTensor expects {tuple(shape)}")
+    row_numel = p.shape[1:].numel()
+    return local, grad, Shard(p.shape, offset[0] * row_numel), p.device_mesh.get_group(mesh_dim)
+
+
+def sums_reducer(process_groups: list[object]) -> Callable[[torch.Tensor], None] | None:
+    """The ``TensorGroup.reduce_sums`` of a batch whose tensor i is sharded over
+    ``process_groups[i]`` (None: whole): one all-reduce per distinct process group."""
+    by_group: dict[int, tuple[object, list[int]]] = {}
+    for i, pg in enumerate(process_groups):
+        if pg is not None:
+            by_group.setdefault(id(pg), (pg, []))[1].append(i)
+    if not by_group:
+        return None
+
+    def reduce_sums(sums: torch.Tensor) -> None:
+        for pg, rows in by_group.values():
+            index = torch.tensor(rows, device=sums.device)
+            block = sums.index_select(0, index)
+            torch.distributed.all_reduce(block, group=pg)
+            sums.index_copy_(0, index, block)
+
+    return reduce_sums
+
+
+def load_state_tensor(p: torch.Tensor, value: torch.Tensor, name: str) -> torch.Tensor:
+    """A checkpoint's state tensor for DTensor param ``p``, as an fp32 DTensor like ``p``.
+
+    ``value`` is a DTensor with ``p``'s mesh and placements, or a plain tensor of the
+    full shape (each rank keeps its own slice).
+    """
+    out = torch.zeros_like(p, dtype=torch.float32)
+    if is_dtensor(value):
+        if value.device_mesh != p.device_mesh or tuple(value.placements) != tuple(p.placements):
+            raise ValueError(f"{name} is a DTensor placed as {tuple(value.placements)}; its param is placed as "
+                             f"{tuple(p.placements)}")
+        out.to_local().copy_(value.to_local())
+        return out
+    local, _, shard, _ = local_shard(p, name)
+    if shard is None:
+        out.to_local().copy_(value)
+    else:
+        rows = shard.offset // max(p.shape[1:].numel(), 1)
+        out.to_local().copy_(value.narrow(0, rows, local.shape[0]))
+    return out
