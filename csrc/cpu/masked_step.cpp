@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../fastmask_math.h"
+#include "../step_config.h"
 
 namespace {
 
@@ -25,54 +26,7 @@ using fastmask::UpdateScalars;
 
 constexpr int64_t kChunk = 1 << 14;  // elements (or rows) per work item; a multiple of 4
 
-struct Config {
-  int base, rescale;
-  double lr, momentum, dampening, beta1, beta2, eps, weight_decay, ratio, min_prob, fisher_beta;
-  double grad_coefficient, update_coefficient;
-  bool nesterov, maximize, masked, poisson, ema, row, freeze, ge, modulate_update, exact;
-  uint64_t seed;
-  // per tensor, empty unless sharded: the full tensor's units and elements, and the
-  // full-tensor index of the first local unit and element
-  std::vector<int64_t> full_units, full_numels, first_units, first_elements;
-  py::object reduce_sums;  // None, or called with the [T, 4] float64 sums
-};
-
-Config config_from(const py::dict& d) {
-  Config c;
-  c.base = d["base"].cast<int>();
-  c.rescale = d["rescale"].cast<int>();
-  c.lr = d["lr"].cast<double>();
-  c.momentum = d["momentum"].cast<double>();
-  c.dampening = d["dampening"].cast<double>();
-  c.beta1 = d["beta1"].cast<double>();
-  c.beta2 = d["beta2"].cast<double>();
-  c.eps = d["eps"].cast<double>();
-  c.weight_decay = d["weight_decay"].cast<double>();
-  c.ratio = d["ratio"].cast<double>();
-  c.min_prob = d["min_prob"].cast<double>();
-  c.fisher_beta = d["fisher_beta"].cast<double>();
-  c.grad_coefficient = d["grad_coefficient"].cast<double>();
-  c.update_coefficient = d["update_coefficient"].cast<double>();
-  c.nesterov = d["nesterov"].cast<bool>();
-  c.maximize = d["maximize"].cast<bool>();
-  c.masked = d["masked"].cast<bool>();
-  c.poisson = d["poisson"].cast<bool>();
-  c.ema = d["ema"].cast<bool>();
-  c.row = d["row"].cast<bool>();
-  c.freeze = d["freeze"].cast<bool>();
-  c.ge = d["ge"].cast<bool>();
-  c.modulate_update = d["modulate_update"].cast<bool>();
-  c.exact = d["exact"].cast<bool>();
-  c.seed = d["seed"].cast<uint64_t>();
-  if (d.contains("full_units")) {
-    c.full_units = d["full_units"].cast<std::vector<int64_t>>();
-    c.full_numels = d["full_numels"].cast<std::vector<int64_t>>();
-    c.first_units = d["first_units"].cast<std::vector<int64_t>>();
-    c.first_elements = d["first_elements"].cast<std::vector<int64_t>>();
-  }
-  c.reduce_sums = d.contains("reduce_sums") ? py::object(d["reduce_sums"]) : py::object(py::none());
-  return c;
-}
+using Config = fastmask::StepConfig;
 
 struct Item {
   int64_t tensor, begin, end;  // elements [begin, end), or rows in row mode (pass 1)
@@ -434,7 +388,7 @@ void step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   }
   if (!c.reduce_sums.is_none()) c.reduce_sums(sums_table);
   const double* sums = sums_table.data_ptr<double>();
-  const bool sharded = !c.full_units.empty();
+  const bool sharded = c.sharded();
 
   // ---- reduce: per tensor
   std::vector<TensorScalars> scalars(n_tensors);
@@ -574,7 +528,7 @@ void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, 
                  c10::optional<at::Tensor> unit_weight, std::vector<int64_t> unit_offsets,
                  c10::optional<at::Tensor> stats) {
   TORCH_CHECK(!params.empty(), "masked_step: no params");
-  const Config c = config_from(config);
+  const Config c = fastmask::parse_step_config(config);
   const auto p_type = params[0].scalar_type(), g_type = grads[0].scalar_type();
   for (size_t t = 0; t < params.size(); ++t) {
     TORCH_CHECK(params[t].device().is_cpu() && params[t].is_contiguous() && grads[t].is_contiguous(),

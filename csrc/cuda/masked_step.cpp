@@ -8,47 +8,46 @@
 
 #include <vector>
 
+#include "../step_config.h"
 #include "masked_step.h"
 
 namespace {
 
 using namespace fastmask_cuda;
 
-DeviceConfig device_config(const py::dict& d, bool lr_is_tensor) {
+DeviceConfig device_config(const fastmask::StepConfig& h, bool lr_is_tensor) {
   DeviceConfig c;
-  c.base = d["base"].cast<int>();
-  c.rescale = d["rescale"].cast<int>();
-  c.ratio = static_cast<float>(d["ratio"].cast<double>());
-  c.min_prob = static_cast<float>(d["min_prob"].cast<double>());
-  const double fisher_beta = d["fisher_beta"].cast<double>();
-  c.fisher_beta = static_cast<float>(fisher_beta);
-  c.one_minus_fisher_beta = static_cast<float>(1.0 - fisher_beta);
-  c.grad_coefficient = static_cast<float>(d["grad_coefficient"].cast<double>());
-  c.update_coefficient = static_cast<float>(d["update_coefficient"].cast<double>());
-  c.momentum = static_cast<float>(d["momentum"].cast<double>());
-  c.one_minus_dampening = static_cast<float>(1.0 - d["dampening"].cast<double>());
-  c.weight_decay = static_cast<float>(d["weight_decay"].cast<double>());
-  c.beta1_d = d["beta1"].cast<double>();
-  c.beta2_d = d["beta2"].cast<double>();
-  c.one_minus_beta1 = static_cast<float>(1.0 - c.beta1_d);
-  c.beta2 = static_cast<float>(c.beta2_d);
-  c.one_minus_beta2 = static_cast<float>(1.0 - c.beta2_d);
-  c.eps = static_cast<float>(d["eps"].cast<double>());
-  c.lr = d["lr"].cast<double>();
-  c.nesterov = d["nesterov"].cast<bool>();
-  c.maximize = d["maximize"].cast<bool>();
-  c.masked = d["masked"].cast<bool>();
-  c.poisson = d["poisson"].cast<bool>();
-  c.ema = d["ema"].cast<bool>();
-  c.row = d["row"].cast<bool>();
-  c.freeze = d["freeze"].cast<bool>();
-  c.ge = d["ge"].cast<bool>();
-  c.modulate_update = d["modulate_update"].cast<bool>();
-  c.exact = d["exact"].cast<bool>();
+  c.base = h.base;
+  c.rescale = h.rescale;
+  c.ratio = static_cast<float>(h.ratio);
+  c.min_prob = static_cast<float>(h.min_prob);
+  c.fisher_beta = static_cast<float>(h.fisher_beta);
+  c.one_minus_fisher_beta = static_cast<float>(1.0 - h.fisher_beta);
+  c.grad_coefficient = static_cast<float>(h.grad_coefficient);
+  c.update_coefficient = static_cast<float>(h.update_coefficient);
+  c.momentum = static_cast<float>(h.momentum);
+  c.one_minus_dampening = static_cast<float>(1.0 - h.dampening);
+  c.weight_decay = static_cast<float>(h.weight_decay);
+  c.beta1_d = h.beta1;
+  c.beta2_d = h.beta2;
+  c.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
+  c.beta2 = static_cast<float>(h.beta2);
+  c.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
+  c.eps = static_cast<float>(h.eps);
+  c.lr = h.lr;
+  c.nesterov = h.nesterov;
+  c.maximize = h.maximize;
+  c.masked = h.masked;
+  c.poisson = h.poisson;
+  c.ema = h.ema;
+  c.row = h.row;
+  c.freeze = h.freeze;
+  c.ge = h.ge;
+  c.modulate_update = h.modulate_update;
+  c.exact = h.exact;
   c.lr_is_tensor = lr_is_tensor;
-  const uint64_t seed = d["seed"].cast<uint64_t>();
-  c.k0 = static_cast<uint32_t>(seed);
-  c.k1 = static_cast<uint32_t>(seed >> 32);
+  c.k0 = static_cast<uint32_t>(h.seed);
+  c.k1 = static_cast<uint32_t>(h.seed >> 32);
   return c;
 }
 
@@ -72,20 +71,14 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
             const std::vector<at::Tensor>& fishers, const std::vector<int64_t>& slots, const DeviceConfig& c,
             const c10::optional<at::Tensor>& lr_tensor, const c10::optional<at::Tensor>& grad_scale,
             const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& unit_weight_in,
-            const c10::optional<at::Tensor>& stats, const py::dict& config) {
+            const c10::optional<at::Tensor>& stats, const fastmask::StepConfig& h) {
   const auto device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n_tensors = static_cast<int64_t>(params.size());
   std::vector<int64_t> meta, ptrs, block_tensor, row_tensor;
   int64_t blocks = 0, units_total = 0;
-  // shards of larger tensors (FSDP2): the full tensors' sizes and first indices, per tensor
-  const bool sharded = config.contains("full_units");
-  auto shard_values = [&](const char* key) {
-    return sharded ? config[key].cast<std::vector<int64_t>>() : std::vector<int64_t>();
-  };
-  const std::vector<int64_t> full_units = shard_values("full_units"), full_numels = shard_values("full_numels"),
-                             first_units = shard_values("first_units"), first_elements = shard_values("first_elements");
+  const bool sharded = h.sharded();  // shards of larger tensors (FSDP2)
   auto ptr = [](const std::vector<at::Tensor>& values, int64_t t) -> int64_t {
     return values.empty() ? 0 : reinterpret_cast<int64_t>(values[t].data_ptr());
   };
@@ -95,8 +88,8 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
     const int64_t nb = (n + kBlockElems - 1) / kBlockElems;
     meta.insert(meta.end(), {n, units, units ? std::max<int64_t>(n / units, 1) : 1, 2 * slots[t],
                              c.row ? units_total : blocks, c.row ? units : nb, units_total, blocks,
-                             sharded ? full_units[t] : units, sharded ? full_numels[t] : n,
-                             sharded ? first_units[t] : 0, sharded ? first_elements[t] : 0});
+                             sharded ? h.full_units[t] : units, sharded ? h.full_numels[t] : n,
+                             sharded ? h.first_units[t] : 0, sharded ? h.first_elements[t] : 0});
     ptrs.insert(ptrs.end(), {ptr(params, t), ptr(grads, t), ptr(exp_avgs, t), ptr(exp_avg_sqs, t),
                              ptr(momentum_buffers, t), ptr(fishers, t), ptr(steps, t)});
     block_tensor.insert(block_tensor.end(), nb, t);
@@ -139,12 +132,12 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   a.found_inf = optional_ptr(found_inf);
   a.lr = lr32.defined() ? lr32.data_ptr<float>() : nullptr;
   a.config = c;
-  if (config.contains("reduce_sums")) {
+  if (!h.reduce_sums.is_none()) {
     // pass 1, the all-reduce of the per-tensor sums (on this stream), then the rest
     at::Tensor sums = at::empty({n_tensors, 4}, f64);
     cudaError_t err = fastmask_cuda::masked_step_sums(a, sums.data_ptr<double>(), stream);
     TORCH_CHECK(err == cudaSuccess, "cuda masked_step: ", cudaGetErrorString(err));
-    config["reduce_sums"](sums);
+    h.reduce_sums(sums);
     err = fastmask_cuda::masked_step_finish(a, sums.data_ptr<double>(), stream);
     TORCH_CHECK(err == cudaSuccess, "cuda masked_step: ", cudaGetErrorString(err));
   } else {
@@ -171,7 +164,8 @@ void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor>
                          c10::optional<at::Tensor> stats) {
   TORCH_CHECK(!params.empty(), "cuda masked_step: no params");
   (void)unit_offsets;  // the unit table is laid out in tensor order, as the metadata's offsets
-  const DeviceConfig c = device_config(config, lr_tensor.has_value());
+  const fastmask::StepConfig h = fastmask::parse_step_config(config);
+  const DeviceConfig c = device_config(h, lr_tensor.has_value());
   const auto p_type = params[0].scalar_type(), g_type = grads[0].scalar_type();
   for (size_t t = 0; t < params.size(); ++t) {
     TORCH_CHECK(params[t].is_cuda() && params[t].is_contiguous() && grads[t].is_contiguous(),
@@ -180,7 +174,7 @@ void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor>
                 "cuda masked_step: one param dtype and one grad dtype per batch");
   }
   launch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, c, lr_tensor, grad_scale,
-         found_inf, unit_weight, stats, config);
+         found_inf, unit_weight, stats, h);
   return;
 }
 
