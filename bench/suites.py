@@ -29,19 +29,21 @@ BYTES_PER_ELEMENT = {
     "amss+-adamw-grad2": 32,
     "amss+-adamw-ema": 40,
     "amss-sgd-grad2": 24,
+    "amss+-adamw-dense": 28,  # ratio 1: the base AdamW step (its pre-pass reads g: 32 B moved)
     # baselines doing the amss+-adamw-grad2 work, credited with its model bytes
     "mask-op+fused-adamw": 32,
     "reference-style-amss+": 32,
 }
 # what this implementation moves: its "ema" pre-pass also reads F (4 B more than the model)
-ACTUAL_BYTES_PER_ELEMENT = {**BYTES_PER_ELEMENT, "amss+-adamw-ema": 44}
+ACTUAL_BYTES_PER_ELEMENT = {**BYTES_PER_ELEMENT, "amss+-adamw-ema": 44, "amss+-adamw-dense": 32}
 
 VARIANTS = {
     "amss+-adamw-grad2": (fastmask.AMSSPlus, dict(base="adamw", lr=1e-3)),
     "amss+-adamw-ema": (fastmask.AMSSPlus, dict(base="adamw", lr=1e-3, importance="ema")),
     "amss-sgd-grad2": (fastmask.AMSS, dict(base="sgd", lr=1e-2, momentum=0.9)),
+    "amss+-adamw-dense": (fastmask.AMSSPlus, dict(base="adamw", lr=1e-3)),
 }
-RATIO = 0.5
+RATIO = 0.5  # every modality's update fraction, except in the dense variant (1: what balancing-off costs)
 
 
 def _resnet18_shapes(in_channels: int) -> list[tuple[int, ...]]:
@@ -142,8 +144,9 @@ def _params(shapes: dict[str, list[tuple[int, ...]]], device: torch.device, seed
     return groups
 
 
-def _ratios(groups) -> dict[str, float]:
-    return {g["modality"]: RATIO for g in groups if "modality" in g}
+def _ratios(groups, variant: str = "") -> dict[str, float]:
+    ratio = 1.0 if variant.endswith("-dense") else RATIO
+    return {g["modality"]: ratio for g in groups if "modality" in g}
 
 
 def _flat(groups) -> list[torch.nn.Parameter]:
@@ -158,7 +161,7 @@ def torch_adamw_step(groups, **flags) -> Callable[[], None]:
 def fastmask_step(groups, variant: str, backend: str) -> Callable[[], None]:
     cls, kwargs = VARIANTS[variant]
     opt = cls(groups, backend=backend, seed=0, **kwargs)
-    ratios = _ratios(groups)
+    ratios = _ratios(groups, variant)
     return lambda: opt.step(ratios=ratios)
 
 

@@ -211,9 +211,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             keys += ("fisher",)
         return keys
 
-    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _init_state(self, p: torch.Tensor, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """``p``'s state, with zeros for any of ``keys`` (its group's state keys) it lacks."""
         state = self.state[p]
-        for key in self._state_keys(group):
+        for key in keys:
             if key not in state:
                 if key == "step":  # a plain tensor, also for DTensor params (as torch's optimizers)
                     state[key] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -263,7 +264,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise RuntimeError(f"param group {gi}, params[{i}] has a complex gradient; not supported")
                 if g.shape != p.shape or g.device != p.device:
                     raise RuntimeError(f"param group {gi}, params[{i}]: grad shape/device differs from the param")
-                if sharding.is_dtensor(p) and group.get("sampling") == "exact":
+                if group.get("sampling") == "exact" and sharding.is_dtensor(p):
                     if sharding.shard_mesh_dim(p, f"param group {gi}, params[{i}]") is not None:
                         raise NotImplementedError(
                             f"param group {gi}: sampling='exact' needs every unit of a tensor on one rank, and "
@@ -274,12 +275,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         slot = 0
         for gi, group in enumerate(self.param_groups):
             batches: dict[tuple[torch.device, torch.dtype], tuple[TensorGroup, list[object]]] = {}
+            keys = self._state_keys(group)
             for i, p in enumerate(group["params"]):
                 if p.grad is not None:
                     key = (p.device, p.dtype)
                     if key not in batches:
                         batches[key] = (TensorGroup([], [], [], [], stats=self._stats_buffer(group, p.device)), [])
-                    self._append(*batches[key], p, group, slot, f"param group {gi}, params[{i}]")
+                    self._append(*batches[key], p, keys, slot, (gi, i))
                 slot += 1
             if not batches:
                 continue
@@ -292,17 +294,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _append(
-        self, batch: TensorGroup, process_groups: list[object], p: torch.Tensor, group: dict[str, Any], slot: int,
-        name: str,
+        self, batch: TensorGroup, process_groups: list[object], p: torch.Tensor, keys: tuple[str, ...], slot: int,
+        where: tuple[int, int],
     ) -> None:
-        """Add ``p`` (a DTensor: its local shard) and its state to ``batch``."""
-        state = self._init_state(p, group)
-        keys = [k for k in ("exp_avg", "exp_avg_sq", "momentum_buffer", "fisher") if k in self._state_keys(group)]
+        """Add ``p`` (a DTensor: its local shard) and its state to ``batch``; ``keys`` are
+        its group's state keys, ``where`` its (group, index) for error messages."""
+        state = self._init_state(p, keys)
         if sharding.is_dtensor(p):
-            param, grad, shard, process_group = sharding.local_shard(p, name)
-            states = {k: state[k].to_local() for k in keys}
+            param, grad, shard, process_group = sharding.local_shard(p, "param group {}, params[{}]".format(*where))
+            state = {k: v if k == "step" else v.to_local() for k, v in state.items()}
         else:
-            param, grad, shard, process_group, states = p, p.grad, None, None, {k: state[k] for k in keys}
+            param, grad, shard, process_group = p, p.grad, None, None
         batch.params.append(param)
         batch.grads.append(grad)
         batch.steps.append(state["step"])
@@ -311,8 +313,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         process_groups.append(process_group)
         for key, values in (("exp_avg", batch.exp_avgs), ("exp_avg_sq", batch.exp_avg_sqs),
                             ("momentum_buffer", batch.momentum_buffers), ("fisher", batch.fishers)):
-            if key in states:
-                values.append(states[key])
+            if key in keys:
+                values.append(state[key])
 
     # ----------------------------------------------------------- stats
     def _stats_buffer(self, group: dict[str, Any], device: torch.device) -> torch.Tensor:

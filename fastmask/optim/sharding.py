@@ -20,13 +20,18 @@ from ..reference.spec import Shard
 _SHARD_HELP = "fastmask steps DTensor params placed as Shard(0) and/or Replicate() (what FSDP2's fully_shard makes)"
 
 
-def _dtensor_types():
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor, Replicate
-    from torch.distributed.tensor import Shard as ShardPlacement
+_TYPES: tuple | None = None
 
-    return DTensor, Replicate, ShardPlacement
+
+def _dtensor_types() -> tuple | None:
+    """(DTensor, Replicate, Shard), imported once; None without torch.distributed."""
+    global _TYPES
+    if _TYPES is None and torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor, Replicate
+        from torch.distributed.tensor import Shard as ShardPlacement
+
+        _TYPES = (DTensor, Replicate, ShardPlacement)
+    return _TYPES
 
 
 def is_dtensor(x: object) -> bool:
