@@ -27,6 +27,7 @@ BYTES_PER_ELEMENT = {
     "torch-adamw-forloop": 28,
     "torch-adamw-foreach": 28,
     "amss+-adamw-grad2": 32,
+    "amss+-adamw-grad2-row": 32,
     "amss+-adamw-ema": 40,
     "amss-sgd-grad2": 24,
     "amss+-adamw-dense": 28,  # ratio 1: the base AdamW step (its pre-pass reads g: 32 B moved)
@@ -39,6 +40,7 @@ ACTUAL_BYTES_PER_ELEMENT = {**BYTES_PER_ELEMENT, "amss+-adamw-ema": 44, "amss+-a
 
 VARIANTS = {
     "amss+-adamw-grad2": (fastmask.AMSSPlus, dict(base="adamw", lr=1e-3)),
+    "amss+-adamw-grad2-row": (fastmask.AMSSPlus, dict(base="adamw", lr=1e-3, granularity="row")),
     "amss+-adamw-ema": (fastmask.AMSSPlus, dict(base="adamw", lr=1e-3, importance="ema")),
     "amss-sgd-grad2": (fastmask.AMSS, dict(base="sgd", lr=1e-2, momentum=0.9)),
     "amss+-adamw-dense": (fastmask.AMSSPlus, dict(base="adamw", lr=1e-3)),

@@ -260,11 +260,12 @@ inline void update_elements(P* __restrict p, const G* __restrict g, float* __res
       block_pi += pi;
       block_sel += selected ? 1.0 : 0.0;
     } else if (MODE == kTable) {
-      selected = unit_weight != 0.0f;
+      // the caller passes frozen rows to frozen_fisher, never here: every element updates
       if (RESCALE != fastmask::kNoRescale) gm = gm * unit_weight;
-      gm = selected ? gm : 0.0f;
+      gm = unit_weight != 0.0f ? gm : 0.0f;
     }
-    const bool update = c.freeze != 0.0f ? selected : true;
+    // (a select on a loop-invariant bool, as a frozen table row would give, is not vectorised)
+    const bool update = MODE == kSample && c.freeze != 0.0f ? selected : true;
     const float p_old = static_cast<float>(p[i]);
     float p_new;
     if (KIND == kAdam) {
@@ -292,6 +293,18 @@ inline void update_elements(P* __restrict p, const G* __restrict g, float* __res
   }
   pi_sum += block_pi;
   sel_sum += block_sel;
+}
+
+// F' = beta F + (1 - beta) x^2 on a frozen row [lo, hi) (as update_elements computes it)
+template <typename G>
+inline void frozen_fisher(const G* __restrict g, float* __restrict fisher, const Pass2Consts& k, int64_t lo,
+                          int64_t hi) {
+  const float grad_scale = k.grad_scale, beta = k.fisher_beta, one_minus_beta = k.one_minus_fisher_beta;
+#pragma omp simd
+  for (int64_t i = lo; i < hi; ++i) {
+    const float x = static_cast<float>(g[i]) / grad_scale;
+    fisher[i] = fisher[i] * beta + x * x * one_minus_beta;
+  }
 }
 
 // OGM-GE noise std * z for local elements [b, e)
@@ -323,10 +336,18 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Pas
   alignas(64) float uniforms[kBlock] = {};
   alignas(64) float noise[kBlock] = {};
   if (MODE == kTable) {
-    // one unit weight per row segment, so the element loop keeps a loop-invariant weight
+    // one unit weight per row segment, so the element loop keeps a loop-invariant weight.
+    // A frozen row keeps param and moments: it is not even read (only an EMA F moves), so
+    // a step moves about ratio x the bytes of a dense one.
+    const bool freeze = c.masked && c.freeze;
     for (int64_t lo = begin; lo < end;) {
       const int64_t row = lo / pt.row_size;
       const int64_t hi = std::min(end, (row + 1) * pt.row_size);
+      if (freeze && pt.table[row] == 0.0f) {
+        if (EMA) frozen_fisher(pt.g, pt.fisher, k, lo, hi);
+        lo = hi;
+        continue;
+      }
       for (int64_t b = lo; b < hi; b += kBlock) {
         const int64_t e = std::min<int64_t>(hi, b + kBlock);
         if (c.ge) fill_noise(sc, a, b, e, noise);
@@ -399,15 +420,21 @@ void step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   const uint32_t k0 = static_cast<uint32_t>(c.seed), k1 = static_cast<uint32_t>(c.seed >> 32);
 
   std::vector<int64_t> numel(n_tensors), units(n_tensors), row_size(n_tensors);
+  // Row units of one element (1-D tensors) are element units under another name: they take
+  // the element path (sampled in pass 2, vectorised), not the per-row table.
+  std::vector<char> by_rows(n_tensors);
   std::vector<Item> items1, items2;
   std::vector<int64_t> first_item1(n_tensors + 1);
   for (int64_t t = 0; t < n_tensors; ++t) {
     numel[t] = params[t].numel();
     units[t] = c.row ? (params[t].dim() ? params[t].size(0) : 1) : numel[t];
     row_size[t] = units[t] ? numel[t] / units[t] : 1;
+    by_rows[t] = c.row && row_size[t] != 1;
     first_item1[t] = static_cast<int64_t>(items1.size());
-    const int64_t n1 = c.row ? units[t] : numel[t];
-    for (int64_t b = 0; b < n1; b += kChunk) items1.push_back({t, b, std::min(n1, b + kChunk)});
+    // pass-1 work items of about kChunk elements: whole rows, or elements
+    const int64_t n1 = by_rows[t] ? units[t] : numel[t];
+    const int64_t per_item = by_rows[t] ? std::max<int64_t>(1, kChunk / std::max<int64_t>(row_size[t], 1)) : kChunk;
+    for (int64_t b = 0; b < n1; b += per_item) items1.push_back({t, b, std::min(n1, b + per_item)});
     for (int64_t b = 0; b < numel[t]; b += kChunk) items2.push_back({t, b, std::min(numel[t], b + kChunk)});
   }
   first_item1[n_tensors] = static_cast<int64_t>(items1.size());
@@ -415,14 +442,14 @@ void step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   // ---- pass 1: fp64 partials per chunk (and per-row importance in row mode)
   std::vector<Partial> partials(items1.size());
   std::vector<std::vector<float>> row_importance(n_tensors);
-  if (c.row)
-    for (int64_t t = 0; t < n_tensors; ++t) row_importance[t].resize(units[t]);
+  for (int64_t t = 0; t < n_tensors; ++t)
+    if (by_rows[t]) row_importance[t].resize(units[t]);
   at::parallel_for(0, static_cast<int64_t>(items1.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const Item& it = items1[k];
       const G* g = grads[it.tensor].data_ptr<G>();
       const float* f = c.ema ? fishers[it.tensor].data_ptr<float>() : nullptr;
-      if (!c.row) {
+      if (!by_rows[it.tensor]) {
         partials[k] = chunk_partial(g, f, it.begin, it.end, gs, fisher_beta, one_minus_fisher_beta);
         continue;
       }
@@ -521,7 +548,7 @@ void step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tens
         stat_pi += static_cast<double>(units[t]);
         stat_sel += static_cast<double>(units[t]);
       }
-    } else if (c.row && !c.exact) {
+    } else if (by_rows[t] && !c.exact) {
       // rows are few: sample them here, once
       std::vector<float>& w = row_weight[t];
       w.resize(units[t]);
@@ -551,7 +578,7 @@ void step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   // ---- pass 2: one read-modify-write per element
   std::vector<double> item_pi(items2.size(), 0.0), item_sel(items2.size(), 0.0);
   const Pass2Args args{c, k0, k1, gs, fisher_beta, one_minus_fisher_beta};
-  const int mode = !c.masked ? kDense : ((c.row || c.exact) ? kTable : kSample);
+  auto mode_of = [&](int64_t t) { return !c.masked ? kDense : ((by_rows[t] || c.exact) ? kTable : kSample); };
   const int kind = c.base == fastmask::kSGD ? (c.momentum != 0.0 ? kSgdMomentum : kSgd) : kAdam;
   at::parallel_for(0, static_cast<int64_t>(items2.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
@@ -563,10 +590,11 @@ void step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tens
                      kind == kAdam ? exp_avg_sqs[t].data_ptr<float>() : nullptr,
                      kind == kSgdMomentum ? momentum_buffers[t].data_ptr<float>() : nullptr,
                      c.ema ? fishers[t].data_ptr<float>() : nullptr,
-                     c.exact ? exact_weight + unit_offsets[t] : (c.row ? row_weight[t].data() : nullptr),
+                     c.exact ? exact_weight + unit_offsets[t] : (by_rows[t] ? row_weight[t].data() : nullptr),
                      row_size[t]};
       double pi_sum = 0, sel_sum = 0;
-      dispatch_pass2<P, G>(kind, mode, c.rescale, c.ema, pt, scalars[t], args, it.begin, it.end, pi_sum, sel_sum);
+      dispatch_pass2<P, G>(kind, mode_of(t), c.rescale, c.ema, pt, scalars[t], args, it.begin, it.end, pi_sum,
+                           sel_sum);
       if (scalars[t].ok) {
         item_pi[k] = pi_sum;
         item_sel[k] = sel_sum;
