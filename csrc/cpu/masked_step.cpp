@@ -238,7 +238,9 @@ inline void update_elements(P* __restrict p, const G* __restrict g, float* __res
                             const float* __restrict noise, float unit_weight, const Pass2Consts& k, int64_t lo,
                             int64_t hi, double& pi_sum, double& sel_sum) {
   const Pass2Consts c = k;  // a local copy: stores through the arrays cannot alias it
-  double block_pi = 0, block_sel = 0;
+  // fp32 sums within the block (at most kBlock terms), added to the fp64 totals once: fp64
+  // lanes in the element loop cost ~0.2 ns per element (measured); only stats read them
+  float block_pi = 0, block_sel = 0;
   // omp simd: vectorise despite the selects; only the stats counters are reassociated
 #pragma omp simd reduction(+ : block_pi, block_sel)
   for (int64_t i = lo; i < hi; ++i) {
@@ -258,7 +260,7 @@ inline void update_elements(P* __restrict p, const G* __restrict g, float* __res
       if (RESCALE == fastmask::kLegacy) gm = gm * (1.0f / ((c.degenerate != 0.0f ? c.inv_n : s / c.total) + c.inv_n));
       gm = selected ? gm : 0.0f;
       block_pi += pi;
-      block_sel += selected ? 1.0 : 0.0;
+      block_sel += selected ? 1.0f : 0.0f;
     } else if (MODE == kTable) {
       // the caller passes frozen rows to frozen_fisher, never here: every element updates
       if (RESCALE != fastmask::kNoRescale) gm = gm * unit_weight;
