@@ -481,11 +481,10 @@ def _layout(work: dict, group: TensorGroup, granularity: str) -> _Layout:
             blocks = -(-n // BLOCK_SIZE)
             parts = units if granularity == "row" else blocks
             part_start = unit_offset if granularity == "row" else block_start
-            first_unit, full_units, full_numel = group.index_space(t, granularity)
-            first_element = group.shard(t).offset if group.shard(t) is not None else 0
-            aligned = aligned and first_unit % 4 == 0 and first_element % 4 == 0
+            space = group.index_space(t, granularity)
+            aligned = aligned and space.first_unit % 4 == 0 and space.first_element % 4 == 0
             meta.append([n, units, max(row, 1), 2 * group.slots[t], part_start, parts, unit_offset, block_start,
-                         full_units, full_numel, first_unit, first_element])
+                         space.units, space.numel, space.first_unit, space.first_element])
             block_tensor += [t] * blocks
             row_tensor += [t] * units
             units_list.append(units)

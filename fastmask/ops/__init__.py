@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..reference.sampling import unit_count
-from ..reference.spec import GRANULARITIES, StepConfig, TensorGroup, check_shardable
+from ..reference.spec import GRANULARITIES, Shard, StepConfig, TensorGroup, check_shardable
 from . import _cpp, _cuda, _torch, _triton  # noqa: F401  (register the backends)
 from .checks import check_choice, check_int, check_real, check_stream, check_tensor
 from .dispatch import BACKENDS, BackendUnavailableError, backend_report, implementation, resolve
@@ -150,6 +150,22 @@ def unbiased_rescale(
     return implementation("unbiased_rescale", backend, grad.device)(grad, mask, probs)
 
 
+def _check_shard(name: str, shard: object, local_shape: torch.Size) -> None:
+    """A shard is a run of whole dim-0 slices of its full tensor."""
+    if not isinstance(shard, Shard):
+        raise TypeError(f"{name} must be a fastmask.reference.spec.Shard or None, got {type(shard).__name__}")
+    full = torch.Size(shard.full_shape)
+    if len(local_shape) == 0 or len(full) != len(local_shape) or full[1:] != local_shape[1:]:
+        raise ValueError(f"{name}: a local tensor of shape {tuple(local_shape)} is not a dim-0 slice of "
+                         f"full_shape {tuple(full)}")
+    row = full[1:].numel()
+    if not isinstance(shard.offset, int) or shard.offset < 0 or (row and shard.offset % row):
+        raise ValueError(f"{name}: offset must be a non-negative multiple of {row} (a row start), got {shard.offset!r}")
+    first_row = shard.offset // row if row else 0
+    if first_row + local_shape[0] > full[0]:
+        raise ValueError(f"{name}: rows [{first_row}, {first_row + local_shape[0]}) exceed full_shape's {full[0]} rows")
+
+
 def masked_step_(
     group: TensorGroup,
     config: StepConfig,
@@ -174,6 +190,11 @@ def masked_step_(
     for name in ("exp_avgs", "exp_avg_sqs", "momentum_buffers", "fishers", "shards"):
         if len(getattr(group, name)) not in (0, n):
             raise ValueError(f"group.{name} has {len(getattr(group, name))} entries for {n} params")
+    for i, shard in enumerate(group.shards):
+        if shard is not None:
+            _check_shard(f"group.shards[{i}]", shard, group.params[i].shape)
+    if group.reduce_sums is not None and not callable(group.reduce_sums):
+        raise TypeError(f"group.reduce_sums must be callable or None, got {type(group.reduce_sums).__name__}")
     check_shardable(group, config)
     for name in ("grad_scale", "found_inf"):
         value = locals()[name]

@@ -107,9 +107,8 @@ def shard_config(group: TensorGroup, granularity: str) -> dict:
     if any(group.shards):
         spaces = [group.index_space(i, granularity) for i in range(len(group))]
         out.update(
-            first_units=[first for first, _, _ in spaces], full_units=[units for _, units, _ in spaces],
-            full_numels=[numel for _, _, numel in spaces],
-            first_elements=[shard.offset if shard is not None else 0 for shard in group.shards],
+            first_units=[s.first_unit for s in spaces], full_units=[s.units for s in spaces],
+            full_numels=[s.numel for s in spaces], first_elements=[s.first_element for s in spaces],
         )
     if group.reduce_sums is not None:
         out["reduce_sums"] = group.reduce_sums

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -94,6 +95,16 @@ def unit_count(shape: torch.Size, granularity: str) -> int:
     return shape.numel()
 
 
+class IndexSpace(NamedTuple):
+    """A local tensor's place in its full tensor: the RNG indices of its first unit and first
+    element, and the full tensor's units (N) and elements."""
+
+    first_unit: int
+    units: int
+    first_element: int
+    numel: int
+
+
 @dataclass
 class TensorGroup:
     """Tensors of one (device, param dtype, group) batch, index-aligned.
@@ -128,14 +139,14 @@ class TensorGroup:
     def shard(self, i: int) -> Shard | None:
         return self.shards[i] if self.shards else None
 
-    def index_space(self, i: int, granularity: str) -> tuple[int, int, int]:
-        """Tensor i's (first unit's index, units, elements) in its full tensor."""
+    def index_space(self, i: int, granularity: str) -> IndexSpace:
+        """Tensor i's place in its full tensor (itself, unless sharded)."""
         shard = self.shard(i)
         if shard is None:
             shape = self.params[i].shape
-            return 0, unit_count(shape, granularity), shape.numel()
-        start, units = shard.units(granularity)
-        return start, units, shard.full_shape.numel()
+            return IndexSpace(0, unit_count(shape, granularity), 0, shape.numel())
+        first_unit, units = shard.units(granularity)
+        return IndexSpace(first_unit, units, shard.offset, shard.full_shape.numel())
 
     def __len__(self) -> int:
         return len(self.params)

@@ -114,7 +114,10 @@ def _importance_units(
 
 def pass1_sums(group: TensorGroup, cfg: StepConfig, grad_scale: torch.Tensor | None) -> torch.Tensor:
     """Per tensor, float64 [T, 4]: sum of s_u, sum g, sum g^2, non-finite count (DESIGN §5
-    pass 1). ``group.reduce_sums`` turns a shard's row into its full tensor's."""
+    pass 1). ``group.reduce_sums`` turns a shard's row into its full tensor's.
+
+    The step recomputes g and s per tensor afterwards rather than keeping every tensor's
+    intermediates alive until the all-reduce: the reference trades time for memory."""
     rows = []
     for i in range(len(group)):
         g = _unscaled(group.grads[i], cfg, grad_scale)
@@ -160,9 +163,7 @@ def _step_tensor(
     param, step, slot, stats = group.params[i], group.steps[i], group.slots[i], group.stats
     exp_avg, exp_avg_sq = _get(group.exp_avgs, i), _get(group.exp_avg_sqs, i)
     momentum_buffer, fisher = _get(group.momentum_buffers, i), _get(group.fishers, i)
-    unit_start, n_full_units, full_numel = group.index_space(i, cfg.granularity)
-    shard = group.shard(i)
-    element_start = shard.offset if shard is not None else 0
+    space = group.index_space(i, cfg.granularity)
 
     g = _unscaled(group.grads[i], cfg, grad_scale)
     finite = sums[3] == 0
@@ -173,7 +174,7 @@ def _step_tensor(
     g_mod = g * grad_coefficient if grad_coefficient != 1.0 else g
     if cfg.ge_noise:
         stream = rng_stream(new_step, slot, STREAM_NOISE)
-        g_mod = g_mod + ge_noise(g, cfg.seed, stream, sums[1], sums[2], full_numel, element_start)
+        g_mod = g_mod + ge_noise(g, cfg.seed, stream, sums[1], sums[2], space.numel, space.first_element)
 
     s_units, new_fisher = _importance_units(g, fisher, cfg)
     selected = None  # None: every element takes the base update
@@ -185,10 +186,10 @@ def _step_tensor(
             pi = None
             expected = float(exact_count(cfg.ratio, s_units.numel()))
         else:
-            pi = sampling.inclusion_probs_units(s_units, cfg.ratio, cfg.sampling, cfg.min_prob, total, n_full_units)
-            sel_units = sampling.bernoulli_select(pi, cfg.seed, stream, start=unit_start)
+            pi = sampling.inclusion_probs_units(s_units, cfg.ratio, cfg.sampling, cfg.min_prob, total, space.units)
+            sel_units = sampling.bernoulli_select(pi, cfg.seed, stream, start=space.first_unit)
             expected = pi.sum(dtype=torch.float64)
-        weights = sampling.rescale_weights(s_units, pi, cfg.unbiased, cfg.rescale, total, n_full_units)
+        weights = sampling.rescale_weights(s_units, pi, cfg.unbiased, cfg.rescale, total, space.units)
         selected = sampling.expand_units(sel_units, g.shape, cfg.granularity)
         if weights is not None:
             g_mod = g_mod * sampling.expand_units(weights, g.shape, cfg.granularity)

@@ -102,3 +102,32 @@ def test_exact_sampling_on_shards_raises():
     group = _group(_state(cfg), torch.tensor(0.0, device=DEVICE), (0, 3))
     with pytest.raises(NotImplementedError, match="sampling='exact'"):
         ops.masked_step_(group, cfg)
+
+
+@pytest.mark.parametrize(
+    ("shard", "match"),
+    [
+        ((SHAPE, 0), "must be a fastmask.reference.spec.Shard"),
+        (Shard(torch.Size((11, 6)), 0), "is not a dim-0 slice"),
+        (Shard(torch.Size(SHAPE), 5), "offset must be a non-negative multiple of 7"),
+        (Shard(torch.Size(SHAPE), -7), "offset must be a non-negative multiple of 7"),
+        (Shard(torch.Size(SHAPE), 7 * 9), r"rows \[9, 12\) exceed"),
+    ],
+)
+def test_bad_shards_are_rejected_before_any_write(shard, match):
+    cfg = CONFIGS["amss+-element"]
+    state = _state(cfg)
+    before = {k: v.clone() for k, v in state.items()}
+    group = _group(state, torch.tensor(0.0, device=DEVICE), (0, 3))
+    group.shards = [shard]
+    with pytest.raises((TypeError, ValueError), match=match):
+        ops.masked_step_(group, cfg)
+    assert all(torch.equal(state[k], before[k]) for k in state)
+
+
+def test_reduce_sums_must_be_callable():
+    cfg = CONFIGS["amss+-element"]
+    group = _group(_state(cfg), torch.tensor(0.0, device=DEVICE), (0, 3))
+    group.reduce_sums = "all_reduce"
+    with pytest.raises(TypeError, match="group.reduce_sums must be callable"):
+        ops.masked_step_(group, cfg)
