@@ -61,6 +61,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastmask", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fastmask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="backends, versions, devices and why a backend is unavailable").set_defaults(
         run=_info

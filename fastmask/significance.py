@@ -149,7 +149,8 @@ def amss_ratios(
     """rho_m = clip(1 - softmax(MIR / T)_m + bias, *bounds): the dominant modality updates less.
 
     For M = 2 the fractions sum to 1 before clipping; for M modalities to M - 1.
-    A NaN rate anywhere gives every modality ``fallback`` (the official code's 0.5).
+    A NaN or infinite rate anywhere gives every modality ``fallback`` (the official
+    code's 0.5): softmax of an infinite rate is undefined.
     """
     if not isinstance(mir, Mapping) or len(mir) < 2:
         raise ValueError("mir must be a dict with at least two modalities")
@@ -161,7 +162,7 @@ def amss_ratios(
     bias = check_real("bias", bias, -1.0, 1.0)
     fallback = check_real("fallback", fallback, 0.0, 1.0, low_open=True)
     values = [float(v) for v in mir.values()]
-    if any(math.isnan(v) for v in values):
+    if not all(math.isfinite(v) for v in values):
         return {m: fallback for m in mir}
     weights = torch.softmax(torch.tensor(values, dtype=torch.float64) / temperature, dim=0)
     rho = (1.0 - weights + bias).clamp(low, high)

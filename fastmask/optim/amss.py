@@ -104,7 +104,7 @@ class AMSS(FusedOptimizer):
     def _step_config(self, group: dict[str, Any]) -> StepConfig:
         return dataclasses.replace(
             super()._step_config(group),
-            ratio=self.ratio(group.get("modality")),
+            ratio=group.get(self.SETTING_LABEL, 1.0),
             **{key: group[key] for key in self.METHOD_DEFAULTS},
         )
 

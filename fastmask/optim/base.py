@@ -11,6 +11,7 @@ which method keys they add and how a group becomes a ``StepConfig``.
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -27,19 +28,26 @@ from . import sharding
 DENSE = "(dense)"  # the stats() key of groups without a modality
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer", "fisher")
 
+# Keys of every group, whatever its base.
 BASE_DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
     "base": "adamw",
-    "momentum": 0.0,
-    "dampening": 0.0,
-    "nesterov": False,
-    "betas": (0.9, 0.999),
-    "eps": 1e-8,
     "weight_decay": None,  # None: the base's torch default (0.01 for adamw, else 0)
     "maximize": False,
     "seed": None,  # None: drawn from torch's default CPU generator
     "backend": None,  # None: FASTMASK_BACKEND, else "auto"
 }
+# Keys a group carries for its base, as torch's SGD / Adam / AdamW groups do: LR schedulers
+# that cycle momentum (OneCycleLR, CyclicLR) look for "momentum" or "betas" to choose what to cycle.
+SGD_DEFAULTS: dict[str, Any] = {"momentum": 0.0, "dampening": 0.0, "nesterov": False}
+ADAM_DEFAULTS: dict[str, Any] = {"betas": (0.9, 0.999), "eps": 1e-8}
+BASE_FAMILY: dict[str, dict[str, Any]] = {"sgd": SGD_DEFAULTS, "adam": ADAM_DEFAULTS, "adamw": ADAM_DEFAULTS}
+# Keys that LR schedulers and training frameworks write into param groups: allowed, unused by the step.
+FOREIGN_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "name", "param_names",
+                          "swa_lr"})
+# torch optimizers' implementation flags, found in torch checkpoints: dropped on load once checked.
+TORCH_FLAGS = ("foreach", "fused", "capturable", "differentiable", "amsgrad", "decoupled_weight_decay")
+CHECKPOINT_VERSION = 2  # 1: settings in state_dict["fastmask"] and every base's keys in every group
 
 
 def draw_seed() -> int:
@@ -53,13 +61,37 @@ def _check_bool(name: str, value: object) -> bool:
     return value
 
 
+def _nearest(key: str, valid: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the valid key closest to ``key``, or ''."""
+    match = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def torch_group_base(group: Mapping[str, Any]) -> str | None:
+    """The base of a torch.optim SGD / Adam / AdamW param group, from its keys; None if unknown.
+
+    Adam and AdamW groups both carry betas; torch >= 2.6 tells them apart by
+    ``decoupled_weight_decay``; an older Adam-family group could be either ("adam*").
+    """
+    if "betas" in group:
+        if "decoupled_weight_decay" in group:
+            return "adamw" if group["decoupled_weight_decay"] else "adam"
+        return "adam*"
+    if "momentum" in group and "dampening" in group:
+        return "sgd"
+    return None
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class: validation, state, per-modality settings, AMP, stats and checkpoints.
 
     Each method takes one per-modality setting in ``step()``: AMSS the update
     fractions ``ratios``, OGM the gradient ``coefficients``. It is named by
-    ``SETTING`` (the dict) and ``SETTING_LABEL`` (one value), defaults to 1.0 (a
-    dense, unmodulated step) and persists until changed.
+    ``SETTING`` (the dict) and ``SETTING_LABEL`` (one value, and the param-group key
+    that holds it: every group with a modality carries its current value, so it
+    travels with the groups through ``state_dict``, ``deepcopy``, ``pickle`` and
+    ``torch.distributed.checkpoint``). It defaults to 1.0 (a dense, unmodulated step)
+    and persists until changed.
     """
 
     _step_supports_amp_scaling = True
@@ -70,20 +102,39 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], **hyper: Any) -> None:
         if isinstance(params, (set, torch.Tensor)):
             raise TypeError(f"params must be an ordered iterable of tensors or dicts, got {type(params).__name__}")
-        defaults = {**BASE_DEFAULTS, **self.METHOD_DEFAULTS}
-        unknown = sorted(set(hyper) - set(defaults))
-        if unknown:
-            raise TypeError(f"{type(self).__name__} got unexpected argument(s): {', '.join(unknown)}")
+        base = check_choice("base", hyper.get("base", BASE_DEFAULTS["base"]), BASES)
+        defaults = {**BASE_DEFAULTS, **BASE_FAMILY[base], **self.METHOD_DEFAULTS}
+        for key in hyper:
+            if key not in defaults:
+                raise TypeError(f"{type(self).__name__} got an unexpected argument {key!r}{self._key_hint(key, base)}")
         defaults.update(hyper)
         if defaults["seed"] is None:
             defaults["seed"] = draw_seed()
-        self._settings: dict[str, float] = {}
         self._stats: dict[str, dict[torch.device, torch.Tensor]] = {}
         self._validate_group(dict(defaults), "")
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------- groups
+    def _valid_keys(self, group: Mapping[str, Any]) -> set[str]:
+        """The keys a param group of this optimizer may carry (its base's, its setting's, foreign ones)."""
+        keys = {"params", "modality", *BASE_DEFAULTS, *BASE_FAMILY[group["base"]], *self.METHOD_DEFAULTS}
+        if group.get("modality") is not None:
+            keys.add(self.SETTING_LABEL)
+        return keys | FOREIGN_KEYS
+
+    def _key_hint(self, key: str, base: str) -> str:
+        """Why ``key`` is not valid for a group with ``base``, and the nearest valid key."""
+        if key not in BASE_FAMILY[base] and any(key in family for family in BASE_FAMILY.values()):
+            owners = " or ".join(repr(b) for b, family in BASE_FAMILY.items() if key in family)
+            return f": {key!r} belongs to base {owners}; base={base!r} takes {', '.join(BASE_FAMILY[base])}"
+        if key == self.SETTING_LABEL:
+            return f": it is set per modality, by step({self.SETTING}=...) or set_{self.SETTING}()"
+        valid = {*BASE_DEFAULTS, *BASE_FAMILY[base], *self.METHOD_DEFAULTS, "modality", self.SETTING_LABEL}
+        return _nearest(key, valid)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group: missing keys come from the defaults (those of the group's base), its
+        modality's current setting from the groups that share it; unknown keys raise."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
         group = dict(param_group)
@@ -105,17 +156,39 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise TypeError(
                     f"params[{i}] has dtype {p.dtype}; fastmask needs float32, bfloat16 or float16 params{where}"
                 )
+            if not (p.is_leaf or p.retains_grad):
+                raise ValueError(f"params[{i}] is a non-leaf tensor; optimizers step leaf tensors such as "
+                                 f"nn.Parameter{where}")
             if sharding.is_dtensor(p):
                 sharding.shard_mesh_dim(p, f"params[{i}]{where}")
-        for key, value in self.defaults.items():
+        base = check_choice(f"base{where}", group.get("base", self.defaults["base"]), BASES)
+        family = BASE_FAMILY[base]
+        for key in (*BASE_DEFAULTS, *family, *self.METHOD_DEFAULTS):
             if key not in group:
+                # The family's own default when the defaults were made for another base.
+                value = self.defaults.get(key, family.get(key))
                 # A tensor lr is cloned so that schedulers, which write it in place, act per group.
                 group[key] = value.clone() if isinstance(value, torch.Tensor) else value
+        modality = group.get("modality")
+        if isinstance(modality, str) and self.SETTING_LABEL not in group:
+            group[self.SETTING_LABEL] = self._setting(modality)
         self._validate_group(group, where)
-        super().add_param_group(group)
+        if modality is not None and modality in self.modalities():
+            current = self._setting(modality)
+            if group[self.SETTING_LABEL] != current:
+                raise ValueError(f"{self.SETTING_LABEL} {group[self.SETTING_LABEL]} differs from modality {modality!r}'s "
+                                 f"current {current}: the groups of one modality share it{where}")
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        if any(id(p) in seen for p in group["params"]) or len({id(p) for p in group["params"]}) != len(group["params"]):
+            raise ValueError(f"some parameters appear in more than one parameter group{where}")
+        self.param_groups.append(group)
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
         """Check and normalise one group's hyper-parameters in place; errors name the key."""
+        check_choice(f"base{where}", group["base"], BASES)
+        unknown = sorted(set(group) - self._valid_keys(group))
+        if unknown:
+            raise ValueError(f"unknown param group key {unknown[0]!r}{where}{self._key_hint(unknown[0], group['base'])}")
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
             if lr.numel() != 1 or not lr.is_floating_point():
@@ -124,19 +197,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"lr must be >= 0, got {float(lr)}{where}")
         else:
             group["lr"] = check_real(f"lr{where}", lr, 0.0, math.inf)
-        check_choice(f"base{where}", group["base"], BASES)
-        group["momentum"] = check_real(f"momentum{where}", group["momentum"], 0.0, math.inf)
-        group["dampening"] = check_real(f"dampening{where}", group["dampening"], -math.inf, math.inf)
-        _check_bool(f"nesterov{where}", group["nesterov"])
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError(f"nesterov needs momentum > 0 and dampening == 0{where}")
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}{where}")
-        group["betas"] = tuple(
-            check_real(f"betas[{i}]{where}", b, 0.0, 1.0, high_open=True) for i, b in enumerate(betas)
-        )
-        group["eps"] = check_real(f"eps{where}", group["eps"], 0.0, math.inf)
+        if group["base"] == "sgd":
+            group["momentum"] = check_real(f"momentum{where}", group["momentum"], 0.0, math.inf)
+            group["dampening"] = check_real(f"dampening{where}", group["dampening"], -math.inf, math.inf)
+            _check_bool(f"nesterov{where}", group["nesterov"])
+            if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+                raise ValueError(f"nesterov needs momentum > 0 and dampening == 0{where}")
+        else:
+            betas = group["betas"]
+            if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}{where}")
+            group["betas"] = tuple(
+                check_real(f"betas[{i}]{where}", b, 0.0, 1.0, high_open=True) for i, b in enumerate(betas)
+            )
+            group["eps"] = check_real(f"eps{where}", group["eps"], 0.0, math.inf)
         if group["weight_decay"] is None:
             group["weight_decay"] = 0.01 if group["base"] == "adamw" else 0.0
         group["weight_decay"] = check_real(f"weight_decay{where}", group["weight_decay"], 0.0, math.inf)
@@ -147,6 +221,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         modality = group.get("modality")
         if modality is not None and (not isinstance(modality, str) or not modality or modality == DENSE):
             raise ValueError(f"modality must be a non-empty string other than {DENSE!r}, got {modality!r}{where}")
+        if self.SETTING_LABEL in group:
+            group[self.SETTING_LABEL] = self._check_setting(f"{self.SETTING_LABEL}{where}", group[self.SETTING_LABEL])
         self._validate_method(group, where)
 
     def _validate_method(self, group: dict[str, Any], where: str) -> None:
@@ -174,28 +250,37 @@ class FusedOptimizer(torch.optim.Optimizer):
             checked[name] = self._check_setting(f"{self.SETTING}[{name!r}]", value)
         return checked
 
+    def _apply_settings(self, checked: Mapping[str, float]) -> None:
+        """Write already-checked settings into every group of their modality."""
+        for group in self.param_groups:
+            modality = group.get("modality")
+            if modality in checked:
+                group[self.SETTING_LABEL] = checked[modality]
+
     def _set_settings(self, values: Mapping[str, float]) -> None:
-        self._settings.update(self._checked_settings(values))
+        self._apply_settings(self._checked_settings(values))
 
     def _setting(self, modality: str | None) -> float:
-        return 1.0 if modality is None else self._settings.get(modality, 1.0)
+        """The current setting of ``modality`` (1.0 for dense groups and until set)."""
+        for group in self.param_groups:
+            if modality is not None and group.get("modality") == modality and self.SETTING_LABEL in group:
+                return group[self.SETTING_LABEL]
+        return 1.0
 
     # ----------------------------------------------------------- step
     def _step_config(self, group: dict[str, Any]) -> StepConfig:
         """The StepConfig of one group for this step; subclasses add their terms."""
-        beta1, beta2 = group["betas"]
+        if group["base"] == "sgd":
+            family = dict(momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"])
+        else:
+            family = dict(beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"])
         return StepConfig(
             base=group["base"],
             lr=group["lr"],
-            momentum=group["momentum"],
-            dampening=group["dampening"],
-            nesterov=group["nesterov"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
             seed=group["seed"],
+            **family,
         )
 
     def _needs_fisher(self, group: dict[str, Any]) -> bool:
@@ -205,7 +290,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         keys: tuple[str, ...] = ("step",)
         if group["base"] in ("adam", "adamw"):
             keys += ("exp_avg", "exp_avg_sq")
-        elif group["momentum"]:
+        elif group.get("momentum"):
             keys += ("momentum_buffer",)
         if self._needs_fisher(group):
             keys += ("fisher",)
@@ -245,6 +330,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         default to the attributes ``torch.amp.GradScaler`` sets on the optimizer.
         Every input is validated before any tensor is written.
         """
+        if isinstance(closure, Mapping):
+            raise TypeError(f"step() takes a closure as its positional argument, got a dict; pass per-modality "
+                            f"values by keyword: step({self.SETTING}={{...}})")
+        if closure is not None and not callable(closure):
+            raise TypeError(f"closure must be callable or None, got {type(closure).__name__}")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -270,7 +360,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                             f"param group {gi}: sampling='exact' needs every unit of a tensor on one rank, and "
                             f"params[{i}] is sharded; use sampling='poisson' or 'uniform' with FSDP2/DTensor"
                         )
-        self._settings.update(checked)
+        self._apply_settings(checked)
 
         slot = 0
         for gi, group in enumerate(self.param_groups):
@@ -326,21 +416,24 @@ class FusedOptimizer(torch.optim.Optimizer):
             buf = per_device[device] = torch.zeros(4, dtype=torch.float64, device=device)
         return buf
 
+    def _stats_totals(self) -> dict[str, list[float]]:
+        """Per stats key: [sum_pi, selected, units, skipped] summed over devices (synchronises)."""
+        return {name: sum(buf.cpu() for buf in per_device.values()).tolist()
+                for name, per_device in self._stats.items()}
+
     def stats(self) -> dict[str, dict[str, float]]:
         """Per modality (dense groups under "(dense)"): the setting (ratio or coefficient),
         expected_fraction (sum pi / N),
         realised_fraction (selected / N), units, skipped_tensors, all summed since the last
         ``reset_stats()``. Reads device counters: may synchronise."""
         out = {}
-        for name, per_device in self._stats.items():
-            total = sum(buf.cpu() for buf in per_device.values())
-            units = float(total[2])
+        for name, (sum_pi, selected, units, skipped) in self._stats_totals().items():
             out[name] = {
                 self.SETTING_LABEL: self._setting(None if name == DENSE else name),
-                "expected_fraction": float(total[0]) / units if units else float("nan"),
-                "realised_fraction": float(total[1]) / units if units else float("nan"),
+                "expected_fraction": sum_pi / units if units else float("nan"),
+                "realised_fraction": selected / units if units else float("nan"),
                 "units": units,
-                "skipped_tensors": int(total[3]),
+                "skipped_tensors": int(skipped),
             }
         return out
 
@@ -351,26 +444,72 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ----------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus ``"fastmask": {"version", SETTING}`` (e.g. the ratios)."""
+        """torch's state dict plus ``"fastmask": {"version", "stats"}``.
+
+        Everything a resumed step needs is in torch's two entries, so it survives
+        ``torch.distributed.checkpoint`` (which keeps only those): the seed and each
+        modality's setting (e.g. ``"ratio"``) in the param groups, the RNG position in
+        each param's ``step``. The ``"fastmask"`` entry adds the ``stats()`` counters
+        (diagnostics, summed over devices: reading them synchronises).
+        """
         sd = super().state_dict()
-        sd["fastmask"] = {"version": 1, self.SETTING: dict(self._settings)}
+        sd["fastmask"] = {"version": CHECKPOINT_VERSION, "stats": self._stats_totals()}
         return sd
+
+    def __getstate__(self) -> dict[str, Any]:
+        """deepcopy / pickle keep the stats counters too (settings are in the groups)."""
+        return {**super().__getstate__(), "_stats": self._stats}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for group in self.param_groups:
-            for key, value in {**BASE_DEFAULTS, **self.METHOD_DEFAULTS}.items():
-                group.setdefault(key, value)
-        self.__dict__.setdefault("_settings", {})
+        self.defaults.pop("differentiable", None)  # torch adds it; no fastmask group has that key
         self.__dict__.setdefault("_stats", {})
+
+    def _group_from_checkpoint(self, group: dict[str, Any], saved: Mapping[str, Any], meta: Mapping[str, Any],
+                               gi: int) -> tuple[dict[str, Any], bool]:
+        """The group to load in place of ``group`` (validated by the caller), and whether
+        ``saved`` is a torch.optim group. Keys a checkpoint lacks come from ``group``."""
+        where = f"state_dict param_groups[{gi}]"
+        current = {k: v for k, v in group.items() if k != "params"}
+        if "base" in saved:  # a fastmask group
+            new = dict(saved)
+            if meta.get("version") == 1:
+                # Version 1 wrote every base's keys into every group, and the settings beside the groups.
+                other = (set(SGD_DEFAULTS) | set(ADAM_DEFAULTS)) - set(BASE_FAMILY.get(new["base"], {}))
+                new = {k: v for k, v in new.items() if k not in other}
+                if new.get("modality") is not None:
+                    settings = meta.get(self.SETTING, {})
+                    new[self.SETTING_LABEL] = settings.get(new["modality"], 1.0) if isinstance(settings, Mapping) else settings
+            if new["base"] != group["base"]:
+                raise ValueError(f"{where} has base={new['base']!r}; this optimizer's param group {gi} has "
+                                 f"base={group['base']!r}")
+            return {**current, **new, "params": group["params"]}, False
+        torch_base = torch_group_base(saved)
+        if torch_base is None:
+            raise ValueError(f"{where} is neither a fastmask group (it has no 'base') nor a torch.optim SGD, Adam "
+                             f"or AdamW group (it has neither 'betas' nor 'momentum' and 'dampening')")
+        if saved.get("amsgrad"):
+            raise ValueError(f"{where} is a torch group with amsgrad=True; fastmask has no AMSGrad")
+        if torch_base != group["base"] and not (torch_base == "adam*" and group["base"] != "sgd"):
+            kind = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adam*": "Adam/AdamW"}[torch_base]
+            raise ValueError(f"{where} is a torch.optim.{kind} group; this optimizer's param group {gi} has "
+                             f"base={group['base']!r}")
+        new = {k: v for k, v in saved.items() if k not in TORCH_FLAGS}
+        return {**current, **new, "params": group["params"]}, True
 
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a checkpoint atomically: everything is validated before anything changes.
 
+        Takes this optimizer's own checkpoints, and those of ``torch.optim.SGD`` /
+        ``Adam`` / ``AdamW`` with the same param groups and base: their hyper-parameters
+        are loaded, the fastmask keys (modality, seed, ratio, method options) stay this
+        optimizer's, and an SGD state, which has no ``step``, gets step 1 where it has a
+        momentum buffer (so the buffer continues as torch's would) and 0 otherwise.
         States are cast to fp32 and moved to their param's device (a checkpoint
         loaded with ``map_location="cpu"`` resumes on GPU). Wrong shapes, dtypes,
-        unknown or missing keys raise ValueError/TypeError and leave the optimizer as it was.
+        unknown or missing keys, another base or another number of groups raise
+        ValueError/TypeError and leave the optimizer as it was.
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
@@ -383,6 +522,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         missing = sorted({"state", "param_groups"} - set(state_dict))
         if missing or extra:
             raise ValueError(f"state_dict has missing keys {missing} / unexpected keys {extra}")
+        meta = state_dict.get("fastmask", {})
+        if not isinstance(meta, Mapping):
+            raise ValueError("state_dict['fastmask'] must be a mapping")
+        version = meta.get("version", CHECKPOINT_VERSION)
+        meta_keys = {"version", "stats"} if version == CHECKPOINT_VERSION else {"version", self.SETTING}
+        if version not in (1, CHECKPOINT_VERSION) or set(meta) - meta_keys:
+            raise ValueError(f"state_dict['fastmask'] must be version 1 or {CHECKPOINT_VERSION} with keys "
+                             f"{sorted(meta_keys)}; got version {version!r} with keys {sorted(meta)}")
         saved_groups = state_dict["param_groups"]
         if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -390,7 +537,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 f"param groups; this optimizer has {len(self.param_groups)}"
             )
         id_map: dict[Any, torch.Tensor] = {}
-        new_groups = []
+        new_groups, from_torch = [], set()
         for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
             if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
                 raise ValueError(f"state_dict param_groups[{gi}] is not a group with a 'params' list")
@@ -400,12 +547,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"{len(group['params'])} in this optimizer"
                 )
             id_map.update(zip(saved["params"], group["params"]))
-            new_group = {**BASE_DEFAULTS, **self.METHOD_DEFAULTS, **dict(saved)}
-            new_group["params"] = group["params"]
+            new_group, is_torch = self._group_from_checkpoint(group, saved, meta, gi)
             if new_group["seed"] is None:
                 raise ValueError(f"state_dict param_groups[{gi}] has no seed")
             self._validate_group(new_group, f" (state_dict param_groups[{gi}])")
             new_groups.append(new_group)
+            if is_torch:
+                from_torch.update(id(p) for p in group["params"])
         group_of = {id(p): g for g in new_groups for p in g["params"]}
 
         saved_state = state_dict["state"]
@@ -416,25 +564,45 @@ class FusedOptimizer(torch.optim.Optimizer):
             if pid not in id_map:
                 raise ValueError(f"state_dict['state'] has an entry for param id {pid!r}, which no group lists")
             p = id_map[pid]
-            new_state[p] = self._checked_param_state(entry, p, group_of[id(p)], pid)
+            new_state[p] = self._checked_param_state(entry, p, group_of[id(p)], pid, id(p) in from_torch)
 
-        meta = state_dict.get("fastmask", {})
-        if not isinstance(meta, Mapping):
-            raise ValueError("state_dict['fastmask'] must be a mapping")
-        known = {g.get("modality") for g in new_groups} - {None}
-        settings = self._checked_settings(meta.get(self.SETTING, {}), known)
+        if version == 1:
+            self._checked_settings(meta.get(self.SETTING, {}), {g.get("modality") for g in new_groups} - {None})
+        stats = self._checked_stats(meta.get("stats", {}), new_groups)
 
         self.__setstate__({"state": new_state, "param_groups": new_groups})
-        self._settings = settings
+        self._stats = stats
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    def _checked_stats(self, saved: object, groups: list[dict[str, Any]]) -> dict[str, dict[torch.device, torch.Tensor]]:
+        """A checkpoint's stats counters, on the device of each key's first param."""
+        if not isinstance(saved, Mapping):
+            raise ValueError("state_dict['fastmask']['stats'] must be a mapping of modality -> 4 numbers")
+        devices = {}
+        for g in groups:
+            if g["params"]:
+                devices.setdefault(g.get("modality") or DENSE, g["params"][0].device)
+        stats = {}
+        for name, values in saved.items():
+            if name not in devices:
+                raise ValueError(f"state_dict['fastmask']['stats'] has {name!r}, which no param group has")
+            if not isinstance(values, (list, tuple)) or len(values) != 4:
+                raise ValueError(f"state_dict['fastmask']['stats'][{name!r}] must be 4 numbers")
+            checked = [check_real(f"state_dict['fastmask']['stats'][{name!r}]", v, 0.0, math.inf) for v in values]
+            device = devices[name]
+            stats[name] = {device: torch.tensor(checked, dtype=torch.float64, device=device)}
+        return stats
+
     def _checked_param_state(
-        self, entry: object, p: torch.Tensor, group: dict[str, Any], pid: Any
+        self, entry: object, p: torch.Tensor, group: dict[str, Any], pid: Any, from_torch: bool
     ) -> dict[str, torch.Tensor]:
         if not isinstance(entry, Mapping):
             raise ValueError(f"state of param {pid!r} must be a mapping, got {type(entry).__name__}")
         entry = {k: v for k, v in entry.items() if v is not None}  # torch SGD writes momentum_buffer=None
+        if from_torch and group["base"] == "sgd" and entry and "step" not in entry:
+            # torch's SGD keeps no step; step >= 1 makes a saved momentum buffer continue (DESIGN §3).
+            entry["step"] = torch.tensor(1.0 if "momentum_buffer" in entry else 0.0)
         unknown = sorted(set(entry) - set(STATE_KEYS), key=str)
         if unknown:
             raise ValueError(f"state of param {pid!r} has unknown keys {unknown}")

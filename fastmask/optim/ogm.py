@@ -17,7 +17,6 @@ parameter's noise stream. Groups without a modality update densely.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -38,7 +37,8 @@ class OGM(FusedOptimizer):
         ge: add the generalisation-enhancement noise N(0, std(g)^2).
         modulate: "grad" (scale the gradient, the papers) or "update" (scale the step).
 
-    ``step(closure=None, *, coefficients=None, grad_scale=None, found_inf=None)``.
+    ``step(closure=None, *, coefficients=None, grad_scale=None, found_inf=None)``;
+    coefficients are in [0, 1] (1: unmodulated) and persist until changed.
     """
 
     METHOD_DEFAULTS: dict[str, Any] = {"ge": False, "modulate": "grad"}
@@ -49,7 +49,8 @@ class OGM(FusedOptimizer):
         super().__init__(params, lr=lr, **kwargs)
 
     def _check_setting(self, label: str, value: object) -> float:
-        return check_real(label, value, 0.0, math.inf, high_open=True)
+        # OGM only slows a modality down: k = 1 - tanh(...) is in [0, 1]; k > 1 would amplify.
+        return check_real(label, value, 0.0, 1.0)
 
     def _validate_method(self, group: dict[str, Any], where: str) -> None:
         _check_bool(f"ge{where}", group["ge"])
@@ -63,11 +64,11 @@ class OGM(FusedOptimizer):
         grad_scale: torch.Tensor | None = None,
         found_inf: torch.Tensor | None = None,
     ) -> Any:
-        """One step; ``coefficients`` (modality -> k >= 0) = ``set_coefficients`` first."""
+        """One step; ``coefficients`` (modality -> k in [0, 1]) = ``set_coefficients`` first."""
         return self._run_step(closure, coefficients, grad_scale, found_inf)
 
     def set_coefficients(self, coefficients: Mapping[str, float]) -> None:
-        """Set per-modality coefficients (finite, >= 0) for this and later steps."""
+        """Set per-modality coefficients in [0, 1] for this and later steps."""
         self._set_settings(coefficients)
 
     def coefficient(self, modality: str | None) -> float:
@@ -75,10 +76,9 @@ class OGM(FusedOptimizer):
         return self._setting(modality)
 
     def _step_config(self, group: dict[str, Any]) -> StepConfig:
-        modality = group.get("modality")
         return dataclasses.replace(
             super()._step_config(group),
-            coefficient=self.coefficient(modality),
-            ge_noise=group["ge"] and modality is not None,
+            coefficient=group.get(self.SETTING_LABEL, 1.0),
+            ge_noise=group["ge"] and group.get("modality") is not None,
             modulate=group["modulate"],
         )

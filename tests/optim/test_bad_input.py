@@ -19,8 +19,10 @@ def _opt(**kwargs):
     (dict(base="lamb"), ValueError, "base"),
     (dict(betas=(0.9, 1.0)), ValueError, r"betas\[1\]"),
     (dict(betas=0.9), ValueError, "betas"),
-    (dict(momentum=-0.1), ValueError, "momentum"),
-    (dict(nesterov=True), ValueError, "nesterov"),
+    (dict(base="sgd", momentum=-0.1), ValueError, "momentum"),
+    (dict(base="sgd", nesterov=True), ValueError, "nesterov"),
+    (dict(momentum=0.9), TypeError, "'momentum' belongs to base 'sgd'"),
+    (dict(base="sgd", eps=1e-8), TypeError, "'eps' belongs to base 'adam' or 'adamw'"),
     (dict(eps=-1e-8), ValueError, "eps"),
     (dict(weight_decay=-1.0), ValueError, "weight_decay"),
     (dict(maximize=1), TypeError, "maximize"),
@@ -130,15 +132,17 @@ def _corrupt(sd, how):
     elif how == "extra_top_key":
         sd["extra"] = 1
     elif how == "bad_ratio":
-        sd["fastmask"]["ratios"] = {"audio": 3.0}
+        sd["param_groups"][0]["ratio"] = 3.0
     elif how == "unknown_modality":
-        sd["fastmask"]["ratios"] = {"radar": 0.5}
+        sd["fastmask"]["stats"] = {"radar": [0.0, 0.0, 0.0, 0.0]}
+    elif how == "unknown_meta_key":
+        sd["fastmask"]["ratios"] = {"audio": 0.5}
     return sd
 
 
 @pytest.mark.parametrize("how", [
     "shape", "dtype", "missing_state_key", "unknown_state_key", "step_shape", "unknown_param",
-    "group_count", "group_size", "bad_hyper", "extra_top_key", "bad_ratio", "unknown_modality",
+    "group_count", "group_size", "bad_hyper", "extra_top_key", "bad_ratio", "unknown_modality", "unknown_meta_key",
 ])
 def test_bad_state_dict_is_rejected_and_nothing_loads(how):
     model, opt = _opt(lr=1e-2)

@@ -54,7 +54,7 @@ def _corrupt(sd, how, pid, key):
     elif how == "unknown_param":
         sd["state"][10_000] = state
     elif how == "bad_ratio":
-        sd["fastmask"]["ratios"] = {"audio": -0.5}
+        sd["param_groups"][0]["ratio"] = -0.5
     elif how == "none_seed":
         sd["param_groups"][0]["seed"] = None
     return sd
