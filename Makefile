@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: test demo info clean
+.PHONY: test demo info gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ test: $(VENV)/.dev
 
 demo: $(VENV)/.demo
 	$(BIN)/fastmask demo --dataset segment --seeds 5 --out demo_out
+
+# On a lent GPU machine, whose python3 has torch with CUDA: one command that checks and benchmarks
+# everything and stops by itself (bench/gpu_check.sh; results in $$OUT). Without a GPU it is a dry
+# run on the CPU: `make gpu-check GPU_PYTHON=.venv/bin/python OUT=gpu_out`.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHON=$(GPU_PYTHON) bash bench/gpu_check.sh
 
 info: $(VENV)/.dev
 	$(BIN)/fastmask info
