@@ -42,6 +42,10 @@ def _worker(rank: int, world: int, init_file: str, name: str, out_dir: str) -> N
             opt.step(ratios={"audio": 0.4, "visual": 0.7})
     torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+    # The results are saved; skip interpreter finalization, where gloo's worker threads are
+    # torn down and now and then abort the process ("terminate called without an active
+    # exception", seen in 2 of ~10 full runs of this suite, never in the optimizer's step).
+    os._exit(0)
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))

@@ -146,6 +146,10 @@ def _worker(rank: int, init_file: str, backend: str, out_dir: str) -> None:
         results["exact_raised"] = not exact.state  # raised before anything was written
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+    # The results are saved; skip interpreter finalization, where gloo's worker threads are
+    # torn down and now and then abort the process ("terminate called without an active
+    # exception", seen in 2 of ~10 full runs of this suite, never in the optimizer's step).
+    os._exit(0)
 
 
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="gloo FSDP2 on CPU tensors")
