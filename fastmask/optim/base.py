@@ -27,6 +27,9 @@ from . import sharding
 
 DENSE = "(dense)"  # the stats() key of groups without a modality
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer", "fisher")
+# per-param state key -> the TensorGroup list that carries it to the op
+STATE_LISTS = (("exp_avg", "exp_avgs"), ("exp_avg_sq", "exp_avg_sqs"), ("momentum_buffer", "momentum_buffers"),
+               ("fisher", "fishers"))
 
 # Keys of every group, whatever its base.
 BASE_DEFAULTS: dict[str, Any] = {
@@ -59,6 +62,17 @@ def _check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def _checked_lr(lr: object, where: str) -> float | torch.Tensor:
+    """A float >= 0, or a one-element float tensor (checked for >= 0 on the CPU only: no sync)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise TypeError(f"lr must be a float or a one-element float tensor{where}")
+        if lr.device.type == "cpu" and float(lr) < 0:
+            raise ValueError(f"lr must be >= 0, got {float(lr)}{where}")
+        return lr
+    return check_real(f"lr{where}", lr, 0.0, math.inf)
 
 
 def _nearest(key: str, valid: Iterable[str]) -> str:
@@ -111,6 +125,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if defaults["seed"] is None:
             defaults["seed"] = draw_seed()
         self._stats: dict[str, dict[torch.device, torch.Tensor]] = {}
+        self._dtensors = False  # set once a DTensor param is added: the step then handles shards
         self._validate_group(dict(defaults), "")
         super().__init__(params, defaults)
 
@@ -161,6 +176,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  f"nn.Parameter{where}")
             if sharding.is_dtensor(p):
                 sharding.shard_mesh_dim(p, f"params[{i}]{where}")
+                self._dtensors = True
         base = check_choice(f"base{where}", group.get("base", self.defaults["base"]), BASES)
         family = BASE_FAMILY[base]
         for key in (*BASE_DEFAULTS, *family, *self.METHOD_DEFAULTS):
@@ -189,14 +205,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         unknown = sorted(set(group) - self._valid_keys(group))
         if unknown:
             raise ValueError(f"unknown param group key {unknown[0]!r}{where}{self._key_hint(unknown[0], group['base'])}")
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            if lr.numel() != 1 or not lr.is_floating_point():
-                raise TypeError(f"lr must be a float or a one-element float tensor{where}")
-            if lr.device.type == "cpu" and float(lr) < 0:
-                raise ValueError(f"lr must be >= 0, got {float(lr)}{where}")
-        else:
-            group["lr"] = check_real(f"lr{where}", lr, 0.0, math.inf)
+        group["lr"] = _checked_lr(group["lr"], where)
         if group["base"] == "sgd":
             group["momentum"] = check_real(f"momentum{where}", group["momentum"], 0.0, math.inf)
             group["dampening"] = check_real(f"dampening{where}", group["dampening"], -math.inf, math.inf)
@@ -323,12 +332,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         grad_scale: torch.Tensor | None,
         found_inf: torch.Tensor | None,
     ) -> Any:
-        """The shared body of every ``step``: closure, validation of everything, then the update.
+        """The shared body of every ``step``: the closure, the checks, then one op call per batch.
 
         ``grad_scale``: grads are divided by it inside the step; ``found_inf``: if
         non-zero, nothing changes (params, states, steps, RNG position). Both
         default to the attributes ``torch.amp.GradScaler`` sets on the optimizer.
-        Every input is validated before any tensor is written.
+        Hyper-parameters were validated when their group was added or loaded; a step
+        checks what may have changed since (``lr``, which schedulers write, the grads and
+        the settings) before any tensor is written or any state created.
         """
         if isinstance(closure, Mapping):
             raise TypeError(f"step() takes a closure as its positional argument, got a dict; pass per-modality "
@@ -342,69 +353,76 @@ class FusedOptimizer(torch.optim.Optimizer):
         checked = self._checked_settings(settings) if settings is not None else {}
         grad_scale = self._amp_tensor("grad_scale", grad_scale if grad_scale is not None else getattr(self, "grad_scale", None))
         found_inf = self._amp_tensor("found_inf", found_inf if found_inf is not None else getattr(self, "found_inf", None))
+        with_grads = []
         for gi, group in enumerate(self.param_groups):
-            self._validate_group(group, f" (param group {gi})")
-            for i, p in enumerate(group["params"]):
-                g = p.grad
-                if g is None:
-                    continue
-                if g.is_sparse or g.layout != torch.strided:
-                    raise RuntimeError(f"param group {gi}, params[{i}] has a sparse gradient; fastmask does not support sparse gradients")
-                if g.is_complex():
-                    raise RuntimeError(f"param group {gi}, params[{i}] has a complex gradient; not supported")
-                if g.shape != p.shape or g.device != p.device:
-                    raise RuntimeError(f"param group {gi}, params[{i}]: grad shape/device differs from the param")
-                if group.get("sampling") == "exact" and sharding.is_dtensor(p):
-                    if sharding.shard_mesh_dim(p, f"param group {gi}, params[{i}]") is not None:
-                        raise NotImplementedError(
-                            f"param group {gi}: sampling='exact' needs every unit of a tensor on one rank, and "
-                            f"params[{i}] is sharded; use sampling='poisson' or 'uniform' with FSDP2/DTensor"
-                        )
+            group["lr"] = _checked_lr(group["lr"], f" (param group {gi})")
+            with_grads.append(self._params_with_grads(group, gi))
         self._apply_settings(checked)
 
         slot = 0
-        for gi, group in enumerate(self.param_groups):
-            batches: dict[tuple[torch.device, torch.dtype], tuple[TensorGroup, list[object]]] = {}
-            keys = self._state_keys(group)
-            for i, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    key = (p.device, p.dtype)
-                    if key not in batches:
-                        batches[key] = (TensorGroup([], [], [], [], stats=self._stats_buffer(group, p.device)), [])
-                    self._append(*batches[key], p, keys, slot, (gi, i))
-                slot += 1
+        for group, present in zip(self.param_groups, with_grads):
+            batches = self._init_group(group, present, slot)
+            slot += len(group["params"])
             if not batches:
                 continue
             config = self._step_config(group)
-            for (device, _), (batch, process_groups) in batches.items():
-                batch.reduce_sums = sharding.sums_reducer(process_groups)
+            for batch in batches:
+                device = batch.params[0].device
                 gs = grad_scale.to(device) if grad_scale is not None else None
                 fi = found_inf.to(device) if found_inf is not None else None
                 ops.masked_step_(batch, config, grad_scale=gs, found_inf=fi, backend=group["backend"])
         return loss
 
-    def _append(
-        self, batch: TensorGroup, process_groups: list[object], p: torch.Tensor, keys: tuple[str, ...], slot: int,
-        where: tuple[int, int],
-    ) -> None:
-        """Add ``p`` (a DTensor: its local shard) and its state to ``batch``; ``keys`` are
-        its group's state keys, ``where`` its (group, index) for error messages."""
-        state = self._init_state(p, keys)
-        if sharding.is_dtensor(p):
-            param, grad, shard, process_group = sharding.local_shard(p, "param group {}, params[{}]".format(*where))
-            state = {k: v if k == "step" else v.to_local() for k, v in state.items()}
-        else:
-            param, grad, shard, process_group = p, p.grad, None, None
-        batch.params.append(param)
-        batch.grads.append(grad)
-        batch.steps.append(state["step"])
-        batch.slots.append(slot)
-        batch.shards.append(shard)
-        process_groups.append(process_group)
-        for key, values in (("exp_avg", batch.exp_avgs), ("exp_avg_sq", batch.exp_avg_sqs),
-                            ("momentum_buffer", batch.momentum_buffers), ("fisher", batch.fishers)):
-            if key in keys:
-                values.append(state[key])
+    def _params_with_grads(self, group: dict[str, Any], gi: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(index, param, grad) of the group's params that have a gradient, checked (torch's
+        ``.grad`` setter already guarantees the param's shape, dtype and device)."""
+        present = []
+        for i, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            if g.layout is not torch.strided:
+                raise RuntimeError(f"param group {gi}, params[{i}] has a {g.layout} gradient; fastmask supports "
+                                   f"dense (strided) gradients only")
+            if self._dtensors:
+                sharding.check_steppable(p, group, f"param group {gi}, params[{i}]")
+            present.append((i, p, g))
+        return present
+
+    def _init_group(self, group: dict[str, Any], present: list[tuple[int, torch.Tensor, torch.Tensor]], slot0: int
+                    ) -> list[TensorGroup]:
+        """The (device, param dtype) batches of ``present`` (the group's params with grads, at
+        their indices), each with its state, created on first use; ``slot0`` is the group's first
+        param slot (the RNG stream input). DTensors enter as their local shards."""
+        keys = self._state_keys(group)
+        required = frozenset(keys)
+        lists = [(key, attr) for key, attr in STATE_LISTS if key in keys]
+        state = self.state
+        batches: dict[tuple[torch.device, torch.dtype], tuple[TensorGroup, list]] = {}
+        shard_groups: dict[tuple[torch.device, torch.dtype], list[object]] = {}
+        for i, p, grad in present:
+            entry = state[p]
+            if not required <= entry.keys():
+                entry = self._init_state(p, keys)
+            key = (p.device, p.dtype)
+            found = batches.get(key)
+            if found is None:
+                batch = TensorGroup([], [], [], [], stats=self._stats_buffer(group, p.device))
+                found = batches[key] = (batch, [(name, getattr(batch, attr).append) for name, attr in lists])
+            batch, appenders = found
+            if self._dtensors:  # any DTensor in this optimizer: every batch lists its shards
+                p, grad, entry, shard, process_group = sharding.local_tensors(p, entry)
+                batch.shards.append(shard)
+                shard_groups.setdefault(key, []).append(process_group)
+            batch.params.append(p)
+            batch.grads.append(grad)
+            batch.steps.append(entry["step"])
+            batch.slots.append(slot0 + i)
+            for name, append in appenders:
+                append(entry[name])
+        for key, process_groups in shard_groups.items():
+            batches[key][0].reduce_sums = sharding.sums_reducer(process_groups)
+        return [batch for batch, _ in batches.values()]
 
     # ----------------------------------------------------------- stats
     def _stats_buffer(self, group: dict[str, Any], device: torch.device) -> torch.Tensor:
@@ -464,6 +482,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         self.defaults.pop("differentiable", None)  # torch adds it; no fastmask group has that key
         self.__dict__.setdefault("_stats", {})
+        self._dtensors = any(sharding.is_dtensor(p) for g in self.param_groups for p in g["params"])
 
     def _group_from_checkpoint(self, group: dict[str, Any], saved: Mapping[str, Any], meta: Mapping[str, Any],
                                gi: int) -> tuple[dict[str, Any], bool]:

@@ -54,6 +54,28 @@ def shard_mesh_dim(p: torch.Tensor, name: str) -> int | None:
     return mesh_dim
 
 
+def check_steppable(p: torch.Tensor, group: dict, name: str) -> None:
+    """Raise, before anything is written, if ``p`` (any param) cannot be stepped shard-locally
+    with ``group``'s settings: exact sampling needs every unit of a tensor on one rank."""
+    if group.get("sampling") == "exact" and is_dtensor(p) and shard_mesh_dim(p, name) is not None:
+        raise NotImplementedError(
+            f"{name}: sampling='exact' needs every unit of a tensor on one rank, and this param is sharded; "
+            f"use sampling='poisson' or 'uniform' with FSDP2/DTensor"
+        )
+
+
+def local_tensors(p: torch.Tensor, state: dict[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor], Shard | None, object]:
+    """What the step reads of ``p`` and its ``state``: (param, grad, state, its Shard, the shard
+    process group); for a DTensor the local views (its ``step`` stays a plain tensor), else
+    ``p`` itself with no shard."""
+    if not is_dtensor(p):
+        return p, p.grad, state, None, None
+    param, grad, shard, process_group = local_shard(p, "a DTensor param")
+    local = {k: v if k == "step" else v.to_local() for k, v in state.items()}
+    return param, grad, local, shard, process_group
+
+
 def local_shard(p: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor | None, Shard | None, object]:
     """(local param, local grad, its Shard or None, the shard process group or None).
 

@@ -96,14 +96,15 @@ def test_grad_scale_found_inf_and_nonfinite(backend):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_many_small_noncontiguous_and_empty_tensors(backend):
+@pytest.mark.parametrize("granularity", ["element", "row"])
+def test_many_small_noncontiguous_and_empty_tensors(backend, granularity):
     def run(b):
         gen = torch.Generator().manual_seed(0)
         shapes = [(3, 5), (1,), (), (0, 4), (7, 2, 3), (33,), (4, 3, 3, 3)] * 4
         params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in shapes]
         params[-1] = torch.nn.Parameter(params[-1].detach().to(memory_format=torch.channels_last))
         opt = fastmask.AMSSPlus([{"params": params, "modality": "m"}], lr=0.1, seed=2, backend=b,
-                                granularity="row" if b == "row" else "element")
+                                granularity=granularity)
         for step in range(3):
             for i, p in enumerate(params):
                 g = torch.randn(p.shape, generator=gen).to(DEVICE)

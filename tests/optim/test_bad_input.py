@@ -157,3 +157,17 @@ def test_bad_state_dict_is_rejected_and_nothing_loads(how):
     assert after["param_groups"] == before["param_groups"] and after["fastmask"] == before["fastmask"]
     for k, s in before["state"].items():
         assert all(torch.equal(s[key], after["state"][k][key]) for key in s)
+
+
+def test_lr_written_between_steps_is_checked_before_anything_changes():
+    """Hyper-parameters are validated when a group is added or loaded; lr, which schedulers
+    write, is checked again by every step."""
+    model, opt = _opt(lr=1e-2)
+    train(model, opt, batches(1), ratios={"audio": 0.5})
+    before, steps = flat_params(model), [float(s["step"]) for s in opt.state.values()]
+    opt.param_groups[1]["lr"] = -0.5
+    opt.zero_grad()
+    loss_of(model, batches(1)[0]).backward()
+    with pytest.raises(ValueError, match=r"lr \(param group 1\) must be in \[0"):
+        opt.step()
+    assert torch.equal(flat_params(model), before) and [float(s["step"]) for s in opt.state.values()] == steps
