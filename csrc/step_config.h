@@ -1,5 +1,7 @@
-// The step configuration that fastmask.ops._native sends as a dict (step_config_dict and
-// shard_config), parsed in one place for the CPU and CUDA bindings. Host code (pybind11).
+// The step configuration of the CPU and CUDA bindings: one typed struct, bound to Python once
+// for both (bind_step_config). fastmask.ops._native.native_config fills it from the Python
+// KernelConfig, whose field names it shares; assigning a field that does not exist, or a value
+// of the wrong type, raises there. Host code (pybind11).
 #pragma once
 
 #include <torch/extension.h>
@@ -7,60 +9,71 @@
 #include <cstdint>
 #include <vector>
 
+#include "fastmask_math.h"
+
 namespace fastmask {
 
 struct StepConfig {
-  int base, rescale;  // base: 0 sgd, 1 adam, 2 adamw; rescale: 0 none, 1 ht, 2 legacy
-  double lr, momentum, dampening, beta1, beta2, eps, weight_decay, ratio, min_prob, fisher_beta;
-  double grad_coefficient, update_coefficient;
-  bool nesterov, maximize, masked, poisson, ema, row, freeze, ge, modulate_update, exact;
-  uint64_t seed;
+  int base = kAdamW, rescale = kNoRescale;  // enums Base and Rescale of fastmask_math.h
+  double lr = 0, momentum = 0, dampening = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0, ratio = 1,
+         min_prob = 0, fisher_beta = 0;
+  double grad_coefficient = 1, update_coefficient = 1;
+  bool nesterov = false, maximize = false, masked = false, poisson = true, ema = false, row = false, freeze = false,
+       ge = false, modulate_update = false, exact = false;
+  uint64_t seed = 0;
   // per tensor, empty unless sharded: the full tensor's units and elements, and the
   // full-tensor index of the first local unit and element
   std::vector<int64_t> full_units, full_numels, first_units, first_elements;
-  py::object reduce_sums;  // None, or called with the [T, 4] float64 pass-1 sums
+  py::object reduce_sums = py::none();  // None, or called with the [T, 4] float64 pass-1 sums
 
   bool sharded() const { return !full_units.empty(); }
 };
 
-inline StepConfig parse_step_config(const py::dict& d) {
-  StepConfig c;
-  auto real = [&](const char* key) { return d[key].cast<double>(); };
-  auto flag = [&](const char* key) { return d[key].cast<bool>(); };
-  c.base = d["base"].cast<int>();
-  c.rescale = d["rescale"].cast<int>();
-  c.lr = real("lr");
-  c.momentum = real("momentum");
-  c.dampening = real("dampening");
-  c.beta1 = real("beta1");
-  c.beta2 = real("beta2");
-  c.eps = real("eps");
-  c.weight_decay = real("weight_decay");
-  c.ratio = real("ratio");
-  c.min_prob = real("min_prob");
-  c.fisher_beta = real("fisher_beta");
-  c.grad_coefficient = real("grad_coefficient");
-  c.update_coefficient = real("update_coefficient");
-  c.nesterov = flag("nesterov");
-  c.maximize = flag("maximize");
-  c.masked = flag("masked");
-  c.poisson = flag("poisson");
-  c.ema = flag("ema");
-  c.row = flag("row");
-  c.freeze = flag("freeze");
-  c.ge = flag("ge");
-  c.modulate_update = flag("modulate_update");
-  c.exact = flag("exact");
-  c.seed = d["seed"].cast<uint64_t>();
-  if (d.contains("full_units")) {
-    auto values = [&](const char* key) { return d[key].cast<std::vector<int64_t>>(); };
-    c.full_units = values("full_units");
-    c.full_numels = values("full_numels");
-    c.first_units = values("first_units");
-    c.first_elements = values("first_elements");
-  }
-  c.reduce_sums = d.contains("reduce_sums") ? py::object(d["reduce_sums"]) : py::object(py::none());
-  return c;
+// Registers StepConfig (module-local: the cpp and cuda extensions each have their own) and the
+// enum values as BASE_IDS / RESCALE_IDS, which a test compares with the Python ids.
+inline void bind_step_config(py::module_& m) {
+  using C = StepConfig;
+  py::class_<C>(m, "StepConfig", py::module_local())
+      .def(py::init<>())
+      .def_readwrite("base", &C::base)
+      .def_readwrite("rescale", &C::rescale)
+      .def_readwrite("lr", &C::lr)
+      .def_readwrite("momentum", &C::momentum)
+      .def_readwrite("dampening", &C::dampening)
+      .def_readwrite("beta1", &C::beta1)
+      .def_readwrite("beta2", &C::beta2)
+      .def_readwrite("eps", &C::eps)
+      .def_readwrite("weight_decay", &C::weight_decay)
+      .def_readwrite("ratio", &C::ratio)
+      .def_readwrite("min_prob", &C::min_prob)
+      .def_readwrite("fisher_beta", &C::fisher_beta)
+      .def_readwrite("grad_coefficient", &C::grad_coefficient)
+      .def_readwrite("update_coefficient", &C::update_coefficient)
+      .def_readwrite("nesterov", &C::nesterov)
+      .def_readwrite("maximize", &C::maximize)
+      .def_readwrite("masked", &C::masked)
+      .def_readwrite("poisson", &C::poisson)
+      .def_readwrite("ema", &C::ema)
+      .def_readwrite("row", &C::row)
+      .def_readwrite("freeze", &C::freeze)
+      .def_readwrite("ge", &C::ge)
+      .def_readwrite("modulate_update", &C::modulate_update)
+      .def_readwrite("exact", &C::exact)
+      .def_readwrite("seed", &C::seed)
+      .def_readwrite("full_units", &C::full_units)
+      .def_readwrite("full_numels", &C::full_numels)
+      .def_readwrite("first_units", &C::first_units)
+      .def_readwrite("first_elements", &C::first_elements)
+      .def_readwrite("reduce_sums", &C::reduce_sums);
+  py::dict base_ids, rescale_ids;
+  base_ids["sgd"] = static_cast<int>(kSGD);
+  base_ids["adam"] = static_cast<int>(kAdam);
+  base_ids["adamw"] = static_cast<int>(kAdamW);
+  rescale_ids["none"] = static_cast<int>(kNoRescale);
+  rescale_ids["ht"] = static_cast<int>(kHT);
+  rescale_ids["legacy"] = static_cast<int>(kLegacy);
+  m.attr("BASE_IDS") = base_ids;
+  m.attr("RESCALE_IDS") = rescale_ids;
 }
 
 }  // namespace fastmask

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from fastmask.ops._native import exact_unit_weights, working_copies
 from fastmask.reference import sampling
-from fastmask.reference.spec import StepConfig, TensorGroup, exact_count
+from fastmask.reference.spec import KernelConfig, StepConfig, TensorGroup, exact_count
 
 from .ops import TL_DTYPES, gumbel_keys
 from .philox import normal_at, normal_block, uniform_at, uniform_block
@@ -416,7 +416,6 @@ def pass2(
 
 BLOCK_SIZE = 1024
 REDUCE_BLOCK = 256
-_BASE_IDS = {"sgd": 0, "adam": 1, "adamw": 2}
 
 
 @dataclass
@@ -537,88 +536,83 @@ def masked_step_(
     if any(x.device != device for x in params + group.grads + group.steps):
         raise ValueError("triton masked_step_: all tensors of a batch must be on one device")
     work, write_back = working_copies(group)
+    k = KernelConfig.from_step(cfg, ema=bool(work["fishers"]))
     layout = _layout(work, group, cfg.granularity)
     grads = _grad_table(work["grads"])
     n_tensors = len(params)
     f32 = dict(dtype=torch.float32, device=device)
-    n_partials = layout.n_units if cfg.granularity == "row" else layout.n_blocks
+    n_partials = layout.n_units if k.row else layout.n_blocks
     partials = torch.empty((max(n_partials, 1), PART_COLS.value), dtype=torch.float64, device=device)
     row_importance = torch.empty(max(layout.n_units, 1), **f32)
-    unit_weight = torch.zeros(max(layout.n_units if cfg.is_masked else 1, 1), **f32)
+    unit_weight = torch.zeros(max(layout.n_units if k.masked else 1, 1), **f32)
     scalars = torch.empty((n_tensors, SCALAR_COLS.value), **f32)
     tensor_stats = torch.zeros((n_tensors, STAT_COLS.value), **f32)
     block_stats = torch.zeros((max(layout.n_blocks, 1), 2), **f32)
     dummy = scalars
-    ema = bool(work["fishers"])
-    common = dict(HAS_SCALE=grad_scale is not None, EMA=ema, G_DTYPE=TL_DTYPES[g_dtype], BLOCK=BLOCK_SIZE)
-    beta_args = (cfg.fisher_beta, 1.0 - cfg.fisher_beta)
-    scale_arg = grad_scale if grad_scale is not None else dummy
+    grad_scale_ptr = grad_scale if grad_scale is not None else dummy
+    seed = dict(seed_lo=k.seed & 0xFFFFFFFF, seed_hi=k.seed >> 32)
+    importance = dict(fisher_beta=k.fisher_beta, one_minus_fisher_beta=1.0 - k.fisher_beta)
+    pass1 = dict(grad_table=grads, ptr_table=layout.pointers, meta=layout.meta, partials=partials,
+                 grad_scale_ptr=grad_scale_ptr, **importance, HAS_SCALE=grad_scale is not None, EMA=k.ema,
+                 G_DTYPE=TL_DTYPES[g_dtype], BLOCK=BLOCK_SIZE)
 
-    sampling_in_kernel = cfg.is_masked and cfg.sampling != "exact"
-    mask_mode = 0 if not cfg.is_masked else (1 if sampling_in_kernel and cfg.granularity == "element" else 2)
     exact_counts = None
-    if cfg.is_masked and cfg.sampling == "exact":
-        unit_weight, _ = exact_unit_weights(work, group, cfg, grad_scale, _triton_select(cfg.seed))
+    if k.exact:
+        unit_weight, _ = exact_unit_weights(work, group, cfg, grad_scale, _triton_select(k.seed))
         exact_counts = torch.tensor(
-            [float(exact_count(cfg.ratio, u)) if u else 0.0 for u in layout.units], dtype=torch.float64, device=device
+            [float(exact_count(k.ratio, u)) if u else 0.0 for u in layout.units], dtype=torch.float64, device=device
         )
 
-    if cfg.granularity == "row" and layout.n_units:
-        pass1_rows[(layout.n_units,)](
-            grads, layout.pointers, layout.meta, layout.row_tensor, partials, row_importance, scale_arg,
-            *beta_args, **common)
-    elif cfg.granularity == "element" and layout.n_blocks:
-        pass1_blocks[(layout.n_blocks,)](
-            grads, layout.pointers, layout.meta, layout.block_tensor, partials, scale_arg, *beta_args, **common)
+    if k.row and layout.n_units:
+        pass1_rows[(layout.n_units,)](row_tensor=layout.row_tensor, row_importance=row_importance, **pass1)
+    elif not k.row and layout.n_blocks:
+        pass1_blocks[(layout.n_blocks,)](block_tensor=layout.block_tensor, **pass1)
 
     if group.reduce_sums is not None:
         sums = torch.empty((n_tensors, PART_COLS.value), dtype=torch.float64, device=device)
-        sum_partials[(n_tensors,)](layout.meta, partials, sums, RBLOCK=REDUCE_BLOCK)
+        sum_partials[(n_tensors,)](meta=layout.meta, partials=partials, sums_out=sums, RBLOCK=REDUCE_BLOCK)
         group.reduce_sums(sums)
         partials = sums
 
     lr_is_tensor = isinstance(cfg.lr, torch.Tensor)
-    lr_arg = cfg.lr.to(device=device, dtype=torch.float32) if lr_is_tensor else dummy
-    seed_lo, seed_hi = cfg.seed & 0xFFFFFFFF, cfg.seed >> 32
+    lr_hi, lr_lo = _split_f64(k.lr)
+    beta1_hi, beta1_lo = _split_f64(k.beta1)
+    beta2_hi, beta2_lo = _split_f64(k.beta2)
     reduce_tensors[(n_tensors,)](
-        layout.pointers, layout.meta, partials, row_importance, unit_weight, scalars, tensor_stats,
-        found_inf if found_inf is not None else dummy, lr_arg,
-        *_split_f64(0.0 if lr_is_tensor else float(cfg.lr)),
-        1.0 if lr_is_tensor else 1.0 - float(cfg.lr) * cfg.weight_decay, cfg.weight_decay,
-        cfg.ratio, cfg.min_prob, seed_lo, seed_hi,
-        *_split_f64(cfg.beta1), *_split_f64(cfg.beta2),
+        ptr_table=layout.pointers, meta=layout.meta, partials=partials, row_importance=row_importance,
+        unit_weight=unit_weight, scalars=scalars, tensor_stats=tensor_stats,
+        found_inf_ptr=found_inf if found_inf is not None else dummy,
+        lr_ptr=cfg.lr.to(device=device, dtype=torch.float32) if lr_is_tensor else dummy,
+        lr_hi=lr_hi, lr_lo=lr_lo, decay_value=1.0 if lr_is_tensor else 1.0 - k.lr * k.weight_decay,
+        weight_decay=k.weight_decay, ratio=k.ratio, min_prob=k.min_prob, **seed,
+        beta1_hi=beta1_hi, beta1_lo=beta1_lo, beta2_hi=beta2_hi, beta2_lo=beta2_lo,
         HAS_FOUND_INF=found_inf is not None, LR_IS_TENSOR=lr_is_tensor,
-        ROW_SAMPLING=sampling_in_kernel and cfg.granularity == "row",
-        SAMPLING=0 if cfg.sampling == "poisson" else 1, RESCALE=_rescale_id(cfg),
+        ROW_SAMPLING=k.masked and k.row and not k.exact, SAMPLING=0 if k.poisson else 1, RESCALE=k.rescale,
         PRE_SUMMED=group.reduce_sums is not None, ALIGNED=layout.aligned, RBLOCK=REDUCE_BLOCK,
         enable_fp_fusion=False,
     )
 
     if layout.n_blocks:
-        grad_coefficient = cfg.coefficient if cfg.modulate == "grad" else 1.0
         pass2[(layout.n_blocks,)](
-            grads, layout.pointers, layout.meta, layout.block_tensor, scalars, unit_weight, block_stats,
-            scale_arg, seed_lo, seed_hi, cfg.ratio, cfg.min_prob, grad_coefficient, cfg.coefficient,
-            1.0 - cfg.beta1, cfg.beta2, 1.0 - cfg.beta2, cfg.eps, cfg.momentum, 1.0 - cfg.dampening,
-            cfg.weight_decay, *beta_args,
-            BASE=_BASE_IDS[cfg.base], MASK_MODE=mask_mode, SAMPLING=0 if cfg.sampling == "poisson" else 1,
-            RESCALE=_rescale_id(cfg), FREEZE=cfg.is_masked and cfg.masked == "freeze", EMA=ema, GE=cfg.ge_noise,
-            HAS_MOMENTUM=cfg.base == "sgd" and bool(cfg.momentum), NESTEROV=cfg.nesterov, MAXIMIZE=cfg.maximize,
-            HAS_SCALE=grad_scale is not None, MODULATE_UPDATE=cfg.modulate == "update" and cfg.coefficient != 1.0,
-            ALIGNED=layout.aligned, P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype], BLOCK=BLOCK_SIZE,
+            grad_table=grads, ptr_table=layout.pointers, meta=layout.meta, block_tensor=layout.block_tensor,
+            scalars=scalars, unit_weight=unit_weight, block_stats=block_stats, grad_scale_ptr=grad_scale_ptr, **seed,
+            ratio=k.ratio, min_prob=k.min_prob, grad_coefficient=k.grad_coefficient,
+            update_coefficient=k.update_coefficient, one_minus_beta1=1.0 - k.beta1, beta2=k.beta2,
+            one_minus_beta2=1.0 - k.beta2, eps=k.eps, momentum=k.momentum, one_minus_dampening=1.0 - k.dampening,
+            weight_decay=k.weight_decay, **importance,
+            BASE=k.base, MASK_MODE=k.mask_mode, SAMPLING=0 if k.poisson else 1, RESCALE=k.rescale, FREEZE=k.freeze,
+            EMA=k.ema, GE=k.ge, HAS_MOMENTUM=k.has_momentum, NESTEROV=k.nesterov, MAXIMIZE=k.maximize,
+            HAS_SCALE=grad_scale is not None, MODULATE_UPDATE=k.modulate_update, ALIGNED=layout.aligned,
+            P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype], BLOCK=BLOCK_SIZE,
             enable_fp_fusion=False,  # no contraction into FMAs: every op rounds as the reference's
         )
     for original, copy in write_back:
         original.copy_(copy)
     if group.stats is not None:
-        _accumulate_stats(group.stats, cfg, mask_mode, tensor_stats, block_stats, scalars, exact_counts)
+        _accumulate_stats(group.stats, k.mask_mode, tensor_stats, block_stats, scalars, exact_counts)
 
 
-def _rescale_id(cfg: StepConfig) -> int:
-    return 0 if not cfg.unbiased else (1 if cfg.rescale == "ht" else 2)
-
-
-def _accumulate_stats(stats, cfg, mask_mode, tensor_stats, block_stats, scalars, exact_counts) -> None:
+def _accumulate_stats(stats, mask_mode, tensor_stats, block_stats, scalars, exact_counts) -> None:
     per_tensor = tensor_stats.to(torch.float64).sum(0)
     if exact_counts is not None:
         chosen = (exact_counts * scalars[:, S_OK.value].to(torch.float64)).sum()  # counts are finite

@@ -620,12 +620,11 @@ void step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tens
 void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
                  std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
                  std::vector<at::Tensor> momentum_buffers, std::vector<at::Tensor> fishers,
-                 std::vector<int64_t> slots, py::dict config, c10::optional<at::Tensor> lr_tensor,
+                 std::vector<int64_t> slots, const Config& c, c10::optional<at::Tensor> lr_tensor,
                  c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
                  c10::optional<at::Tensor> unit_weight, std::vector<int64_t> unit_offsets,
                  c10::optional<at::Tensor> stats) {
   TORCH_CHECK(!params.empty(), "masked_step: no params");
-  const Config c = fastmask::parse_step_config(config);
   const auto p_type = params[0].scalar_type(), g_type = grads[0].scalar_type();
   for (size_t t = 0; t < params.size(); ++t) {
     TORCH_CHECK(params[t].device().is_cpu() && params[t].is_contiguous() && grads[t].is_contiguous(),
@@ -717,6 +716,7 @@ at::Tensor unbiased_rescale(at::Tensor grad, at::Tensor mask, at::Tensor probs) 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastmask cpp backend: fused masked step and ops on CPU tensors";
+  fastmask::bind_step_config(m);
   m.def("masked_step", &masked_step);
   m.def("fisher_update", &fisher_update);
   m.def("inclusion_probs", &inclusion_probs);

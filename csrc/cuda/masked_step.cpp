@@ -158,13 +158,12 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
 void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
                          std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
                          std::vector<at::Tensor> momentum_buffers, std::vector<at::Tensor> fishers,
-                         std::vector<int64_t> slots, py::dict config, c10::optional<at::Tensor> lr_tensor,
+                         std::vector<int64_t> slots, const fastmask::StepConfig& h, c10::optional<at::Tensor> lr_tensor,
                          c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
                          c10::optional<at::Tensor> unit_weight, std::vector<int64_t> unit_offsets,
                          c10::optional<at::Tensor> stats) {
   TORCH_CHECK(!params.empty(), "cuda masked_step: no params");
   (void)unit_offsets;  // the unit table is laid out in tensor order, as the metadata's offsets
-  const fastmask::StepConfig h = fastmask::parse_step_config(config);
   const DeviceConfig c = device_config(h, lr_tensor.has_value());
   const auto p_type = params[0].scalar_type(), g_type = grads[0].scalar_type();
   for (size_t t = 0; t < params.size(); ++t) {
@@ -182,5 +181,6 @@ void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor>
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastmask cuda backend: the fused masked step as multi-tensor CUDA kernels";
+  fastmask::bind_step_config(m);
   m.def("masked_step", &masked_step_binding);
 }

@@ -1,8 +1,9 @@
 """Host-side helpers shared by the native backends (triton, cpp, cuda): working copies,
-exact-mode unit tables, the flat step config, and building C++/CUDA extensions on first use."""
+exact-mode unit tables, the typed C++ step config, and building C++/CUDA extensions on first use."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -19,7 +20,7 @@ import torch
 
 from ..reference import sampling
 from ..reference.philox import rng_stream
-from ..reference.spec import StepConfig, TensorGroup, exact_count
+from ..reference.spec import KernelConfig, StepConfig, TensorGroup, exact_count
 
 BATCH_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "momentum_buffers", "fishers")
 
@@ -86,36 +87,23 @@ def exact_unit_weights(
     return table, offsets
 
 
-def step_config_dict(cfg: StepConfig, ema: bool) -> dict:
-    """The StepConfig as the flat dict the C++/CUDA step functions read."""
-    return dict(
-        base={"sgd": 0, "adam": 1, "adamw": 2}[cfg.base],
-        rescale=0 if not cfg.unbiased else (1 if cfg.rescale == "ht" else 2),
-        lr=0.0 if isinstance(cfg.lr, torch.Tensor) else float(cfg.lr),
-        momentum=cfg.momentum, dampening=cfg.dampening, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-        weight_decay=cfg.weight_decay, ratio=cfg.ratio, min_prob=cfg.min_prob, fisher_beta=cfg.fisher_beta,
-        grad_coefficient=cfg.coefficient if cfg.modulate == "grad" else 1.0, update_coefficient=cfg.coefficient,
-        nesterov=cfg.nesterov, maximize=cfg.maximize, masked=cfg.is_masked, poisson=cfg.sampling == "poisson",
-        ema=ema, row=cfg.granularity == "row", freeze=cfg.masked == "freeze", ge=cfg.ge_noise,
-        modulate_update=cfg.modulate == "update" and cfg.coefficient != 1.0,
-        exact=cfg.is_masked and cfg.sampling == "exact", seed=cfg.seed,
-    )
-
-
-def shard_config(group: TensorGroup, granularity: str) -> dict:
-    """The config entries of a sharded batch (none for whole tensors): per tensor the full
-    tensor's units and elements and the full-tensor index of its first local unit and
-    element, and ``reduce_sums``, which the extension calls between pass 1 and pass 2."""
-    out: dict = {}
+def native_config(extension: ModuleType, kcfg: KernelConfig, group: TensorGroup) -> object:
+    """The typed C++ ``fastmask::StepConfig`` of ``extension`` (cpp or cuda) for one batch:
+    ``kcfg``'s fields, and for a sharded batch per tensor the full tensor's units and elements
+    and the full-tensor index of its first local unit and element, plus ``reduce_sums``,
+    which the extension calls between pass 1 and pass 2. An unknown field raises."""
+    config = extension.StepConfig()
+    for field in dataclasses.fields(kcfg):
+        setattr(config, field.name, getattr(kcfg, field.name))
     if any(group.shards):
-        spaces = [group.index_space(i, granularity) for i in range(len(group))]
-        out.update(
-            first_units=[s.first_unit for s in spaces], full_units=[s.units for s in spaces],
-            full_numels=[s.numel for s in spaces], first_elements=[s.first_element for s in spaces],
-        )
+        spaces = [group.index_space(i, "row" if kcfg.row else "element") for i in range(len(group))]
+        config.first_units = [s.first_unit for s in spaces]
+        config.full_units = [s.units for s in spaces]
+        config.full_numels = [s.numel for s in spaces]
+        config.first_elements = [s.first_element for s in spaces]
     if group.reduce_sums is not None:
-        out["reduce_sums"] = group.reduce_sums
-    return out
+        config.reduce_sums = group.reduce_sums
+    return config
 
 
 def csrc_dir() -> Path:
@@ -260,10 +248,10 @@ def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConf
     p_dtype = work["params"][0].dtype
     if any(g.dtype not in (p_dtype, torch.float32) for g in work["grads"]):  # the kernels' dtype pairs
         work["grads"] = [g.to(torch.float32) for g in work["grads"]]
-    config = step_config_dict(cfg, ema=bool(work["fishers"]))
-    config.update(shard_config(group, cfg.granularity))
+    kcfg = KernelConfig.from_step(cfg, ema=bool(work["fishers"]))
+    config = native_config(extension, kcfg, group)
     unit_weight, offsets = None, []
-    if config["exact"]:
+    if kcfg.exact:
         unit_weight, offsets = exact_unit_weights(work, group, cfg, grad_scale, select)
     lr = cfg.lr.to(torch.float32) if isinstance(cfg.lr, torch.Tensor) else None
     extension.masked_step(

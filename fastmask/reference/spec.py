@@ -62,6 +62,75 @@ class StepConfig:
         return self.ratio < 1.0
 
 
+# Ids the kernels read for the choices of a StepConfig; csrc/fastmask_math.h's enums Base and
+# Rescale hold the same values (a test checks it).
+BASE_IDS = {"sgd": 0, "adam": 1, "adamw": 2}
+RESCALE_IDS = {"none": 0, "ht": 1, "legacy": 2}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """What the native kernels (Triton, C++, CUDA) read, derived once from a ``StepConfig``:
+    ids, flags and scalars, every derived term computed here and nowhere else.
+
+    The field names are those of the C++ ``fastmask::StepConfig`` (csrc/step_config.h), which
+    the cpp and cuda bindings receive typed. ``lr`` is 0.0 when the group's lr is a tensor
+    (the kernels read that tensor instead).
+    """
+
+    base: int
+    rescale: int  # RESCALE_IDS: "none" unless unbiased
+    lr: float
+    momentum: float
+    dampening: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    ratio: float
+    min_prob: float
+    fisher_beta: float
+    grad_coefficient: float  # OGM's k on the gradient (modulate="grad"), else 1
+    update_coefficient: float  # OGM's k on the update (modulate="update")
+    nesterov: bool
+    maximize: bool
+    masked: bool  # units are sampled (ratio < 1)
+    poisson: bool  # sampling="poisson" (else uniform, or exact)
+    ema: bool  # an EMA of g^2 is kept (its fishers are in the batch)
+    row: bool  # granularity="row"
+    freeze: bool  # masked units keep param and moments (masked and masked="freeze")
+    ge: bool  # OGM-GE noise
+    modulate_update: bool  # the update is scaled by update_coefficient (!= 1)
+    exact: bool  # masked with sampling="exact": units chosen on the host side, as a weight table
+    seed: int
+
+    @classmethod
+    def from_step(cls, cfg: StepConfig, ema: bool) -> KernelConfig:
+        """``ema``: whether the batch carries fishers (masked groups with importance "ema")."""
+        return cls(
+            base=BASE_IDS[cfg.base],
+            rescale=RESCALE_IDS[cfg.rescale if cfg.unbiased else "none"],
+            lr=0.0 if isinstance(cfg.lr, torch.Tensor) else float(cfg.lr),
+            momentum=cfg.momentum, dampening=cfg.dampening, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+            weight_decay=cfg.weight_decay, ratio=cfg.ratio, min_prob=cfg.min_prob, fisher_beta=cfg.fisher_beta,
+            grad_coefficient=cfg.coefficient if cfg.modulate == "grad" else 1.0,
+            update_coefficient=cfg.coefficient,
+            nesterov=cfg.nesterov, maximize=cfg.maximize, masked=cfg.is_masked, poisson=cfg.sampling == "poisson",
+            ema=ema, row=cfg.granularity == "row", freeze=cfg.is_masked and cfg.masked == "freeze", ge=cfg.ge_noise,
+            modulate_update=cfg.modulate == "update" and cfg.coefficient != 1.0,
+            exact=cfg.is_masked and cfg.sampling == "exact", seed=cfg.seed,
+        )
+
+    @property
+    def mask_mode(self) -> int:
+        """0: dense; 1: elements sampled in the element pass; 2: a per-unit weight table (rows, exact)."""
+        return 0 if not self.masked else (1 if not (self.row or self.exact) else 2)
+
+    @property
+    def has_momentum(self) -> bool:
+        return self.base == BASE_IDS["sgd"] and self.momentum != 0.0
+
+
 def exact_count(ratio: float, n_units: int) -> int:
     """ceil(ratio * N) clamped to [1, N], tolerant to float error (0.3 * 10 -> 3)."""
     return min(n_units, max(1, math.ceil(ratio * n_units - 1e-9)))

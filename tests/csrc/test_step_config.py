@@ -1,0 +1,61 @@
+"""The typed step config: Python's KernelConfig and the C++ fastmask::StepConfig agree."""
+
+import dataclasses
+
+import pytest
+
+from fastmask.ops import _cpp
+from fastmask.ops._native import native_config
+from fastmask.reference.spec import BASE_IDS, RESCALE_IDS, KernelConfig, Shard, StepConfig, TensorGroup
+
+pytestmark = pytest.mark.skipif(_cpp.EXTENSION.module() is None, reason="the cpp backend cannot be built here")
+
+
+def test_cpp_enum_values_equal_the_python_ids():
+    ext = _cpp.EXTENSION.module()
+    assert ext.BASE_IDS == BASE_IDS
+    assert ext.RESCALE_IDS == RESCALE_IDS
+
+
+@pytest.mark.parametrize("cfg", [
+    StepConfig(),
+    StepConfig(base="sgd", lr=0.1, momentum=0.9, nesterov=True, ratio=0.3, granularity="row", sampling="uniform",
+               unbiased=True, rescale="legacy", masked="zero_grad", seed=2**63 + 5),
+    StepConfig(base="adam", ratio=0.5, sampling="exact", coefficient=0.7, modulate="update", ge_noise=True),
+])
+def test_every_kernel_config_field_reaches_cpp_typed(cfg):
+    import torch
+
+    kcfg = KernelConfig.from_step(cfg, ema=True)
+    p = torch.zeros(4, 3)
+    group = TensorGroup([p], [p], [torch.zeros(())], [0], shards=[Shard(torch.Size((8, 3)), 12)],
+                        reduce_sums=lambda sums: None)
+    config = native_config(_cpp.EXTENSION.module(), kcfg, group)
+    for field in dataclasses.fields(kcfg):
+        assert getattr(config, field.name) == getattr(kcfg, field.name), field.name
+    rows = cfg.granularity == "row"  # the shard starts at row 4 (element 12) of an 8 x 3 tensor
+    assert config.first_units == [4 if rows else 12] and config.full_units == [8 if rows else 24]
+    assert config.first_elements == [12] and config.full_numels == [24]
+    assert config.reduce_sums is group.reduce_sums
+
+
+def test_cpp_config_rejects_unknown_fields_and_wrong_types():
+    config = _cpp.EXTENSION.module().StepConfig()
+    with pytest.raises(AttributeError):
+        config.granularty = 1
+    with pytest.raises(TypeError):
+        config.base = "adamw"
+
+
+def test_derived_terms_are_computed_once_here():
+    dense = KernelConfig.from_step(StepConfig(masked="freeze", sampling="exact", coefficient=0.5, modulate="update"),
+                                   ema=False)
+    assert not dense.masked and not dense.freeze and not dense.exact and dense.mask_mode == 0
+    assert dense.grad_coefficient == 1.0 and dense.update_coefficient == 0.5 and dense.modulate_update
+    assert dense.rescale == RESCALE_IDS["none"] and dense.base == BASE_IDS["adamw"]
+    rows = KernelConfig.from_step(StepConfig(ratio=0.5, granularity="row", unbiased=True), ema=False)
+    assert rows.masked and rows.freeze and rows.row and rows.mask_mode == 2 and rows.rescale == RESCALE_IDS["ht"]
+    elements = KernelConfig.from_step(StepConfig(base="sgd", momentum=0.9, ratio=0.5, coefficient=0.8), ema=True)
+    assert elements.mask_mode == 1 and elements.has_momentum and elements.grad_coefficient == 0.8
+    assert not elements.modulate_update
+    assert not KernelConfig.from_step(StepConfig(base="sgd"), ema=False).has_momentum
