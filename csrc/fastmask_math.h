@@ -106,6 +106,73 @@ struct UpdateScalars {
   bool first_step;                   // t == 1: SGD's momentum buffer starts as d_p
 };
 
+// The step-config terms the per-tensor reduce reads, in the host's double precision.
+struct ReduceTerms {
+  int base;
+  double lr, momentum, dampening, beta1, beta2, eps, weight_decay, ratio;
+  bool nesterov, lr_is_tensor;
+};
+
+// Per-tensor scalars of one step, from the tensor's pass-1 sums (DESIGN §5's reduce).
+struct TensorScalars {
+  bool ok, degenerate;
+  float new_step, scale, total, std, inv_n;  // step after this one, k / S, S, GE std, 1 / N
+  uint32_t step_word, mask_hi, noise_hi;     // the RNG stream words
+  UpdateScalars update;
+};
+
+// The reduce of one tensor, shared by the CPU host loop and the CUDA reduce kernel: ok (its
+// grads are finite and found_inf is not set), the step, S, the degenerate case, k / S, 1 / N,
+// the GE std and the base optimizer's scalars (Adam bias corrections from fp64). `sums`:
+// [sum s, sum g, sum g^2, non-finite count] of the full tensor; N = `full_units` and
+// `full_numel` elements; `stream_hi` = 2 * the param's slot; `lr_value`: the lr tensor's
+// value when terms.lr_is_tensor.
+FM_HD TensorScalars tensor_scalars(const ReduceTerms& c, const double* sums, float old_step, bool inf_flag,
+                                   int64_t full_units, int64_t full_numel, uint32_t stream_hi, float lr_value) {
+  TensorScalars sc;
+  sc.ok = sums[3] == 0.0 && !inf_flag;
+  sc.new_step = old_step + 1.0f;
+  sc.total = static_cast<float>(sums[0]);
+  sc.degenerate = !(sc.total > 0.0f && sc.total < INFINITY);
+  sc.scale = (static_cast<float>(c.ratio) * static_cast<float>(full_units)) / sc.total;
+  sc.inv_n = static_cast<float>(1.0 / static_cast<double>(full_units));
+  const double n = static_cast<double>(full_numel);
+  const double var = sums[2] - sums[1] * sums[1] / n;
+  sc.std = full_numel > 1 ? static_cast<float>(sqrt((var > 0.0 ? var : 0.0) / (n - 1.0))) : 0.0f;
+  const uint32_t step_int = static_cast<uint32_t>(sc.new_step);
+  sc.step_word = step_int;
+  sc.mask_hi = stream_hi;
+  sc.noise_hi = stream_hi + 1;
+
+  UpdateScalars& u = sc.update;
+  u.base = c.base;
+  // as the reference: a float lr is a double and 1 - lr * wd is computed in double, then
+  // rounded; a tensor lr is fp32 and 1 - lr * wd is fp32 arithmetic
+  double lr64;
+  if (c.lr_is_tensor) {
+    u.lr = lr_value;
+    lr64 = lr_value;
+    u.decay = 1.0f - lr_value * static_cast<float>(c.weight_decay);
+  } else {
+    u.lr = static_cast<float>(c.lr);
+    lr64 = c.lr;
+    u.decay = static_cast<float>(1.0 - c.lr * c.weight_decay);
+  }
+  u.momentum = static_cast<float>(c.momentum);
+  u.one_minus_dampening = static_cast<float>(1.0 - c.dampening);
+  u.weight_decay = static_cast<float>(c.weight_decay);
+  u.nesterov = c.nesterov;
+  u.has_momentum = c.base == kSGD && c.momentum != 0.0;
+  u.one_minus_beta1 = static_cast<float>(1.0 - c.beta1);
+  u.beta2 = static_cast<float>(c.beta2);
+  u.one_minus_beta2 = static_cast<float>(1.0 - c.beta2);
+  u.eps = static_cast<float>(c.eps);
+  u.step_size = static_cast<float>(lr64 / (1.0 - power(c.beta1, step_int)));
+  u.bc2_sqrt = static_cast<float>(sqrt(1.0 - power(c.beta2, step_int)));
+  u.first_step = sc.new_step == 1.0f;
+  return sc;
+}
+
 // One base-optimizer update of one element (fp32), in the reference's operation order.
 FM_HD float base_update(const UpdateScalars& k, float p, float g, float& m, float& v, float& buf) {
   if (k.base == kSGD) {

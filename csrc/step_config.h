@@ -27,6 +27,10 @@ struct StepConfig {
   py::object reduce_sums = py::none();  // None, or called with the [T, 4] float64 pass-1 sums
 
   bool sharded() const { return !full_units.empty(); }
+  // What the per-tensor reduce (fastmask::tensor_scalars) reads.
+  ReduceTerms reduce_terms(bool lr_is_tensor) const {
+    return ReduceTerms{base, lr, momentum, dampening, beta1, beta2, eps, weight_decay, ratio, nesterov, lr_is_tensor};
+  }
 };
 
 // Registers StepConfig (module-local: the cpp and cuda extensions each have their own) and the

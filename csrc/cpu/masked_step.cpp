@@ -43,14 +43,7 @@ struct Partial {
   double s = 0, g = 0, g2 = 0, bad = 0;
 };
 
-// Per-tensor scalars from the reduce, read by pass 2.
-struct TensorScalars {
-  bool ok, degenerate;
-  float new_step, scale, total, std, inv_n, lr;
-  UpdateScalars update;
-  uint32_t mask_hi, noise_hi, step_word;
-  int64_t first_element;  // the RNG index of the tensor's first local element
-};
+using fastmask::TensorScalars;
 
 template <typename T>
 inline float load(const T* p, int64_t i) {
@@ -104,6 +97,7 @@ struct Pass2Tensor {
   float *m, *v, *buf, *fisher;
   const float* table;  // per-unit weights (row / exact modes), 0 = not selected
   int64_t row_size;
+  int64_t first_element;  // the RNG index of the tensor's first local element
 };
 
 // U for the 4 * kCalls units from 4 * first_call: kCalls Philox calls side by side, so
@@ -310,10 +304,11 @@ inline void frozen_fisher(const G* __restrict g, float* __restrict fisher, const
 }
 
 // OGM-GE noise std * z for local elements [b, e)
-inline void fill_noise(const TensorScalars& sc, const Pass2Args& a, int64_t b, int64_t e, float* noise) {
+inline void fill_noise(const TensorScalars& sc, int64_t first_element, const Pass2Args& a, int64_t b, int64_t e,
+                       float* noise) {
   for (int64_t i = b; i < e; ++i)
-    noise[i - b] = fastmask::normal_at(static_cast<uint64_t>(sc.first_element + i), sc.step_word, sc.noise_hi,
-                                       a.k0, a.k1) * sc.std;
+    noise[i - b] = fastmask::normal_at(static_cast<uint64_t>(first_element + i), sc.step_word, sc.noise_hi, a.k0,
+                                       a.k1) * sc.std;
 }
 
 // Pass 2 over elements [begin, end) of one tensor (skipped entirely when the tensor is
@@ -352,7 +347,7 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Pas
       }
       for (int64_t b = lo; b < hi; b += kBlock) {
         const int64_t e = std::min<int64_t>(hi, b + kBlock);
-        if (c.ge) fill_noise(sc, a, b, e, noise);
+        if (c.ge) fill_noise(sc, pt.first_element, a, b, e, noise);
         update_elements<P, G, KIND, MODE, RESCALE, EMA>(pt.p, pt.g, pt.m, pt.v, pt.buf, pt.fisher, uniforms, noise,
                                                pt.table[row], k, b, e, pi_sum, sel_sum);
       }
@@ -363,8 +358,8 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Pas
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t e = std::min<int64_t>(end, b + kBlock);
     if (MODE == kSample)
-      uniform_block(static_cast<uint64_t>(sc.first_element + b), sc.step_word, sc.mask_hi, a.k0, a.k1, uniforms);
-    if (c.ge) fill_noise(sc, a, b, e, noise);
+      uniform_block(static_cast<uint64_t>(pt.first_element + b), sc.step_word, sc.mask_hi, a.k0, a.k1, uniforms);
+    if (c.ge) fill_noise(sc, pt.first_element, a, b, e, noise);
     update_elements<P, G, KIND, MODE, RESCALE, EMA>(pt.p, pt.g, pt.m, pt.v, pt.buf, pt.fisher, uniforms, noise, 0.0f,
                                            k, b, e, pi_sum, sel_sum);
   }
@@ -488,61 +483,22 @@ void step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tens
 
   // ---- reduce: per tensor
   std::vector<TensorScalars> scalars(n_tensors);
+  std::vector<int64_t> first_elements(n_tensors);
   std::vector<std::vector<float>> row_weight(n_tensors);
   double stat_pi = 0, stat_sel = 0, stat_units = 0, stat_skipped = 0;
   const float* exact_weight = unit_weight_in.has_value() ? unit_weight_in->data_ptr<float>() : nullptr;
+  const fastmask::ReduceTerms terms = c.reduce_terms(lr_tensor.has_value());
+  const float lr_value = lr_tensor.has_value() ? lr_tensor->item<float>() : 0.0f;
   for (int64_t t = 0; t < n_tensors; ++t) {
-    const Partial sum{sums[4 * t + 0], sums[4 * t + 1], sums[4 * t + 2], sums[4 * t + 3]};
     const int64_t full_units = sharded ? c.full_units[t] : units[t];
     const int64_t full_numel = sharded ? c.full_numels[t] : numel[t];
     const int64_t first_unit = sharded ? c.first_units[t] : 0;
-    TensorScalars& sc = scalars[t];
-    sc.first_element = sharded ? c.first_elements[t] : 0;
-    const bool finite = sum.bad == 0;
-    sc.ok = finite && !inf_flag;
-    stat_skipped += (!finite && !inf_flag) ? 1.0 : 0.0;
+    first_elements[t] = sharded ? c.first_elements[t] : 0;
     float* step_ptr = steps[t].data_ptr<float>();
-    const float old_step = *step_ptr;
-    sc.new_step = old_step + 1.0f;
-    *step_ptr = sc.ok ? sc.new_step : old_step;
-    sc.total = static_cast<float>(sum.s);
-    sc.degenerate = !(sc.total > 0.0f && sc.total < std::numeric_limits<float>::infinity());
-    sc.scale = (static_cast<float>(c.ratio) * static_cast<float>(full_units)) / sc.total;
-    sc.inv_n = static_cast<float>(1.0 / static_cast<double>(full_units));
-    const double n = static_cast<double>(full_numel);
-    sc.std = full_numel > 1 ? static_cast<float>(std::sqrt(std::max(sum.g2 - sum.g * sum.g / n, 0.0) / (n - 1.0)))
-                            : 0.0f;
-    const uint32_t step_int = static_cast<uint32_t>(sc.new_step);
-    sc.step_word = step_int;
-    sc.mask_hi = static_cast<uint32_t>(2 * slots[t]);
-    sc.noise_hi = static_cast<uint32_t>(2 * slots[t] + 1);
-
-    UpdateScalars& u = sc.update;
-    u.base = c.base;
-    float lr32;
-    double lr64;
-    if (lr_tensor.has_value()) {
-      lr32 = lr_tensor->item<float>();
-      lr64 = lr32;
-      u.decay = 1.0f - lr32 * static_cast<float>(c.weight_decay);
-    } else {
-      lr32 = static_cast<float>(c.lr);
-      lr64 = c.lr;
-      u.decay = static_cast<float>(1.0 - c.lr * c.weight_decay);
-    }
-    u.lr = lr32;
-    u.momentum = static_cast<float>(c.momentum);
-    u.one_minus_dampening = static_cast<float>(1.0 - c.dampening);
-    u.weight_decay = static_cast<float>(c.weight_decay);
-    u.nesterov = c.nesterov;
-    u.has_momentum = c.base == fastmask::kSGD && c.momentum != 0.0;
-    u.one_minus_beta1 = static_cast<float>(1.0 - c.beta1);
-    u.beta2 = static_cast<float>(c.beta2);
-    u.one_minus_beta2 = static_cast<float>(1.0 - c.beta2);
-    u.eps = static_cast<float>(c.eps);
-    u.step_size = static_cast<float>(lr64 / (1.0 - fastmask::power(c.beta1, step_int)));
-    u.bc2_sqrt = static_cast<float>(std::sqrt(1.0 - fastmask::power(c.beta2, step_int)));
-    u.first_step = sc.new_step == 1.0f;
+    TensorScalars& sc = scalars[t] = fastmask::tensor_scalars(terms, sums + 4 * t, *step_ptr, inf_flag, full_units,
+                                                              full_numel, static_cast<uint32_t>(2 * slots[t]), lr_value);
+    if (sc.ok) *step_ptr = sc.new_step;
+    stat_skipped += (sums[4 * t + 3] != 0.0 && !inf_flag) ? 1.0 : 0.0;
 
     if (sc.ok) stat_units += static_cast<double>(units[t]);
     if (!c.masked) {
@@ -593,7 +549,7 @@ void step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tens
                      kind == kSgdMomentum ? momentum_buffers[t].data_ptr<float>() : nullptr,
                      c.ema ? fishers[t].data_ptr<float>() : nullptr,
                      c.exact ? exact_weight + unit_offsets[t] : (by_rows[t] ? row_weight[t].data() : nullptr),
-                     row_size[t]};
+                     row_size[t], first_elements[t]};
       double pi_sum = 0, sel_sum = 0;
       dispatch_pass2<P, G>(kind, mode_of(t), c.rescale, c.ema, pt, scalars[t], args, it.begin, it.end, pi_sum,
                            sel_sum);

@@ -17,6 +17,7 @@ using namespace fastmask_cuda;
 
 DeviceConfig device_config(const fastmask::StepConfig& h, bool lr_is_tensor) {
   DeviceConfig c;
+  c.terms = h.reduce_terms(lr_is_tensor);
   c.base = h.base;
   c.rescale = h.rescale;
   c.ratio = static_cast<float>(h.ratio);
@@ -25,17 +26,6 @@ DeviceConfig device_config(const fastmask::StepConfig& h, bool lr_is_tensor) {
   c.one_minus_fisher_beta = static_cast<float>(1.0 - h.fisher_beta);
   c.grad_coefficient = static_cast<float>(h.grad_coefficient);
   c.update_coefficient = static_cast<float>(h.update_coefficient);
-  c.momentum = static_cast<float>(h.momentum);
-  c.one_minus_dampening = static_cast<float>(1.0 - h.dampening);
-  c.weight_decay = static_cast<float>(h.weight_decay);
-  c.beta1_d = h.beta1;
-  c.beta2_d = h.beta2;
-  c.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
-  c.beta2 = static_cast<float>(h.beta2);
-  c.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
-  c.eps = static_cast<float>(h.eps);
-  c.lr = h.lr;
-  c.nesterov = h.nesterov;
   c.maximize = h.maximize;
   c.masked = h.masked;
   c.poisson = h.poisson;
@@ -45,7 +35,6 @@ DeviceConfig device_config(const fastmask::StepConfig& h, bool lr_is_tensor) {
   c.ge = h.ge;
   c.modulate_update = h.modulate_update;
   c.exact = h.exact;
-  c.lr_is_tensor = lr_is_tensor;
   c.k0 = static_cast<uint32_t>(h.seed);
   c.k1 = static_cast<uint32_t>(h.seed >> 32);
   return c;

@@ -24,21 +24,17 @@ enum MetaCol {
 enum PtrCol { kParam = 0, kGrad, kExpAvg, kExpAvgSq, kMomentum, kFisher, kStep, kPtrCols };
 enum DType { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
+// What the kernels read of the step config: the reduce's terms (fastmask::tensor_scalars)
+// and the element pass's flags and scalars.
 struct DeviceConfig {
+  fastmask::ReduceTerms terms;
   int base, rescale;
   float ratio, min_prob, fisher_beta, one_minus_fisher_beta, grad_coefficient, update_coefficient;
-  float momentum, one_minus_dampening, weight_decay, one_minus_beta1, beta2, one_minus_beta2, eps;
-  double lr, beta1_d, beta2_d;
-  bool nesterov, maximize, masked, poisson, ema, row, freeze, ge, modulate_update, exact, lr_is_tensor;
+  bool maximize, masked, poisson, ema, row, freeze, ge, modulate_update, exact;
   uint32_t k0, k1;
 };
 
-struct TensorScalars {
-  int ok, degenerate;
-  float new_step, scale, total, std, inv_n;
-  uint32_t step_word, mask_hi, noise_hi;
-  fastmask::UpdateScalars update;
-};
+using fastmask::TensorScalars;
 
 // Device buffers of one step, all allocated by the caller.
 struct LaunchArgs {

@@ -138,49 +138,10 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
   const int64_t n = mrow[kFullNumel], units = mrow[kUnits], full_units = mrow[kFullUnits];
   const bool inf_flag = found_inf && *found_inf != 0.0f;
   if (threadIdx.x == 0) {
-    TensorScalars sc;
-    const bool finite = sums[3] == 0.0;
-    sc.ok = finite && !inf_flag;
     float* step_ptr = reinterpret_cast<float*>(ptrs[t * kPtrCols + kStep]);
-    const float old_step = *step_ptr;
-    sc.new_step = old_step + 1.0f;
-    *step_ptr = sc.ok ? sc.new_step : old_step;
-    sc.total = static_cast<float>(sums[0]);
-    sc.degenerate = !(sc.total > 0.0f && sc.total < INFINITY);
-    sc.scale = (c.ratio * static_cast<float>(full_units)) / sc.total;
-    sc.inv_n = static_cast<float>(1.0 / static_cast<double>(full_units));
-    const double nd = static_cast<double>(n);
-    sc.std = n > 1 ? static_cast<float>(sqrt(fmax(sums[2] - sums[1] * sums[1] / nd, 0.0) / (nd - 1.0))) : 0.0f;
-    const uint32_t step_int = static_cast<uint32_t>(sc.new_step);
-    sc.step_word = step_int;
-    sc.mask_hi = static_cast<uint32_t>(mrow[kSlot2]);
-    sc.noise_hi = static_cast<uint32_t>(mrow[kSlot2] + 1);
-    UpdateScalars& u = sc.update;
-    u.base = c.base;
-    float lr32;
-    double lr64;
-    if (c.lr_is_tensor) {
-      lr32 = *lr_ptr;
-      lr64 = lr32;
-      u.decay = 1.0f - lr32 * c.weight_decay;
-    } else {
-      lr32 = static_cast<float>(c.lr);
-      lr64 = c.lr;
-      u.decay = static_cast<float>(1.0 - c.lr * static_cast<double>(c.weight_decay));
-    }
-    u.lr = lr32;
-    u.momentum = c.momentum;
-    u.one_minus_dampening = c.one_minus_dampening;
-    u.weight_decay = c.weight_decay;
-    u.nesterov = c.nesterov;
-    u.has_momentum = c.base == fastmask::kSGD && c.momentum != 0.0f;
-    u.one_minus_beta1 = c.one_minus_beta1;
-    u.beta2 = c.beta2;
-    u.one_minus_beta2 = c.one_minus_beta2;
-    u.eps = c.eps;
-    u.step_size = static_cast<float>(lr64 / (1.0 - fastmask::power(c.beta1_d, step_int)));
-    u.bc2_sqrt = static_cast<float>(sqrt(1.0 - fastmask::power(c.beta2_d, step_int)));
-    u.first_step = sc.new_step == 1.0f;
+    const TensorScalars sc = fastmask::tensor_scalars(c.terms, sums, *step_ptr, inf_flag, full_units, n,
+                                                      static_cast<uint32_t>(mrow[kSlot2]), lr_ptr ? *lr_ptr : 0.0f);
+    if (sc.ok) *step_ptr = sc.new_step;
     sc_shared = sc;
     scalars[t] = sc;
   }
