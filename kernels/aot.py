@@ -26,7 +26,7 @@ TYPES = {
     **dict.fromkeys(["partials", "sums_out"], "*fp64"),
     **dict.fromkeys(["row_importance", "unit_weight", "scalars", "tensor_stats", "block_stats", "grad_scale_ptr",
                      "found_inf_ptr", "lr_ptr", "f_ptr", "g_ptr", "s_ptr", "out_ptr", "total_ptr", "keys_ptr",
-                     "noise_ptr", "pi_ptr", "x_ptr"], "*fp32"),
+                     "noise_ptr", "pi_ptr", "x_ptr", "settings_ptr"], "*fp32"),
     "m_ptr": "*i8",
     **dict.fromkeys(["seed_lo", "seed_hi", "n"], "i64"),
 }

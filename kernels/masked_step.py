@@ -212,14 +212,17 @@ def sum_partials(meta, partials, sums_out, RBLOCK: tl.constexpr):
 @triton.jit
 def reduce_tensors(
     ptr_table, meta, partials, row_importance, unit_weight, scalars, tensor_stats, found_inf_ptr, lr_ptr,
-    lr_hi, lr_lo, decay_value, weight_decay, ratio, min_prob, seed_lo, seed_hi,
+    lr_hi, lr_lo, decay_value, weight_decay, settings_ptr, min_prob, seed_lo, seed_hi,
     beta1_hi, beta1_lo, beta2_hi, beta2_lo,
     HAS_FOUND_INF: tl.constexpr, LR_IS_TENSOR: tl.constexpr, ROW_SAMPLING: tl.constexpr,
     SAMPLING: tl.constexpr, RESCALE: tl.constexpr, PRE_SUMMED: tl.constexpr, ALIGNED: tl.constexpr,
     RBLOCK: tl.constexpr,
 ):
-    """PRE_SUMMED: ``partials`` holds [T, 4] per-tensor sums (from sum_partials, reduced)."""
+    """PRE_SUMMED: ``partials`` holds [T, 4] per-tensor sums (from sum_partials, reduced).
+    ``settings_ptr``: [ratio, grad coefficient, update coefficient], read from memory."""
     t = tl.program_id(0)
+    ratio = tl.load(settings_ptr + 0)
+    dense_ratio = ratio >= 1.0  # a ratio of 1 (read here, on the device): the base optimizer
     mrow = meta + t * META_COLS
     cols = tl.arange(0, PART_COLS)
     if PRE_SUMMED:
@@ -287,13 +290,13 @@ def reduce_tensors(
             r = r0 + tl.arange(0, RBLOCK).to(tl.int64)
             inb = r < units
             s = tl.load(row_importance + offset + r, mask=inb, other=0.0)
-            pi = _probability(s, scale, degenerate.to(tl.float32), ratio, min_prob, SAMPLING)
+            pi = tl.where(dense_ratio, 1.0, _probability(s, scale, degenerate.to(tl.float32), ratio, min_prob, SAMPLING))
             if ALIGNED:
                 u = uniform_block(first_unit + r0, new_step.to(tl.int64), s_hi, seed_lo, seed_hi, RBLOCK)
             else:
                 u = uniform_at(first_unit + r, new_step.to(tl.int64), s_hi, seed_lo, seed_hi)
             sel = inb & (u < pi)
-            w = _weight(pi, s, total, degenerate.to(tl.float32), full_units, RESCALE)
+            w = tl.where(dense_ratio, 1.0, _weight(pi, s, total, degenerate.to(tl.float32), full_units, RESCALE))
             tl.store(unit_weight + offset + r, tl.where(sel, w, 0.0), mask=inb)
             sum_pi += tl.where(inb, pi, 0.0)
             n_sel += sel.to(tl.float32)
@@ -306,7 +309,7 @@ def reduce_tensors(
 @triton.jit
 def pass2(
     grad_table, ptr_table, meta, block_tensor, scalars, unit_weight, block_stats, grad_scale_ptr,
-    seed_lo, seed_hi, ratio, min_prob, grad_coefficient, update_coefficient,
+    seed_lo, seed_hi, settings_ptr, min_prob,
     one_minus_beta1, beta2, one_minus_beta2, eps, momentum, one_minus_dampening, weight_decay,
     fisher_beta, one_minus_fisher_beta,
     BASE: tl.constexpr,  # 0 sgd, 1 adam, 2 adamw
@@ -327,6 +330,10 @@ def pass2(
     offs = first + tl.arange(0, BLOCK).to(tl.int64)
     inb = offs < n
     sc = scalars + t * SCALAR_COLS
+    ratio = tl.load(settings_ptr + 0)
+    dense_ratio = ratio >= 1.0  # a ratio of 1 (read here, on the device): the base optimizer
+    grad_coefficient = tl.load(settings_ptr + 1)
+    update_coefficient = tl.load(settings_ptr + 2)
     ok = tl.load(sc + S_OK) != 0
     new_step = tl.load(sc + S_NEW_STEP)
     lr = tl.load(sc + S_LR)
@@ -349,13 +356,14 @@ def pass2(
     selected = inb
     if MASK_MODE == 1:
         degenerate = tl.load(sc + S_DEGENERATE)
-        pi = _probability(s, tl.load(sc + S_SCALE), degenerate, ratio, min_prob, SAMPLING)
+        pi = tl.where(dense_ratio, 1.0, _probability(s, tl.load(sc + S_SCALE), degenerate, ratio, min_prob, SAMPLING))
         if ALIGNED:
             u = uniform_block(first_global, new_step.to(tl.int64), s_hi, seed_lo, seed_hi, BLOCK)
         else:
             u = uniform_at(first_global + tl.arange(0, BLOCK), new_step.to(tl.int64), s_hi, seed_lo, seed_hi)
         selected = inb & (u < pi)
-        w = _weight(pi, s, tl.load(sc + S_TOTAL), degenerate, tl.load(mrow + M_FULL_UNITS), RESCALE)
+        w = tl.where(dense_ratio, 1.0, _weight(pi, s, tl.load(sc + S_TOTAL), degenerate, tl.load(mrow + M_FULL_UNITS),
+                                              RESCALE))
         g_mod = tl.where(selected, g_mod * w, 0.0)
         # where, not a product: a skipped tensor's pi may be NaN
         tl.store(block_stats + pid.to(tl.int64) * 2 + 0, tl.where(ok, tl.sum(tl.where(inb, pi, 0.0), axis=0), 0.0))
@@ -395,7 +403,7 @@ def pass2(
         denom = tl.div_rn(tl.sqrt_rn(v), tl.load(sc + S_BC2_SQRT)) + eps
         new_p = p_decayed - tl.load(sc + S_STEP_SIZE) * tl.div_rn(m, denom)
     if MODULATE_UPDATE:
-        new_p = p + (new_p - p) * update_coefficient
+        new_p = tl.where(update_coefficient != 1.0, p + (new_p - p) * update_coefficient, new_p)
 
     update = tl.where(ok, inb, False)  # (a block & a loaded scalar bool fails in the interpreter)
     if FREEZE:
@@ -549,6 +557,7 @@ def masked_step_(
     tensor_stats = torch.zeros((n_tensors, STAT_COLS.value), **f32)
     block_stats = torch.zeros((max(layout.n_blocks, 1), 2), **f32)
     dummy = scalars
+    settings = cfg.device_settings(device)
     grad_scale_ptr = grad_scale if grad_scale is not None else dummy
     seed = dict(seed_lo=k.seed & 0xFFFFFFFF, seed_hi=k.seed >> 32)
     importance = dict(fisher_beta=k.fisher_beta, one_minus_fisher_beta=1.0 - k.fisher_beta)
@@ -560,7 +569,8 @@ def masked_step_(
     if k.exact:
         unit_weight, _ = exact_unit_weights(work, group, cfg, grad_scale, _triton_select(k.seed))
         exact_counts = torch.tensor(
-            [float(exact_count(k.ratio, u)) if u else 0.0 for u in layout.units], dtype=torch.float64, device=device
+            [float(exact_count(float(cfg.ratio), u)) if u else 0.0 for u in layout.units], dtype=torch.float64,
+            device=device
         )
 
     if k.row and layout.n_units:
@@ -584,7 +594,7 @@ def masked_step_(
         found_inf_ptr=found_inf if found_inf is not None else dummy,
         lr_ptr=cfg.lr.to(device=device, dtype=torch.float32) if lr_is_tensor else dummy,
         lr_hi=lr_hi, lr_lo=lr_lo, decay_value=1.0 if lr_is_tensor else 1.0 - k.lr * k.weight_decay,
-        weight_decay=k.weight_decay, ratio=k.ratio, min_prob=k.min_prob, **seed,
+        weight_decay=k.weight_decay, settings_ptr=settings, min_prob=k.min_prob, **seed,
         beta1_hi=beta1_hi, beta1_lo=beta1_lo, beta2_hi=beta2_hi, beta2_lo=beta2_lo,
         HAS_FOUND_INF=found_inf is not None, LR_IS_TENSOR=lr_is_tensor,
         ROW_SAMPLING=k.masked and k.row and not k.exact, SAMPLING=0 if k.poisson else 1, RESCALE=k.rescale,
@@ -596,8 +606,7 @@ def masked_step_(
         pass2[(layout.n_blocks,)](
             grad_table=grads, ptr_table=layout.pointers, meta=layout.meta, block_tensor=layout.block_tensor,
             scalars=scalars, unit_weight=unit_weight, block_stats=block_stats, grad_scale_ptr=grad_scale_ptr, **seed,
-            ratio=k.ratio, min_prob=k.min_prob, grad_coefficient=k.grad_coefficient,
-            update_coefficient=k.update_coefficient, one_minus_beta1=1.0 - k.beta1, beta2=k.beta2,
+            settings_ptr=settings, min_prob=k.min_prob, one_minus_beta1=1.0 - k.beta1, beta2=k.beta2,
             one_minus_beta2=1.0 - k.beta2, eps=k.eps, momentum=k.momentum, one_minus_dampening=1.0 - k.dampening,
             weight_decay=k.weight_decay, **importance,
             BASE=k.base, MASK_MODE=k.mask_mode, SAMPLING=0 if k.poisson else 1, RESCALE=k.rescale, FREEZE=k.freeze,

@@ -20,12 +20,9 @@ DeviceConfig device_config(const fastmask::StepConfig& h, bool lr_is_tensor) {
   c.terms = h.reduce_terms(lr_is_tensor);
   c.base = h.base;
   c.rescale = h.rescale;
-  c.ratio = static_cast<float>(h.ratio);
   c.min_prob = static_cast<float>(h.min_prob);
   c.fisher_beta = static_cast<float>(h.fisher_beta);
   c.one_minus_fisher_beta = static_cast<float>(1.0 - h.fisher_beta);
-  c.grad_coefficient = static_cast<float>(h.grad_coefficient);
-  c.update_coefficient = static_cast<float>(h.update_coefficient);
   c.maximize = h.maximize;
   c.masked = h.masked;
   c.poisson = h.poisson;
@@ -60,7 +57,7 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
             const std::vector<at::Tensor>& fishers, const std::vector<int64_t>& slots, const DeviceConfig& c,
             const c10::optional<at::Tensor>& lr_tensor, const c10::optional<at::Tensor>& grad_scale,
             const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& unit_weight_in,
-            const c10::optional<at::Tensor>& stats, const fastmask::StepConfig& h) {
+            const c10::optional<at::Tensor>& stats, const fastmask::StepConfig& h, const at::Tensor& settings) {
   const auto device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -120,6 +117,7 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   a.grad_scale = optional_ptr(grad_scale);
   a.found_inf = optional_ptr(found_inf);
   a.lr = lr32.defined() ? lr32.data_ptr<float>() : nullptr;
+  a.settings = settings.data_ptr<float>();
   a.config = c;
   if (!h.reduce_sums.is_none()) {
     // pass 1, the all-reduce of the per-tensor sums (on this stream), then the rest
@@ -150,8 +148,12 @@ void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor>
                          std::vector<int64_t> slots, const fastmask::StepConfig& h, c10::optional<at::Tensor> lr_tensor,
                          c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
                          c10::optional<at::Tensor> unit_weight, std::vector<int64_t> unit_offsets,
-                         c10::optional<at::Tensor> stats) {
+                         c10::optional<at::Tensor> stats, at::Tensor settings) {
   TORCH_CHECK(!params.empty(), "cuda masked_step: no params");
+  TORCH_CHECK(settings.is_cuda() && settings.scalar_type() == at::kFloat && settings.numel() == 3 &&
+                  settings.is_contiguous() && settings.device() == params[0].device(),
+              "cuda masked_step: settings must be the 3 fp32 values [ratio, grad coefficient, update coefficient] "
+              "on the params' device");
   (void)unit_offsets;  // the unit table is laid out in tensor order, as the metadata's offsets
   const DeviceConfig c = device_config(h, lr_tensor.has_value());
   const auto p_type = params[0].scalar_type(), g_type = grads[0].scalar_type();
@@ -162,7 +164,7 @@ void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor>
                 "cuda masked_step: one param dtype and one grad dtype per batch");
   }
   launch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, c, lr_tensor, grad_scale,
-         found_inf, unit_weight, stats, h);
+         found_inf, unit_weight, stats, h, settings);
   return;
 }
 

@@ -23,13 +23,15 @@ enum MetaCol {
 };
 enum PtrCol { kParam = 0, kGrad, kExpAvg, kExpAvgSq, kMomentum, kFisher, kStep, kPtrCols };
 enum DType { kF32 = 0, kBF16 = 1, kF16 = 2 };
+// The per-group settings the kernels read from device memory (StepConfig.device_settings).
+enum Setting { kRatio = 0, kGradCoefficient, kUpdateCoefficient };
 
 // What the kernels read of the step config: the reduce's terms (fastmask::tensor_scalars)
 // and the element pass's flags and scalars.
 struct DeviceConfig {
-  fastmask::ReduceTerms terms;
+  fastmask::ReduceTerms terms;  // its ratio is replaced by the one read from `settings`
   int base, rescale;
-  float ratio, min_prob, fisher_beta, one_minus_fisher_beta, grad_coefficient, update_coefficient;
+  float min_prob, fisher_beta, one_minus_fisher_beta;
   bool maximize, masked, poisson, ema, row, freeze, ge, modulate_update, exact;
   uint32_t k0, k1;
 };
@@ -53,6 +55,7 @@ struct LaunchArgs {
   const float* grad_scale;      // or nullptr
   const float* found_inf;       // or nullptr
   const float* lr;              // or nullptr (float lr in the config)
+  const float* settings;        // [ratio, grad coefficient, update coefficient] (enum Setting)
   DeviceConfig config;
 };
 

@@ -125,7 +125,7 @@ __global__ void sum_partials(const int64_t* meta, const double* partials, double
 __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const double* partials,
                                const double* pre_summed, const float* row_importance, float* unit_weight,
                                TensorScalars* scalars, double* tensor_stats, const float* found_inf,
-                               const float* lr_ptr, DeviceConfig c) {
+                               const float* lr_ptr, const float* settings, DeviceConfig c) {
   __shared__ double shared[kThreads];
   __shared__ TensorScalars sc_shared;
   const int64_t t = blockIdx.x;
@@ -137,9 +137,13 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
     tensor_sums(mrow, partials, shared, sums);
   const int64_t n = mrow[kFullNumel], units = mrow[kUnits], full_units = mrow[kFullUnits];
   const bool inf_flag = found_inf && *found_inf != 0.0f;
+  const float ratio = settings[kRatio];
+  const bool dense_ratio = ratio >= 1.0f;  // a ratio of 1 (read here, on the device): the base optimizer
   if (threadIdx.x == 0) {
     float* step_ptr = reinterpret_cast<float*>(ptrs[t * kPtrCols + kStep]);
-    const TensorScalars sc = fastmask::tensor_scalars(c.terms, sums, *step_ptr, inf_flag, full_units, n,
+    fastmask::ReduceTerms terms = c.terms;
+    terms.ratio = ratio;
+    const TensorScalars sc = fastmask::tensor_scalars(terms, sums, *step_ptr, inf_flag, full_units, n,
                                                       static_cast<uint32_t>(mrow[kSlot2]), lr_ptr ? *lr_ptr : 0.0f);
     if (sc.ok) *step_ptr = sc.new_step;
     sc_shared = sc;
@@ -151,11 +155,12 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
   if (c.masked && c.row && !c.exact) {
     for (int64_t r = threadIdx.x; r < units; r += blockDim.x) {
       const float s = row_importance[mrow[kUnitOffset] + r];
-      const float pi = fastmask::inclusion_prob(s, sc.scale, sc.degenerate, c.ratio, c.min_prob, c.poisson);
+      const float pi =
+          dense_ratio ? 1.0f : fastmask::inclusion_prob(s, sc.scale, sc.degenerate, ratio, c.min_prob, c.poisson);
       const bool chosen =
           fastmask::uniform_at(static_cast<uint64_t>(mrow[kFirstUnit] + r), sc.step_word, sc.mask_hi, c.k0, c.k1) < pi;
-      unit_weight[mrow[kUnitOffset] + r] =
-          chosen ? fastmask::rescale_weight(c.rescale, pi, s, sc.total, sc.degenerate, sc.inv_n) : 0.0f;
+      const float w = dense_ratio ? 1.0f : fastmask::rescale_weight(c.rescale, pi, s, sc.total, sc.degenerate, sc.inv_n);
+      unit_weight[mrow[kUnitOffset] + r] = chosen ? w : 0.0f;
       pi_sum += pi;
       sel += chosen ? 1.0 : 0.0;
     }
@@ -178,7 +183,7 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
 template <typename P, typename G>
 __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* block_tensor,
                       const TensorScalars* scalars, const float* unit_weight, double* block_stats,
-                      const float* grad_scale, DeviceConfig c) {
+                      const float* grad_scale, const float* settings, DeviceConfig c) {
   __shared__ double shared[kThreads];
   const int64_t t = block_tensor[blockIdx.x];
   const int64_t* mrow = meta + t * kMetaCols;
@@ -194,6 +199,9 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
   float* buf = reinterpret_cast<float*>(prow[kMomentum]);
   float* fisher = reinterpret_cast<float*>(prow[kFisher]);
   const float gs = grad_scale ? *grad_scale : 1.0f;
+  const float ratio = settings[kRatio], grad_coefficient = settings[kGradCoefficient];
+  const float update_coefficient = settings[kUpdateCoefficient];
+  const bool dense_ratio = ratio >= 1.0f;  // a ratio of 1 (read here, on the device): the base optimizer
   double pi_sum = 0, sel_sum = 0;
   if (sc.ok && i0 < n) {
     const bool sample_here = c.masked && !c.row && !c.exact;
@@ -214,19 +222,20 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
       const int64_t i = i0 + j;
       if (i >= n) break;
       const float x = (to_float(g[i]) / gs) * (c.maximize ? -1.0f : 1.0f);
-      float gm = c.grad_coefficient != 1.0f ? x * c.grad_coefficient : x;
+      float gm = x * grad_coefficient;  // x * 1 is x exactly
       if (c.ge)
         gm = gm + fastmask::normal_at(static_cast<uint64_t>(first + i), sc.step_word, sc.noise_hi, c.k0, c.k1) * sc.std;
       const float f_new = c.ema ? fisher[i] * c.fisher_beta + x * x * c.one_minus_fisher_beta : 0.0f;
       bool selected = true;
       if (sample_here) {
         const float s = c.ema ? f_new : x * x;
-        const float pi = fastmask::inclusion_prob(s, sc.scale, sc.degenerate, c.ratio, c.min_prob, c.poisson);
+        const float pi =
+            dense_ratio ? 1.0f : fastmask::inclusion_prob(s, sc.scale, sc.degenerate, ratio, c.min_prob, c.poisson);
         const float u = aligned ? fastmask::uniform_from_word(words[j])
                                 : fastmask::uniform_at(static_cast<uint64_t>(first + i), sc.step_word, sc.mask_hi,
                                                        c.k0, c.k1);
         selected = u < pi;
-        if (c.rescale != fastmask::kNoRescale)
+        if (c.rescale != fastmask::kNoRescale && !dense_ratio)
           gm = gm * fastmask::rescale_weight(c.rescale, pi, s, sc.total, sc.degenerate, sc.inv_n);
         gm = selected ? gm : 0.0f;
         pi_sum += pi;
@@ -242,7 +251,7 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
       float b_i = buf ? buf[i] : 0.0f;
       const float m_old = m_i, v_old = v_i;
       float p_new = fastmask::base_update(sc.update, p_old, gm, m_i, v_i, b_i);
-      if (c.modulate_update) p_new = p_old + (p_new - p_old) * c.update_coefficient;
+      if (c.modulate_update && update_coefficient != 1.0f) p_new = p_old + (p_new - p_old) * update_coefficient;
       const bool update = !c.masked || !c.freeze || selected;
       if (update) p[i] = from_float<P>(p_new);
       if (m) {
@@ -283,10 +292,11 @@ template <typename P, typename G>
 void launch_finish(const LaunchArgs& a, const double* pre_summed, cudaStream_t stream) {
   const DeviceConfig& c = a.config;
   reduce_tensors<<<a.n_tensors, kThreads, 0, stream>>>(a.ptrs, a.meta, a.partials, pre_summed, a.row_importance,
-                                                       a.unit_weight, a.scalars, a.tensor_stats, a.found_inf, a.lr, c);
+                                                       a.unit_weight, a.scalars, a.tensor_stats, a.found_inf, a.lr,
+                                                       a.settings, c);
   if (a.n_blocks)
     pass2<P, G><<<a.n_blocks, kThreads, 0, stream>>>(a.ptrs, a.meta, a.block_tensor, a.scalars, a.unit_weight,
-                                                     a.block_stats, a.grad_scale, c);
+                                                     a.block_stats, a.grad_scale, a.settings, c);
 }
 
 // Calls launch(P{}, G{}) with the batch's (param, grad) dtype pair; false if unsupported.

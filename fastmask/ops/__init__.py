@@ -177,7 +177,8 @@ def masked_step_(
     """The fused optimizer step on one (device, dtype) batch; updates it in place.
 
     The optimizers call this after validating their groups; it checks only what
-    it needs to run safely (lengths, devices). See ``fastmask.reference.step``;
+    it needs to run safely (lengths, devices). ``config.ratio`` / ``config.coefficient`` may
+    be one-element fp32 tensors on the batch's device, read by the kernels from memory. See ``fastmask.reference.step``;
     ``group.shards`` / ``group.reduce_sums`` make it a step of shards of larger tensors.
     """
     if not group.params:
@@ -196,10 +197,11 @@ def masked_step_(
     if group.reduce_sums is not None and not callable(group.reduce_sums):
         raise TypeError(f"group.reduce_sums must be callable or None, got {type(group.reduce_sums).__name__}")
     check_shardable(group, config)
-    for name in ("grad_scale", "found_inf"):
-        value = locals()[name]
-        if value is not None:
-            check_tensor(name, value, dtypes=None, device=device)
+    for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf), ("config.ratio", config.ratio),
+                        ("config.coefficient", config.coefficient)):
+        if isinstance(value, torch.Tensor) or (value is not None and not name.startswith("config.")):
+            check_tensor(name, value, dtypes=None if not name.startswith("config.") else (torch.float32,),
+                         device=device)
             if value.numel() != 1:
                 raise ValueError(f"{name} must have exactly one element, got shape {tuple(value.shape)}")
     implementation("masked_step_", backend, device)(group, config, grad_scale, found_inf)

@@ -43,4 +43,4 @@ register_probe("cuda", _probe)
 def masked_step_(group: TensorGroup, cfg: StepConfig, grad_scale, found_inf) -> None:
     module = EXTENSION.module()
     assert module is not None, "dispatch only selects cuda after a successful build"
-    native_masked_step_(module, group, cfg, grad_scale, found_inf, reference_select(cfg.seed))
+    native_masked_step_(module, group, cfg, grad_scale, found_inf, reference_select(cfg.seed), settings_in_memory=True)

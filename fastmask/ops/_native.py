@@ -69,6 +69,7 @@ def exact_unit_weights(
     the units. Returns the table and the unit offsets."""
     units, offsets = unit_layout(work["params"], cfg.granularity)
     device = work["params"][0].device
+    ratio = float(cfg.ratio)  # exact counts are chosen on the host: a ratio tensor is read here
     table = torch.zeros(max(sum(units), 1), dtype=torch.float32, device=device)
     for t, g in enumerate(work["grads"]):
         if not units[t]:
@@ -79,8 +80,9 @@ def exact_unit_weights(
         s = sampling.fisher_update(work["fishers"][t], g32, cfg.fisher_beta) if work["fishers"] else g32 * g32
         s_units = sampling.unit_sums(s, cfg.granularity)
         stream = rng_stream(group.steps[t] + 1, group.slots[t])
-        selected = select(s_units, exact_count(cfg.ratio, units[t]), stream)
-        weights = sampling.rescale_weights(s_units, None, cfg.unbiased, cfg.rescale)
+        selected = select(s_units, exact_count(ratio, units[t]), stream)
+        # a ratio of 1 is the base optimizer: every unit, weight 1
+        weights = sampling.rescale_weights(s_units, None, cfg.unbiased, cfg.rescale) if ratio < 1.0 else None
         table[offsets[t] : offsets[t] + units[t]] = (
             selected.to(torch.float32) if weights is None else torch.where(selected, weights, 0.0)
         )
@@ -242,8 +244,14 @@ class JitExtension:
 
 
 def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConfig, grad_scale, found_inf,
-                        select: Selector) -> None:
-    """Run an extension's ``masked_step`` on a batch (the cpp and cuda backends)."""
+                        select: Selector, settings_in_memory: bool = False) -> None:
+    """Run an extension's ``masked_step`` on a batch (the cpp and cuda backends).
+
+    ``settings_in_memory``: the extension reads the ratio and coefficients from a device tensor
+    (cuda, its last argument); otherwise tensor settings are read on the host first (cpp: CPU
+    tensors, no sync)."""
+    if not settings_in_memory:
+        cfg = cfg.on_host()
     work, write_back = working_copies(group)
     p_dtype = work["params"][0].dtype
     if any(g.dtype not in (p_dtype, torch.float32) for g in work["grads"]):  # the kernels' dtype pairs
@@ -254,10 +262,11 @@ def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConf
     if kcfg.exact:
         unit_weight, offsets = exact_unit_weights(work, group, cfg, grad_scale, select)
     lr = cfg.lr.to(torch.float32) if isinstance(cfg.lr, torch.Tensor) else None
+    settings = (cfg.device_settings(work["params"][0].device),) if settings_in_memory else ()
     extension.masked_step(
         work["params"], work["grads"], group.steps, work["exp_avgs"], work["exp_avg_sqs"],
         work["momentum_buffers"], work["fishers"], group.slots, config, lr, grad_scale, found_inf, unit_weight,
-        offsets, group.stats,
+        offsets, group.stats, *settings,
     )
     for original, copy in write_back:
         original.copy_(copy)

@@ -112,6 +112,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     METHOD_DEFAULTS: dict[str, Any] = {}
     SETTING = "ratios"
     SETTING_LABEL = "ratio"
+    SETTING_LOW_OPEN = True  # a ratio is in (0, 1]
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], **hyper: Any) -> None:
         if isinstance(params, (set, torch.Tensor)):
@@ -191,7 +192,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._validate_group(group, where)
         if modality is not None and modality in self.modalities():
             current = self._setting(modality)
-            if group[self.SETTING_LABEL] != current:
+            value = group[self.SETTING_LABEL]
+            if not isinstance(value, torch.Tensor) and not isinstance(current, torch.Tensor) and value != current:
                 raise ValueError(f"{self.SETTING_LABEL} {group[self.SETTING_LABEL]} differs from modality {modality!r}'s "
                                  f"current {current}: the groups of one modality share it{where}")
         seen = {id(p) for g in self.param_groups for p in g["params"]}
@@ -242,9 +244,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Modality names of the param groups, in order of first appearance."""
         return list(dict.fromkeys(g["modality"] for g in self.param_groups if g.get("modality") is not None))
 
-    def _check_setting(self, label: str, value: object) -> float:
-        """One setting value; subclasses with another range override this."""
-        return check_real(label, value, 0.0, 1.0, low_open=True)
+    def _check_setting(self, label: str, value: object) -> float | torch.Tensor:
+        """One setting value in (0, 1] (``SETTING_LOW_OPEN``; OGM allows 0): a float, or a
+        one-element float tensor kept on its device (as a 0-d fp32 tensor), which the kernels
+        read from memory with no host synchronisation. A CPU tensor's range is checked here;
+        a device tensor's is not (reading it would synchronise)."""
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or not value.is_floating_point():
+                raise TypeError(f"{label} must be a float or a one-element float tensor, got a {value.dtype} "
+                                f"tensor of shape {tuple(value.shape)}")
+            value = value.detach().reshape(()).to(torch.float32)
+            if value.device.type == "cpu":
+                check_real(label, float(value), 0.0, 1.0, low_open=self.SETTING_LOW_OPEN)
+            return value
+        return check_real(label, value, 0.0, 1.0, low_open=self.SETTING_LOW_OPEN)
 
     def _checked_settings(self, values: Mapping[str, float], known: set[str] | None = None) -> dict[str, float]:
         if not isinstance(values, Mapping):
@@ -368,6 +381,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             config = self._step_config(group)
             for batch in batches:
                 device = batch.params[0].device
+                config = config.to(device)  # tensor settings on another device (a copy, no sync)
                 gs = grad_scale.to(device) if grad_scale is not None else None
                 fi = found_inf.to(device) if found_inf is not None else None
                 ops.masked_step_(batch, config, grad_scale=gs, found_inf=fi, backend=group["backend"])
@@ -447,7 +461,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         out = {}
         for name, (sum_pi, selected, units, skipped) in self._stats_totals().items():
             out[name] = {
-                self.SETTING_LABEL: self._setting(None if name == DENSE else name),
+                self.SETTING_LABEL: float(self._setting(None if name == DENSE else name)),
                 "expected_fraction": sum_pi / units if units else float("nan"),
                 "realised_fraction": selected / units if units else float("nan"),
                 "units": units,

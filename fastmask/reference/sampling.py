@@ -49,34 +49,40 @@ def degenerate(total: torch.Tensor) -> torch.Tensor:
 
 def poisson_probs(
     s_units: torch.Tensor,
-    ratio: float,
+    ratio: float | torch.Tensor,
     min_prob: float = 0.0,
     total: torch.Tensor | None = None,
     n: int | None = None,
 ) -> torch.Tensor:
-    """pi_u = clamp(k * s_u / S, min_prob, 1) with k = ratio * N; pi_u = ratio if S is 0 or not finite.
+    """pi_u = clamp(k * s_u / S, min_prob, 1) with k = ratio * N; pi_u = ratio if S is 0 or not finite;
+    pi_u = 1 when ratio >= 1 (a ratio tensor is compared on its device).
 
     ``total`` (S, fp32) and ``n`` (N) default to those of ``s_units``; a shard passes its
     full tensor's.
     """
     n = s_units.numel() if n is None else n
-    if ratio >= 1.0:
+    on_device = isinstance(ratio, torch.Tensor)
+    if not on_device and ratio >= 1.0:
         return torch.ones_like(s_units)
     total = unit_total(s_units) if total is None else total
+    ratio32 = ratio.to(torch.float32).reshape(()) if on_device else total.new_tensor(ratio)
     # k = fp32(ratio) * N and k / S, each rounded in fp32, as the kernels compute them
-    scale = (total.new_tensor(ratio) * n) / total
+    scale = (ratio32 * n) / total
     pi = (s_units * scale).clamp(min=min_prob, max=1.0)
-    return torch.where(degenerate(total), torch.full_like(pi, ratio), pi)
+    pi = torch.where(degenerate(total), ratio32, pi)
+    return torch.where(ratio32 >= 1.0, 1.0, pi) if on_device else pi
 
 
-def uniform_probs(s_units: torch.Tensor, ratio: float) -> torch.Tensor:
+def uniform_probs(s_units: torch.Tensor, ratio: float | torch.Tensor) -> torch.Tensor:
     """pi_u = ratio for every unit (the paper's uniform-subnetwork baseline)."""
+    if isinstance(ratio, torch.Tensor):
+        return ratio.to(torch.float32).reshape(()).clamp(max=1.0).expand(s_units.shape)
     return torch.full_like(s_units, min(ratio, 1.0))
 
 
 def inclusion_probs_units(
     s_units: torch.Tensor,
-    ratio: float,
+    ratio: float | torch.Tensor,
     sampling: str,
     min_prob: float,
     total: torch.Tensor | None = None,

@@ -7,6 +7,7 @@ A backend's ``masked_step_`` reads both and updates the tensors in place.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ class StepConfig:
     ``ratio`` is the modality's fraction of units to update (1.0 = dense).
     ``lr`` may be a 0-d tensor (schedulers, CUDA graphs). ``coefficient`` and
     ``ge_noise`` are the OGM terms (coefficient 1.0 and no noise for AMSS).
+    ``ratio`` and ``coefficient`` may be one-element fp32 tensors on the step's device: the
+    kernels then read them from memory, and "ratio 1 is exactly the base optimizer" (and
+    "coefficient 1 leaves the update as it is") is decided on the device, without a sync.
     """
 
     base: str = "adamw"
@@ -42,7 +46,7 @@ class StepConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     maximize: bool = False
-    ratio: float = 1.0
+    ratio: float | torch.Tensor = 1.0
     unbiased: bool = False
     sampling: str = "poisson"
     rescale: str = "ht"
@@ -52,14 +56,41 @@ class StepConfig:
     masked: str = "freeze"
     min_prob: float = 0.0
     seed: int = 0
-    coefficient: float = 1.0
+    coefficient: float | torch.Tensor = 1.0
     ge_noise: bool = False
     modulate: str = "grad"
 
     @property
     def is_masked(self) -> bool:
-        """True when units are sampled; ratio 1 is exactly the base optimizer."""
-        return self.ratio < 1.0
+        """True when units may be sampled: a ratio below 1, or a ratio tensor (its value is read
+        on the device, where a ratio of 1 gives exactly the base optimizer)."""
+        return isinstance(self.ratio, torch.Tensor) or self.ratio < 1.0
+
+    def to(self, device: torch.device) -> StepConfig:
+        """This config with tensor settings on ``device`` (a non-blocking copy if elsewhere)."""
+        moved = {name: value.to(device, non_blocking=True) for name in ("ratio", "coefficient")
+                 if isinstance(value := getattr(self, name), torch.Tensor) and value.device != device}
+        return dataclasses.replace(self, **moved) if moved else self
+
+    def on_host(self) -> StepConfig:
+        """This config with tensor settings read as floats (a device-to-host sync for device
+        tensors): for the paths that decide on the host (the cpp backend, exact sampling)."""
+        if not isinstance(self.ratio, torch.Tensor) and not isinstance(self.coefficient, torch.Tensor):
+            return self
+        return dataclasses.replace(self, ratio=float(self.ratio), coefficient=float(self.coefficient))
+
+    def device_settings(self, device: torch.device) -> torch.Tensor:
+        """[ratio, gradient coefficient, update coefficient], fp32 on ``device``: what the
+        Triton and CUDA kernels read from memory (no host read of a tensor setting)."""
+        grad_coefficient = self.coefficient if self.modulate == "grad" else 1.0
+        values = [self.ratio, grad_coefficient, self.coefficient]
+        if not any(isinstance(v, torch.Tensor) for v in values):
+            host = torch.tensor(values, dtype=torch.float32)
+            return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+        return torch.stack([
+            v.to(device=device, dtype=torch.float32).reshape(()) if isinstance(v, torch.Tensor)
+            else torch.full((), v, dtype=torch.float32, device=device) for v in values
+        ])
 
 
 # Ids the kernels read for the choices of a StepConfig; csrc/fastmask_math.h's enums Base and
@@ -87,37 +118,41 @@ class KernelConfig:
     beta2: float
     eps: float
     weight_decay: float
-    ratio: float
+    ratio: float  # NaN when the ratio is a tensor (the kernels read device_settings)
     min_prob: float
     fisher_beta: float
-    grad_coefficient: float  # OGM's k on the gradient (modulate="grad"), else 1
-    update_coefficient: float  # OGM's k on the update (modulate="update")
+    grad_coefficient: float  # OGM's k on the gradient (modulate="grad"), else 1; NaN if a tensor
+    update_coefficient: float  # OGM's k on the update (modulate="update"); NaN if a tensor
     nesterov: bool
     maximize: bool
-    masked: bool  # units are sampled (ratio < 1)
+    masked: bool  # units may be sampled (ratio < 1, or a ratio tensor)
     poisson: bool  # sampling="poisson" (else uniform, or exact)
     ema: bool  # an EMA of g^2 is kept (its fishers are in the batch)
     row: bool  # granularity="row"
     freeze: bool  # masked units keep param and moments (masked and masked="freeze")
     ge: bool  # OGM-GE noise
-    modulate_update: bool  # the update is scaled by update_coefficient (!= 1)
+    modulate_update: bool  # the update is scaled by update_coefficient (!= 1, or a tensor)
     exact: bool  # masked with sampling="exact": units chosen on the host side, as a weight table
     seed: int
 
     @classmethod
     def from_step(cls, cfg: StepConfig, ema: bool) -> KernelConfig:
         """``ema``: whether the batch carries fishers (masked groups with importance "ema")."""
+        def host(value: float | torch.Tensor) -> float:
+            return float("nan") if isinstance(value, torch.Tensor) else float(value)
+
+        coefficient_known = not isinstance(cfg.coefficient, torch.Tensor)
         return cls(
             base=BASE_IDS[cfg.base],
             rescale=RESCALE_IDS[cfg.rescale if cfg.unbiased else "none"],
             lr=0.0 if isinstance(cfg.lr, torch.Tensor) else float(cfg.lr),
             momentum=cfg.momentum, dampening=cfg.dampening, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-            weight_decay=cfg.weight_decay, ratio=cfg.ratio, min_prob=cfg.min_prob, fisher_beta=cfg.fisher_beta,
-            grad_coefficient=cfg.coefficient if cfg.modulate == "grad" else 1.0,
-            update_coefficient=cfg.coefficient,
+            weight_decay=cfg.weight_decay, ratio=host(cfg.ratio), min_prob=cfg.min_prob, fisher_beta=cfg.fisher_beta,
+            grad_coefficient=host(cfg.coefficient) if cfg.modulate == "grad" else 1.0,
+            update_coefficient=host(cfg.coefficient),
             nesterov=cfg.nesterov, maximize=cfg.maximize, masked=cfg.is_masked, poisson=cfg.sampling == "poisson",
             ema=ema, row=cfg.granularity == "row", freeze=cfg.is_masked and cfg.masked == "freeze", ge=cfg.ge_noise,
-            modulate_update=cfg.modulate == "update" and cfg.coefficient != 1.0,
+            modulate_update=cfg.modulate == "update" and (not coefficient_known or cfg.coefficient != 1.0),
             exact=cfg.is_masked and cfg.sampling == "exact", seed=cfg.seed,
         )
 

@@ -171,7 +171,10 @@ def _step_tensor(
 
     # OGM: scale the gradient (modulate="grad"), then add GE noise with the unmodulated std.
     grad_coefficient = cfg.coefficient if cfg.modulate == "grad" else 1.0
-    g_mod = g * grad_coefficient if grad_coefficient != 1.0 else g
+    if isinstance(grad_coefficient, torch.Tensor):  # read on the device: g * 1 is g exactly
+        g_mod = g * grad_coefficient.to(torch.float32).reshape(())
+    else:
+        g_mod = g * grad_coefficient if grad_coefficient != 1.0 else g
     if cfg.ge_noise:
         stream = rng_stream(new_step, slot, STREAM_NOISE)
         g_mod = g_mod + ge_noise(g, cfg.seed, stream, sums[1], sums[2], space.numel, space.first_element)
@@ -181,15 +184,18 @@ def _step_tensor(
     if cfg.is_masked:
         stream = rng_stream(new_step, slot, STREAM_MASK)
         total = sums[0].to(torch.float32)
-        if cfg.sampling == "exact":
-            sel_units = sampling.exact_select_ratio(s_units, cfg.ratio, cfg.seed, stream)
+        if cfg.sampling == "exact":  # the count is chosen on the host: a ratio tensor is read here
+            ratio = float(cfg.ratio)
+            sel_units = sampling.exact_select_ratio(s_units, ratio, cfg.seed, stream)
             pi = None
-            expected = float(exact_count(cfg.ratio, s_units.numel()))
+            expected = float(exact_count(ratio, s_units.numel()))
         else:
             pi = sampling.inclusion_probs_units(s_units, cfg.ratio, cfg.sampling, cfg.min_prob, total, space.units)
             sel_units = sampling.bernoulli_select(pi, cfg.seed, stream, start=space.first_unit)
             expected = pi.sum(dtype=torch.float64)
         weights = sampling.rescale_weights(s_units, pi, cfg.unbiased, cfg.rescale, total, space.units)
+        if weights is not None and isinstance(cfg.ratio, torch.Tensor):  # ratio 1: the base optimizer
+            weights = torch.where(cfg.ratio.to(torch.float32).reshape(()) >= 1.0, 1.0, weights)
         selected = sampling.expand_units(sel_units, g.shape, cfg.granularity)
         if weights is not None:
             g_mod = g_mod * sampling.expand_units(weights, g.shape, cfg.granularity)
@@ -215,7 +221,10 @@ def _step_tensor(
     new_p, new_m, new_v, new_buf = base_update(
         p32, g_mod, new_step, cfg, exp_avg, exp_avg_sq, momentum_buffer, corrections
     )
-    if cfg.modulate == "update" and cfg.coefficient != 1.0:
+    if cfg.modulate == "update" and isinstance(cfg.coefficient, torch.Tensor):
+        k = cfg.coefficient.to(torch.float32).reshape(())
+        new_p = torch.where(k != 1.0, p32 + (new_p - p32) * k, new_p)
+    elif cfg.modulate == "update" and cfg.coefficient != 1.0:
         new_p = p32 + (new_p - p32) * cfg.coefficient
 
     update = ok if selected is None else selected & ok

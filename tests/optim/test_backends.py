@@ -145,3 +145,58 @@ def test_step_on_more_than_2_31_elements(backend):
     tail = p.detach()[-4096:]
     u = uniform(3, rng_stream(1, 0), 4096, DEVICE, start=n - 4096)  # the global element index
     assert torch.equal(tail, torch.where(u < 0.5, -2.0, 0.0))  # selected: -lr * g / pi
+
+
+TENSOR_SETTING_CASES = {
+    "amss+-element": (fastmask.AMSSPlus, dict(lr=1e-2), {"audio": 0.3, "visual": 1.0}),
+    "amss+-row-legacy": (fastmask.AMSSPlus, dict(lr=1e-2, granularity="row", rescale="legacy"),
+                         {"audio": 0.3, "visual": 1.0}),
+    "amss+-exact-legacy": (fastmask.AMSSPlus, dict(lr=1e-2, sampling="exact", rescale="legacy"),
+                           {"audio": 0.5, "visual": 1.0}),
+    "ogm-ge-update": (fastmask.OGM, dict(lr=1e-2, ge=True, modulate="update"), {"audio": 0.4, "visual": 1.0}),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FAST_BACKENDS)
+@pytest.mark.parametrize("name", list(TENSOR_SETTING_CASES))
+def test_tensor_settings_step_exactly_as_floats(backend, name):
+    """Ratios / coefficients given as 0-d device tensors are read by the kernels from memory,
+    and 1 (decided on the device) is the base optimizer, exactly as the float 1 the host sees."""
+    cls, kwargs, values = TENSOR_SETTING_CASES[name]
+    runs = []
+    for as_tensor in (False, True):
+        model = make_model().to(DEVICE)
+        opt = cls(model.groups(), seed=5, backend=backend, **kwargs)
+        settings = {m: torch.tensor(v, device=DEVICE) if as_tensor else v for m, v in values.items()}
+        for batch in batches(4):
+            opt.zero_grad()
+            loss_of(model, [x.to(DEVICE) for x in batch]).backward()
+            opt.step(**{cls.SETTING: settings})
+        runs.append((model, opt))
+    (float_model, float_opt), (tensor_model, tensor_opt) = runs
+    assert torch.equal(flat_params(tensor_model), flat_params(float_model))
+    assert _selected(tensor_opt) == _selected(float_opt)
+    assert isinstance(tensor_opt.param_groups[0][cls.SETTING_LABEL], torch.Tensor)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU (CUDA sync debug mode)")
+@pytest.mark.parametrize("backend", [b for b in FAST_BACKENDS if b != "cpp"])
+def test_device_ratios_cause_no_host_sync(backend):
+    model = make_model().to(DEVICE)
+    opt = fastmask.AMSSPlus(model.groups(), lr=1e-2, seed=5, backend=backend)
+    ratios = {"audio": torch.tensor(0.3, device=DEVICE), "visual": torch.tensor(0.7, device=DEVICE)}
+    data = [[x.to(DEVICE) for x in batch] for batch in batches(3)]
+    for batch in data[:2]:  # the first steps build and cache the pointer tables
+        opt.zero_grad()
+        loss_of(model, batch).backward()
+        opt.step(ratios=ratios)
+    opt.zero_grad()
+    loss_of(model, data[2]).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ratios["audio"].fill_(0.4)  # a new value, still no host read
+        opt.step(ratios=ratios)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

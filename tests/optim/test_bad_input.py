@@ -171,3 +171,19 @@ def test_lr_written_between_steps_is_checked_before_anything_changes():
     with pytest.raises(ValueError, match=r"lr \(param group 1\) must be in \[0"):
         opt.step()
     assert torch.equal(flat_params(model), before) and [float(s["step"]) for s in opt.state.values()] == steps
+
+
+@pytest.mark.parametrize("value, exc, match", [
+    (torch.tensor([0.3, 0.4]), TypeError, r"ratios\['audio'\] must be a float or a one-element float tensor"),
+    (torch.tensor(1), TypeError, "one-element float tensor"),
+    (torch.tensor(1.5), ValueError, r"ratios\['audio'\] must be in \(0.0, 1.0\]"),
+])
+def test_bad_tensor_ratios_change_nothing(value, exc, match):
+    model, opt = _opt(lr=1e-2)
+    train(model, opt, batches(1), ratios={"audio": 0.5})
+    before = flat_params(model)
+    opt.zero_grad()
+    loss_of(model, batches(1)[0]).backward()
+    with pytest.raises(exc, match=match):
+        opt.step(ratios={"audio": value})
+    assert torch.equal(flat_params(model), before) and opt.ratio("audio") == 0.5
