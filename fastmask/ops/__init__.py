@@ -204,4 +204,57 @@ def masked_step_(
                          device=device)
             if value.numel() != 1:
                 raise ValueError(f"{name} must have exactly one element, got shape {tuple(value.shape)}")
-    implementation("masked_step_", backend, device)(group, config, grad_scale, found_inf)
+    if group.reduce_sums is not None or any(group.shards):
+        # a shard's all-reduce between pass 1 and pass 2 is a Python callback: no op schema holds it
+        implementation("masked_step_", backend, device)(group, config, grad_scale, found_inf)
+        return
+    lr, ratio, coefficient = (value if isinstance(value, torch.Tensor) else None
+                              for value in (config.lr, config.ratio, config.coefficient))
+    torch.ops.fastmask.masked_step_(
+        group.params, group.grads, group.steps, group.exp_avgs, group.exp_avg_sqs, group.momentum_buffers,
+        group.fishers, group.stats, list(group.slots), grad_scale, found_inf, lr, ratio, coefficient,
+        ",".join(getattr(config, name) for name in CHOICES), [_number(getattr(config, name)) for name in NUMBERS],
+        [getattr(config, name) for name in FLAGS], [config.seed & 0xFFFFFFFF, config.seed >> 32], backend or "",
+    )
+
+
+# The fused step as one torch.library op: torch.compile sees one node per batch, and the
+# registered implementation dispatches to the chosen backend. The StepConfig travels as its
+# choices (one comma-joined string), numbers, flags and the seed's 32-bit halves (the schema
+# has no record type); its tensor fields (lr, ratio, coefficient) as tensors.
+CHOICES = ("base", "sampling", "rescale", "importance", "granularity", "masked", "modulate")
+NUMBERS = ("lr", "momentum", "dampening", "beta1", "beta2", "eps", "weight_decay", "ratio", "fisher_beta", "min_prob",
+           "coefficient")
+FLAGS = ("nesterov", "maximize", "unbiased", "ge_noise")
+
+
+def _number(value: float | torch.Tensor) -> float:
+    return 0.0 if isinstance(value, torch.Tensor) else float(value)  # a tensor travels as itself
+
+
+@torch.library.custom_op(
+    "fastmask::masked_step_",
+    mutates_args=("params", "steps", "exp_avgs", "exp_avg_sqs", "momentum_buffers", "fishers", "stats"),
+)
+def _masked_step_op(
+    params: list[torch.Tensor], grads: list[torch.Tensor], steps: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor], momentum_buffers: list[torch.Tensor], fishers: list[torch.Tensor],
+    stats: torch.Tensor | None, slots: list[int], grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+    lr: torch.Tensor | None, ratio: torch.Tensor | None, coefficient: torch.Tensor | None, choices: str,
+    numbers: list[float], flags: list[bool], seed: list[int], backend: str,
+) -> None:
+    """The fused step of one (device, dtype) batch of whole tensors (see ``masked_step_``)."""
+    values = {**dict(zip(CHOICES, choices.split(","))), **dict(zip(NUMBERS, numbers)), **dict(zip(FLAGS, flags)),
+              "seed": seed[0] | (seed[1] << 32)}
+    for name, tensor in (("lr", lr), ("ratio", ratio), ("coefficient", coefficient)):
+        if tensor is not None:
+            values[name] = tensor
+    group = TensorGroup(list(params), list(grads), list(steps), list(slots), list(exp_avgs), list(exp_avg_sqs),
+                        list(momentum_buffers), list(fishers), stats)
+    implementation("masked_step_", backend or None, params[0].device)(group, StepConfig(**values), grad_scale,
+                                                                       found_inf)
+
+
+@_masked_step_op.register_fake
+def _(*args, **kwargs) -> None:
+    return None

@@ -65,11 +65,14 @@ def _check_bool(name: str, value: object) -> bool:
 
 
 def _checked_lr(lr: object, where: str) -> float | torch.Tensor:
-    """A float >= 0, or a one-element float tensor (checked for >= 0 on the CPU only: no sync)."""
+    """A float >= 0, or a one-element float tensor (checked for >= 0 on the CPU only: no sync;
+    under torch.compile by an assert in the graph)."""
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():
             raise TypeError(f"lr must be a float or a one-element float tensor{where}")
-        if lr.device.type == "cpu" and float(lr) < 0:
+        if lr.device.type == "cpu" and torch.compiler.is_compiling():  # traced: an assert, no float()
+            torch._assert_async(lr >= 0, f"lr must be >= 0{where}")
+        elif lr.device.type == "cpu" and float(lr) < 0:
             raise ValueError(f"lr must be >= 0, got {float(lr)}{where}")
         return lr
     return check_real(f"lr{where}", lr, 0.0, math.inf)
@@ -254,8 +257,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{label} must be a float or a one-element float tensor, got a {value.dtype} "
                                 f"tensor of shape {tuple(value.shape)}")
             value = value.detach().reshape(()).to(torch.float32)
-            if value.device.type == "cpu":
+            if value.device.type == "cpu" and not torch.compiler.is_compiling():
                 check_real(label, float(value), 0.0, 1.0, low_open=self.SETTING_LOW_OPEN)
+            elif value.device.type == "cpu":  # traced: an assert in the graph, no float() (a graph break)
+                low_ok = value > 0.0 if self.SETTING_LOW_OPEN else value >= 0.0
+                torch._assert_async(low_ok & (value <= 1.0), f"{label} must be in the range of a {self.SETTING_LABEL}")
             return value
         return check_real(label, value, 0.0, 1.0, low_open=self.SETTING_LOW_OPEN)
 
