@@ -20,18 +20,16 @@ of small tensors cost three launches, not thousands. Semantics: DESIGN §3.
 """
 
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from fastmask.ops._native import exact_unit_weights, working_copies
 from fastmask.reference import sampling
 from fastmask.reference.spec import KernelConfig, StepConfig, TensorGroup, exact_count
 
-from .ops import TL_DTYPES, gumbel_keys
+from .ops import TL_DTYPES
 from .philox import normal_at, normal_block, uniform_at, uniform_block
 
 # int64 metadata per tensor
@@ -522,20 +520,17 @@ def _split_f64(value: float) -> tuple[float, float]:
     return hi, float(torch.tensor(value - hi, dtype=torch.float32))
 
 
-def _triton_select(seed: int) -> Callable:
-    """Exact selection with the Gumbel keys computed by the Triton keys kernel."""
-
-    def select(s_units: torch.Tensor, count: int, stream: torch.Tensor) -> torch.Tensor:
-        keys, noise = gumbel_keys(s_units.contiguous(), seed & 0xFFFFFFFF, seed >> 32, stream.reshape(1))
-        return sampling.top_by_keys(keys, noise, count)
-
-    return select
-
-
-def masked_step_(
-    group: TensorGroup, cfg: StepConfig, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None
+def launch(
+    group: TensorGroup, work: dict[str, list[torch.Tensor]], cfg: StepConfig, grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None, exact_weights: torch.Tensor | None,
 ) -> None:
-    """The triton backend of ``fastmask.ops.masked_step_`` (same semantics as the reference)."""
+    """Launch the three passes of the step (the semantics of ``fastmask.reference.step``) on one batch.
+
+    ``work``: contiguous versions of the batch's params, grads and states (lists keyed by the
+    ``TensorGroup`` field names; the caller writes copies back); ``group`` supplies the steps,
+    slots, shards, ``reduce_sums`` and stats. ``exact_weights``: for sampling="exact", the per-unit
+    weight table of the units chosen on the host (0 = not selected), else None.
+    """
     params = group.params
     device = params[0].device
     p_dtype, g_dtype = params[0].dtype, group.grads[0].dtype
@@ -543,7 +538,6 @@ def masked_step_(
         raise TypeError("triton masked_step_: all params (and all grads) of a batch must share a dtype")
     if any(x.device != device for x in params + group.grads + group.steps):
         raise ValueError("triton masked_step_: all tensors of a batch must be on one device")
-    work, write_back = working_copies(group)
     k = KernelConfig.from_step(cfg, ema=bool(work["fishers"]))
     layout = _layout(work, group, cfg.granularity)
     grads = _grad_table(work["grads"])
@@ -567,7 +561,7 @@ def masked_step_(
 
     exact_counts = None
     if k.exact:
-        unit_weight, _ = exact_unit_weights(work, group, cfg, grad_scale, _triton_select(k.seed))
+        unit_weight = exact_weights
         exact_counts = torch.tensor(
             [float(exact_count(float(cfg.ratio), u)) if u else 0.0 for u in layout.units], dtype=torch.float64,
             device=device
@@ -615,8 +609,6 @@ def masked_step_(
             P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype], BLOCK=BLOCK_SIZE,
             enable_fp_fusion=False,  # no contraction into FMAs: every op rounds as the reference's
         )
-    for original, copy in write_back:
-        original.copy_(copy)
     if group.stats is not None:
         _accumulate_stats(group.stats, k.mask_mode, tensor_stats, block_stats, scalars, exact_counts)
 
@@ -634,4 +626,4 @@ def _accumulate_stats(stats, mask_mode, tensor_stats, block_stats, scalars, exac
         stats += torch.stack((per_tensor[2], per_tensor[2], per_tensor[2], per_tensor[3]))
 
 
-__all__ = ["masked_step_", "pass1_blocks", "pass1_rows", "pass2", "reduce_tensors", "sum_partials"]
+__all__ = ["launch", "pass1_blocks", "pass1_rows", "pass2", "reduce_tensors", "sum_partials"]

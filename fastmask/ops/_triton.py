@@ -1,18 +1,20 @@
 """The "triton" backend: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (how CI tests it).
 
-Triton is imported lazily, on the first call, so ``import fastmask`` never needs it.
+Triton is imported lazily, inside the functions below, so ``import fastmask`` never needs it.
+The kernels and their launchers live in ``fastmask.kernels`` (the repository's ``kernels/``);
+the host-side preparation (working copies, exact-mode unit tables) is here.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 
 import torch
 
 from ..reference import sampling
-from ._native import as_units
+from ..reference.spec import StepConfig, TensorGroup
+from ._native import as_units, exact_unit_weights, working_copies
 from .dispatch import register, register_probe
 
 
@@ -31,20 +33,31 @@ def _probe(device: torch.device) -> str | None:
 register_probe("triton", _probe)
 
 
-def kernels(name: str):
-    """The kernel module ``fastmask.kernels.<name>`` (imports Triton on first use)."""
-    return importlib.import_module(f"fastmask.kernels.{name}")
-
-
 @register("masked_step_", "triton")
-def masked_step_(group, config, grad_scale, found_inf) -> None:
-    kernels("masked_step").masked_step_(group, config, grad_scale, found_inf)
+def masked_step_(group: TensorGroup, config: StepConfig, grad_scale, found_inf) -> None:
+    from ..kernels import masked_step, ops
+
+    work, write_back = working_copies(group)
+    exact_weights = None
+    if config.is_masked and config.sampling == "exact":
+        seed_lo, seed_hi = config.seed & 0xFFFFFFFF, config.seed >> 32
+
+        def select(s_units: torch.Tensor, count: int, stream: torch.Tensor) -> torch.Tensor:
+            keys, noise = ops.gumbel_keys(s_units.contiguous(), seed_lo, seed_hi, stream.reshape(1))
+            return sampling.top_by_keys(keys, noise, count)
+
+        exact_weights, _ = exact_unit_weights(work, group, config, grad_scale, select)
+    masked_step.launch(group, work, config, grad_scale, found_inf, exact_weights)
+    for original, copy in write_back:
+        original.copy_(copy)
 
 
 @register("fisher_update_", "triton")
 def fisher_update_(fisher: torch.Tensor, grad: torch.Tensor, beta: float) -> None:
     work = fisher if fisher.is_contiguous() else fisher.contiguous()
-    kernels("ops").fisher_update_(work, grad.contiguous(), beta)
+    from ..kernels import ops
+
+    ops.fisher_update_(work, grad.contiguous(), beta)
     if work is not fisher:
         fisher.copy_(work)
 
@@ -54,7 +67,9 @@ def inclusion_probs(
     importance: torch.Tensor, ratio: float, granularity: str, sampling_mode: str, min_prob: float
 ) -> torch.Tensor:
     s_units = as_units(sampling.unit_sums(importance, granularity))
-    pi = kernels("ops").inclusion_probs_units(s_units, ratio, sampling_mode == "poisson", min_prob)
+    from ..kernels import ops
+
+    pi = ops.inclusion_probs_units(s_units, ratio, sampling_mode == "poisson", min_prob)
     return sampling.expand_units(pi, importance.shape, granularity).contiguous()
 
 
@@ -62,9 +77,10 @@ def inclusion_probs(
 def sample_mask(
     unit_probs: torch.Tensor, seed: int, stream: int | torch.Tensor, shape: torch.Size, granularity: str
 ) -> torch.Tensor:
-    k = kernels("ops")
-    stream_t = k.stream_tensor(stream, unit_probs.device)
-    selected = k.bernoulli_select(as_units(unit_probs), *k.split_seed(seed), stream_t).view(torch.bool)
+    from ..kernels import ops
+
+    stream_t = ops.stream_tensor(stream, unit_probs.device)
+    selected = ops.bernoulli_select(as_units(unit_probs), *ops.split_seed(seed), stream_t).view(torch.bool)
     return sampling.expand_units(selected, shape, granularity).contiguous()
 
 
@@ -72,13 +88,16 @@ def sample_mask(
 def sample_exact(
     importance: torch.Tensor, count: int, seed: int, stream: int | torch.Tensor, granularity: str
 ) -> torch.Tensor:
-    k = kernels("ops")
+    from ..kernels import ops
+
     s_units = as_units(sampling.unit_sums(importance, granularity))
-    keys, noise = k.gumbel_keys(s_units, *k.split_seed(seed), k.stream_tensor(stream, importance.device))
+    keys, noise = ops.gumbel_keys(s_units, *ops.split_seed(seed), ops.stream_tensor(stream, importance.device))
     selected = sampling.top_by_keys(keys, noise, count)
     return sampling.expand_units(selected, importance.shape, granularity).contiguous()
 
 
 @register("unbiased_rescale", "triton")
 def unbiased_rescale(grad: torch.Tensor, mask: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    return kernels("ops").unbiased_rescale(grad.contiguous(), mask.contiguous(), probs.contiguous())
+    from ..kernels import ops
+
+    return ops.unbiased_rescale(grad.contiguous(), mask.contiguous(), probs.contiguous())
