@@ -6,6 +6,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <list>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "../step_config.h"
@@ -51,6 +54,39 @@ int dtype_code(at::ScalarType t) {
   return kF16;
 }
 
+// Device copies of a batch's metadata and pointer tables, kept while its storages, shapes and
+// slots stay the same (every step of a training loop): no upload per step, and a step captured
+// in a CUDA graph reads tables that outlive the capture. The key is the tables' own content.
+struct Tables {
+  at::Tensor meta, ptrs, blocks, rows;
+};
+
+Tables cached_tables(const std::vector<int64_t>& meta, const std::vector<int64_t>& ptrs,
+                     const std::vector<int64_t>& block_tensor, const std::vector<int64_t>& row_tensor,
+                     const at::Device& device) {
+  constexpr size_t kCacheSize = 64;
+  static std::mutex mutex;
+  static std::list<std::pair<std::vector<int64_t>, Tables>> cache;  // most recently used first
+  std::vector<int64_t> key;
+  key.reserve(meta.size() + ptrs.size() + 1);
+  key.push_back(device.index());
+  key.insert(key.end(), meta.begin(), meta.end());  // block_tensor and row_tensor follow from meta
+  key.insert(key.end(), ptrs.begin(), ptrs.end());
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (auto it = cache.begin(); it != cache.end(); ++it) {
+    if (it->first == key) {
+      cache.splice(cache.begin(), cache, it);
+      return cache.front().second;
+    }
+  }
+  Tables tables{device_table(meta, device, at::kLong), device_table(ptrs, device, at::kLong),
+                device_table(block_tensor.empty() ? std::vector<int64_t>{0} : block_tensor, device, at::kInt),
+                device_table(row_tensor.empty() ? std::vector<int64_t>{0} : row_tensor, device, at::kInt)};
+  cache.emplace_front(std::move(key), tables);
+  if (cache.size() > kCacheSize) cache.pop_back();
+  return tables;
+}
+
 void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
             const std::vector<at::Tensor>& steps, const std::vector<at::Tensor>& exp_avgs,
             const std::vector<at::Tensor>& exp_avg_sqs, const std::vector<at::Tensor>& momentum_buffers,
@@ -85,10 +121,8 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   }
   const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
   const auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
-  at::Tensor meta_d = device_table(meta, device, at::kLong);
-  at::Tensor ptrs_d = device_table(ptrs, device, at::kLong);
-  at::Tensor blocks_d = device_table(block_tensor.empty() ? std::vector<int64_t>{0} : block_tensor, device, at::kInt);
-  at::Tensor rows_d = device_table(row_tensor.empty() ? std::vector<int64_t>{0} : row_tensor, device, at::kInt);
+  const Tables tables = cached_tables(meta, ptrs, block_tensor, row_tensor, device);
+  const at::Tensor &meta_d = tables.meta, &ptrs_d = tables.ptrs, &blocks_d = tables.blocks, &rows_d = tables.rows;
   at::Tensor partials = at::empty({std::max<int64_t>(c.row ? units_total : blocks, 1), 4}, f64);
   at::Tensor row_importance = at::empty({std::max<int64_t>(units_total, 1)}, f32);
   at::Tensor unit_weight =
