@@ -11,33 +11,17 @@ import pytest
 import torch
 
 import fastmask
+from tests.config import BACKEND_CONFIGS, TOLERANCE, OptimizerConfig
 from tests.conftest import DEVICE, FAST_BACKENDS, INTERPRETED
 from tests.optim.models import assert_close_to_scale, batches, flat_params, loss_of, make_model
 
 pytestmark = pytest.mark.skipif(not FAST_BACKENDS, reason="no fast backend can run here")
 
-CONFIGS = {
-    "amss+-adamw-grad2": (fastmask.AMSSPlus, dict(lr=1e-2)),
-    "amss+-adamw-ema": (fastmask.AMSSPlus, dict(lr=1e-2, importance="ema", fisher_beta=0.8)),
-    "amss-sgd-grad2": (fastmask.AMSS, dict(base="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3)),
-    "amss+-sgd-nesterov": (fastmask.AMSSPlus, dict(base="sgd", lr=0.05, momentum=0.9, nesterov=True)),
-    "amss+-sgd-dampening": (fastmask.AMSSPlus, dict(base="sgd", lr=0.05, momentum=0.5, dampening=0.3)),
-    "amss+-adam-row": (fastmask.AMSSPlus, dict(base="adam", lr=1e-2, granularity="row", weight_decay=0.01)),
-    "amss+-uniform-legacy": (fastmask.AMSSPlus, dict(lr=1e-2, sampling="uniform", rescale="legacy")),
-    "amss+-row-legacy-ema": (fastmask.AMSSPlus, dict(lr=1e-2, granularity="row", rescale="legacy", importance="ema")),
-    "amss-exact": (fastmask.AMSS, dict(lr=1e-2, sampling="exact")),
-    "amss+-exact-row-legacy": (fastmask.AMSSPlus, dict(lr=1e-2, sampling="exact", rescale="legacy", granularity="row")),
-    "amss+-zero-grad-maximize": (fastmask.AMSSPlus, dict(base="adam", lr=1e-2, masked="zero_grad", maximize=True)),
-    "amss+-min-prob": (fastmask.AMSSPlus, dict(lr=1e-2, min_prob=0.2)),
-    "amss+-tensor-lr": (fastmask.AMSSPlus, dict(lr=torch.tensor(1e-2))),
-    "ogm-sgd": (fastmask.OGM, dict(base="sgd", lr=0.05, momentum=0.9)),
-    "ogm-ge-adamw-update": (fastmask.OGM, dict(lr=1e-2, ge=True, modulate="update")),
-    "ogm-ge-sgd": (fastmask.OGM, dict(base="sgd", lr=0.05, ge=True)),
-}
+CONFIGS = {name: (c.cls, c.kwargs) for name, c in BACKEND_CONFIGS.items()}
 
 
 def _settings(cls):
-    return {"coefficients": {"audio": 0.4}} if cls is fastmask.OGM else {"ratios": {"audio": 0.3, "visual": 0.7}}
+    return OptimizerConfig(cls).settings()
 
 
 def _run(backend, cls, kwargs, steps=10, dtype=torch.float32, **step_kwargs):
@@ -62,17 +46,17 @@ def test_matches_reference(backend, name):
     ref_model, ref = _run("torch", cls, kwargs)
     model, opt = _run(backend, cls, kwargs)
     assert _selected(opt) == _selected(ref)
-    exact = not kwargs.get("ge", False)
+    exact = BACKEND_CONFIGS[name].exact
     for (name, p_ref), p in zip(ref_model.named_parameters(), model.parameters()):
         if exact:
             assert torch.equal(p.detach().cpu(), p_ref.detach().cpu()), name
         else:
-            assert_close_to_scale(p, p_ref, 1e-6, name)
+            assert_close_to_scale(p, p_ref, TOLERANCE["backend_ge_params"], name)
         for key, value in ref.state[p_ref].items():
             if exact:
                 assert torch.equal(opt.state[p][key].cpu(), value.cpu()), f"{name} {key}"
             else:
-                assert_close_to_scale(opt.state[p][key], value, 1e-5, f"{name} {key}")
+                assert_close_to_scale(opt.state[p][key], value, TOLERANCE["backend_ge_states"], f"{name} {key}")
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
@@ -121,8 +105,9 @@ def test_many_small_noncontiguous_and_empty_tensors(backend, granularity):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
-def test_low_precision_params(backend, dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params(backend, dtype):
+    tol = TOLERANCE[dtype]
     if backend == "triton" and INTERPRETED:
         pytest.skip("bf16/fp16 loads are unreliable in the Triton interpreter; run on a GPU")
     cls, kwargs = CONFIGS["amss+-adamw-grad2"]

@@ -18,6 +18,7 @@ import torch
 
 import fastmask
 from fastmask import significance
+from tests.config import TOLERANCE
 from tests.optim.models import batches, flat_params, loss_of, make_model, train
 
 # name: (fastmask class, base, hyper-parameters shared with torch, the torch optimizer of that base)
@@ -29,7 +30,7 @@ CASES = {
     "ogm-sgd-momentum": (fastmask.OGM, "sgd", dict(lr=0.05, momentum=0.9, nesterov=True), torch.optim.SGD),
     "ogm-adamw": (fastmask.OGM, "adamw", dict(lr=1e-2), torch.optim.AdamW),
 }
-TOL = dict(rtol=1e-6, atol=1e-6)  # fastmask vs torch: torch's CPU kernels fuse multiply-adds
+TOL = dict(rtol=TOLERANCE["vs_torch"], atol=TOLERANCE["vs_torch"])
 
 
 def _settings(cls) -> dict:
