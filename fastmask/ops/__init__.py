@@ -197,13 +197,15 @@ def masked_step_(
     if group.reduce_sums is not None and not callable(group.reduce_sums):
         raise TypeError(f"group.reduce_sums must be callable or None, got {type(group.reduce_sums).__name__}")
     check_shardable(group, config)
-    for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf), ("config.ratio", config.ratio),
-                        ("config.coefficient", config.coefficient)):
-        if isinstance(value, torch.Tensor) or (value is not None and not name.startswith("config.")):
-            check_tensor(name, value, dtypes=None if not name.startswith("config.") else (torch.float32,),
-                         device=device)
-            if value.numel() != 1:
-                raise ValueError(f"{name} must have exactly one element, got shape {tuple(value.shape)}")
+    amp = [(name, value, None) for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf))
+           if value is not None]
+    settings = [(name, value, (torch.float32,)) for name, value in (("config.ratio", config.ratio),
+                                                                   ("config.coefficient", config.coefficient))
+                if isinstance(value, torch.Tensor)]  # a float setting needs no check here
+    for name, value, dtypes in amp + settings:
+        check_tensor(name, value, dtypes=dtypes, device=device)
+        if value.numel() != 1:
+            raise ValueError(f"{name} must have exactly one element, got shape {tuple(value.shape)}")
     if group.reduce_sums is not None or any(group.shards):
         # a shard's all-reduce between pass 1 and pass 2 is a Python callback: no op schema holds it
         implementation("masked_step_", backend, device)(group, config, grad_scale, found_inf)
