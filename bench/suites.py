@@ -19,7 +19,7 @@ import torch
 
 import fastmask
 from fastmask import ops
-from fastmask.ops.dispatch import unavailable_reason
+from fastmask.backends.registry import unavailable_reason
 
 # DESIGN §5 byte model, fp32 params, per element and step
 BYTES_PER_ELEMENT = {

@@ -96,15 +96,20 @@ FM_HD float rescale_weight(int mode, float pi, float s, float total, bool degene
   return 1.0f;
 }
 
-// Scalars of one step of one tensor (Adam terms from its step count).
+// Scalars of one step of one tensor (Adam terms from its step count). The flags are 0/1
+// floats: base_update tests each with one comparison in a select, which a CPU compiler
+// vectorises (a bool branch, or a select on a combination of bools, it does not).
 struct UpdateScalars {
-  int base;
+  int kind;  // UpdateKind
   float lr, momentum, one_minus_dampening, weight_decay;
-  bool nesterov, has_momentum;
   float one_minus_beta1, beta2, one_minus_beta2, eps;
   float step_size, bc2_sqrt, decay;  // lr / (1 - beta1^t), sqrt(1 - beta2^t), 1 - lr * wd
-  bool first_step;                   // t == 1: SGD's momentum buffer starts as d_p
+  float adamw, adam_l2;              // AdamW's decoupled decay; Adam's L2 term (weight_decay != 0)
+  float nesterov, first_step;        // first_step: t == 1, SGD's momentum buffer starts as d_p
 };
+
+// The three forms of the base update (base_update's template argument).
+enum UpdateKind : int { kUpdateSgd = 0, kUpdateSgdMomentum = 1, kUpdateAdam = 2 };
 
 // The step-config terms the per-tensor reduce reads, in the host's double precision.
 struct ReduceTerms {
@@ -145,7 +150,7 @@ FM_HD TensorScalars tensor_scalars(const ReduceTerms& c, const double* sums, flo
   sc.noise_hi = stream_hi + 1;
 
   UpdateScalars& u = sc.update;
-  u.base = c.base;
+  u.kind = c.base != kSGD ? kUpdateAdam : (c.momentum != 0.0 ? kUpdateSgdMomentum : kUpdateSgd);
   // as the reference: a float lr is a double and 1 - lr * wd is computed in double, then
   // rounded; a tensor lr is fp32 and 1 - lr * wd is fp32 arithmetic
   double lr64;
@@ -161,40 +166,45 @@ FM_HD TensorScalars tensor_scalars(const ReduceTerms& c, const double* sums, flo
   u.momentum = static_cast<float>(c.momentum);
   u.one_minus_dampening = static_cast<float>(1.0 - c.dampening);
   u.weight_decay = static_cast<float>(c.weight_decay);
-  u.nesterov = c.nesterov;
-  u.has_momentum = c.base == kSGD && c.momentum != 0.0;
   u.one_minus_beta1 = static_cast<float>(1.0 - c.beta1);
   u.beta2 = static_cast<float>(c.beta2);
   u.one_minus_beta2 = static_cast<float>(1.0 - c.beta2);
   u.eps = static_cast<float>(c.eps);
   u.step_size = static_cast<float>(lr64 / (1.0 - power(c.beta1, step_int)));
   u.bc2_sqrt = static_cast<float>(sqrt(1.0 - power(c.beta2, step_int)));
-  u.first_step = sc.new_step == 1.0f;
+  u.adamw = c.base == kAdamW ? 1.0f : 0.0f;
+  u.adam_l2 = c.base == kAdam && u.weight_decay != 0.0f ? 1.0f : 0.0f;
+  u.nesterov = c.nesterov ? 1.0f : 0.0f;
+  u.first_step = sc.new_step == 1.0f ? 1.0f : 0.0f;
   return sc;
 }
 
-// One base-optimizer update of one element (fp32), in the reference's operation order.
+// One base-optimizer update of one element (fp32), in the reference's operation order: returns
+// the new param; m, v (Adam) or buf (SGD momentum) hold the old state and receive the new.
+// Branch-free on the flags, so the CPU element loop vectorises with it inlined.
+template <int KIND>
 FM_HD float base_update(const UpdateScalars& k, float p, float g, float& m, float& v, float& buf) {
-  if (k.base == kSGD) {
-    float d = k.weight_decay != 0.0f ? g + k.weight_decay * p : g;
-    if (k.has_momentum) {
-      buf = k.first_step ? d : buf * k.momentum + d * k.one_minus_dampening;
-      d = k.nesterov ? d + k.momentum * buf : buf;
-    }
-    return p - k.lr * d;
+  if (KIND == kUpdateAdam) {
+    // (AdamW with weight_decay 0 has decay 1: p * 1 is p exactly)
+    const float pd = k.adamw != 0.0f ? p * k.decay : p;
+    const float gd = k.adam_l2 != 0.0f ? g + k.weight_decay * p : g;
+    m = m + (gd - m) * k.one_minus_beta1;
+    v = v * k.beta2 + gd * gd * k.one_minus_beta2;
+    return pd - k.step_size * (m / (sqrtf(v) / k.bc2_sqrt + k.eps));
   }
-  float pd = p;
-  if (k.weight_decay != 0.0f) {
-    if (k.base == kAdamW) {
-      pd = p * k.decay;
-    } else {
-      g = g + k.weight_decay * p;
-    }
+  float d = k.weight_decay != 0.0f ? g + k.weight_decay * p : g;
+  if (KIND == kUpdateSgdMomentum) {
+    buf = k.first_step != 0.0f ? d : buf * k.momentum + d * k.one_minus_dampening;
+    d = k.nesterov != 0.0f ? d + k.momentum * buf : buf;
   }
-  m = m + (g - m) * k.one_minus_beta1;
-  v = v * k.beta2 + g * g * k.one_minus_beta2;
-  const float denom = sqrtf(v) / k.bc2_sqrt + k.eps;
-  return pd - k.step_size * (m / denom);
+  return p - k.lr * d;
+}
+
+// base_update of the tensor's kind, chosen at run time (the CUDA kernel).
+FM_HD float base_update(const UpdateScalars& k, float p, float g, float& m, float& v, float& buf) {
+  if (k.kind == kUpdateAdam) return base_update<kUpdateAdam>(k, p, g, m, v, buf);
+  if (k.kind == kUpdateSgdMomentum) return base_update<kUpdateSgdMomentum>(k, p, g, m, v, buf);
+  return base_update<kUpdateSgd>(k, p, g, m, v, buf);
 }
 
 }  // namespace fastmask

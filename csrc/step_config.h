@@ -24,7 +24,6 @@ struct StepConfig {
   // per tensor, empty unless sharded: the full tensor's units and elements, and the
   // full-tensor index of the first local unit and element
   std::vector<int64_t> full_units, full_numels, first_units, first_elements;
-  py::object reduce_sums = py::none();  // None, or called with the [T, 4] float64 pass-1 sums
 
   bool sharded() const { return !full_units.empty(); }
   // What the per-tensor reduce (fastmask::tensor_scalars) reads.
@@ -67,8 +66,7 @@ inline void bind_step_config(py::module_& m) {
       .def_readwrite("full_units", &C::full_units)
       .def_readwrite("full_numels", &C::full_numels)
       .def_readwrite("first_units", &C::first_units)
-      .def_readwrite("first_elements", &C::first_elements)
-      .def_readwrite("reduce_sums", &C::reduce_sums);
+      .def_readwrite("first_elements", &C::first_elements);
   py::dict base_ids, rescale_ids;
   base_ids["sgd"] = static_cast<int>(kSGD);
   base_ids["adam"] = static_cast<int>(kAdam);

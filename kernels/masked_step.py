@@ -11,9 +11,10 @@
   probability, selection by the counter RNG, rescale, OGM terms and the base
   update; the mask lives in registers and unselected units are not even written.
 
-Sharded tensors (FSDP2): ``sum_partials`` first writes per-tensor sums, which the
-group's ``reduce_sums`` all-reduces, and ``reduce_tensors`` reads them; N, the GE
-element count and the RNG index are the full tensor's (metadata columns below).
+Sharded tensors (FSDP2): ``launch_sums`` runs pass 1 and ``sum_partials`` (per-tensor
+sums), the caller all-reduces them, and ``launch`` with those sums runs ``reduce_tensors``
+on them and ``pass2``; N, the GE element count and the RNG index are the full tensor's
+(metadata columns below).
 
 All tensors of a batch are reached through int64 pointer tables, so thousands
 of small tensors cost three launches, not thousands. Semantics: DESIGN §3.
@@ -520,17 +521,7 @@ def _split_f64(value: float) -> tuple[float, float]:
     return hi, float(torch.tensor(value - hi, dtype=torch.float32))
 
 
-def launch(
-    group: TensorGroup, work: dict[str, list[torch.Tensor]], cfg: StepConfig, grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None, exact_weights: torch.Tensor | None,
-) -> None:
-    """Launch the three passes of the step (the semantics of ``fastmask.reference.step``) on one batch.
-
-    ``work``: contiguous versions of the batch's params, grads and states (lists keyed by the
-    ``TensorGroup`` field names; the caller writes copies back); ``group`` supplies the steps,
-    slots, shards, ``reduce_sums`` and stats. ``exact_weights``: for sampling="exact", the per-unit
-    weight table of the units chosen on the host (0 = not selected), else None.
-    """
+def _check_batch(group: TensorGroup) -> torch.device:
     params = group.params
     device = params[0].device
     p_dtype, g_dtype = params[0].dtype, group.grads[0].dtype
@@ -538,14 +529,63 @@ def launch(
         raise TypeError("triton masked_step_: all params (and all grads) of a batch must share a dtype")
     if any(x.device != device for x in params + group.grads + group.steps):
         raise ValueError("triton masked_step_: all tensors of a batch must be on one device")
+    return device
+
+
+def _pass1(layout: _Layout, grads: torch.Tensor, work: dict, k: KernelConfig, grad_scale: torch.Tensor | None,
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1: (fp64 partials [blocks or rows, 4], each row's importance fp32 [n_units])."""
+    n_partials = layout.n_units if k.row else layout.n_blocks
+    partials = torch.empty((max(n_partials, 1), PART_COLS.value), dtype=torch.float64, device=device)
+    row_importance = torch.empty(max(layout.n_units, 1), dtype=torch.float32, device=device)
+    pass1 = dict(grad_table=grads, ptr_table=layout.pointers, meta=layout.meta, partials=partials,
+                 grad_scale_ptr=grad_scale if grad_scale is not None else partials, fisher_beta=k.fisher_beta,
+                 one_minus_fisher_beta=1.0 - k.fisher_beta, HAS_SCALE=grad_scale is not None, EMA=k.ema,
+                 G_DTYPE=TL_DTYPES[work["grads"][0].dtype], BLOCK=BLOCK_SIZE)
+    if k.row and layout.n_units:
+        pass1_rows[(layout.n_units,)](row_tensor=layout.row_tensor, row_importance=row_importance, **pass1)
+    elif not k.row and layout.n_blocks:
+        pass1_blocks[(layout.n_blocks,)](block_tensor=layout.block_tensor, **pass1)
+    return partials, row_importance
+
+
+def launch_sums(
+    group: TensorGroup, work: dict[str, list[torch.Tensor]], cfg: StepConfig, grad_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1 of a batch alone: (per-tensor sums float64 [T, 4], each row's importance fp32
+    [units] for row granularity, else empty), for ``launch(..., sums=...)`` after the caller
+    has all-reduced the sums of sharded tensors. ``work``, ``group``: as ``launch``."""
+    device = _check_batch(group)
+    k = KernelConfig.from_step(cfg, ema=bool(work["fishers"]))
+    layout = _layout(work, group, cfg.granularity)
+    partials, row_importance = _pass1(layout, _grad_table(work["grads"]), work, k, grad_scale, device)
+    sums = torch.empty((len(group), PART_COLS.value), dtype=torch.float64, device=device)
+    sum_partials[(len(group),)](meta=layout.meta, partials=partials, sums_out=sums, RBLOCK=REDUCE_BLOCK)
+    return sums, row_importance[: layout.n_units] if k.row else row_importance.new_empty(0)
+
+
+def launch(
+    group: TensorGroup, work: dict[str, list[torch.Tensor]], cfg: StepConfig, grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None, exact_weights: torch.Tensor | None, sums: torch.Tensor | None = None,
+    unit_importance: torch.Tensor | None = None,
+) -> None:
+    """Launch the step (the semantics of ``fastmask.reference.step``) on one batch.
+
+    ``work``: contiguous versions of the batch's params, grads and states (lists keyed by the
+    ``TensorGroup`` field names; the caller writes copies back); ``group`` supplies the steps,
+    slots, shards and stats. ``exact_weights``: for sampling="exact", the per-unit weight table
+    of the units chosen on the host (0 = not selected), else None. ``sums`` and
+    ``unit_importance``: ``launch_sums``'s results (the sums all-reduced over shards); pass 1 is
+    then not run again.
+    """
+    params = group.params
+    device = _check_batch(group)
+    p_dtype, g_dtype = params[0].dtype, group.grads[0].dtype
     k = KernelConfig.from_step(cfg, ema=bool(work["fishers"]))
     layout = _layout(work, group, cfg.granularity)
     grads = _grad_table(work["grads"])
     n_tensors = len(params)
     f32 = dict(dtype=torch.float32, device=device)
-    n_partials = layout.n_units if k.row else layout.n_blocks
-    partials = torch.empty((max(n_partials, 1), PART_COLS.value), dtype=torch.float64, device=device)
-    row_importance = torch.empty(max(layout.n_units, 1), **f32)
     unit_weight = torch.zeros(max(layout.n_units if k.masked else 1, 1), **f32)
     scalars = torch.empty((n_tensors, SCALAR_COLS.value), **f32)
     tensor_stats = torch.zeros((n_tensors, STAT_COLS.value), **f32)
@@ -555,9 +595,6 @@ def launch(
     grad_scale_ptr = grad_scale if grad_scale is not None else dummy
     seed = dict(seed_lo=k.seed & 0xFFFFFFFF, seed_hi=k.seed >> 32)
     importance = dict(fisher_beta=k.fisher_beta, one_minus_fisher_beta=1.0 - k.fisher_beta)
-    pass1 = dict(grad_table=grads, ptr_table=layout.pointers, meta=layout.meta, partials=partials,
-                 grad_scale_ptr=grad_scale_ptr, **importance, HAS_SCALE=grad_scale is not None, EMA=k.ema,
-                 G_DTYPE=TL_DTYPES[g_dtype], BLOCK=BLOCK_SIZE)
 
     exact_counts = None
     if k.exact:
@@ -567,16 +604,11 @@ def launch(
             device=device
         )
 
-    if k.row and layout.n_units:
-        pass1_rows[(layout.n_units,)](row_tensor=layout.row_tensor, row_importance=row_importance, **pass1)
-    elif not k.row and layout.n_blocks:
-        pass1_blocks[(layout.n_blocks,)](block_tensor=layout.block_tensor, **pass1)
-
-    if group.reduce_sums is not None:
-        sums = torch.empty((n_tensors, PART_COLS.value), dtype=torch.float64, device=device)
-        sum_partials[(n_tensors,)](meta=layout.meta, partials=partials, sums_out=sums, RBLOCK=REDUCE_BLOCK)
-        group.reduce_sums(sums)
-        partials = sums
+    if sums is None:
+        partials, row_importance = _pass1(layout, grads, work, k, grad_scale, device)
+    else:
+        partials = sums.to(device=device, dtype=torch.float64).contiguous()
+        row_importance = unit_importance if k.row and layout.n_units else dummy
 
     lr_is_tensor = isinstance(cfg.lr, torch.Tensor)
     lr_hi, lr_lo = _split_f64(k.lr)
@@ -592,7 +624,7 @@ def launch(
         beta1_hi=beta1_hi, beta1_lo=beta1_lo, beta2_hi=beta2_hi, beta2_lo=beta2_lo,
         HAS_FOUND_INF=found_inf is not None, LR_IS_TENSOR=lr_is_tensor,
         ROW_SAMPLING=k.masked and k.row and not k.exact, SAMPLING=0 if k.poisson else 1, RESCALE=k.rescale,
-        PRE_SUMMED=group.reduce_sums is not None, ALIGNED=layout.aligned, RBLOCK=REDUCE_BLOCK,
+        PRE_SUMMED=sums is not None, ALIGNED=layout.aligned, RBLOCK=REDUCE_BLOCK,
         enable_fp_fusion=False,
     )
 
@@ -626,4 +658,4 @@ def _accumulate_stats(stats, mask_mode, tensor_stats, block_stats, scalars, exac
         stats += torch.stack((per_tensor[2], per_tensor[2], per_tensor[2], per_tensor[3]))
 
 
-__all__ = ["launch", "pass1_blocks", "pass1_rows", "pass2", "reduce_tensors", "sum_partials"]
+__all__ = ["launch", "launch_sums", "pass1_blocks", "pass1_rows", "pass2", "reduce_tensors", "sum_partials"]

@@ -28,6 +28,10 @@ class OptimizerConfig:
             return {"coefficients": {"audio": 0.4}}
         return {"ratios": {"audio": 0.3, "visual": 0.7}}
 
+    def build(self, groups, **extra) -> fastmask.FusedOptimizer:
+        """The optimizer over ``groups``; ``extra`` (e.g. seed, backend) adds to the kwargs."""
+        return self.cls(groups, **{**self.kwargs, **extra})
+
 
 BACKEND_CONFIGS = {
     "amss+-adamw-grad2": OptimizerConfig(fastmask.AMSSPlus, dict(lr=1e-2)),
@@ -51,6 +55,9 @@ BACKEND_CONFIGS = {
     "ogm-ge-adamw-update": OptimizerConfig(fastmask.OGM, dict(lr=1e-2, ge=True, modulate="update")),
     "ogm-ge-sgd": OptimizerConfig(fastmask.OGM, dict(base="sgd", lr=0.05, ge=True)),
 }
+
+# The configurations the distributed tests (DDP, FSDP2) run: the element, row and OGM-GE paths.
+DISTRIBUTED_CONFIGS = ("amss+-adamw-ema", "amss-sgd-grad2", "amss+-row-legacy-ema", "ogm-ge-sgd")
 
 # Relative to each tensor's scale (tests.optim.models.assert_close_to_scale), or rtol = atol.
 TOLERANCE = {

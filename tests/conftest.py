@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastmask.ops.dispatch import unavailable_reason  # noqa: E402
+from fastmask.backends.registry import unavailable_reason  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FAST_BACKENDS = [b for b in ("triton", "cpp", "cuda") if unavailable_reason(b, DEVICE) is None]

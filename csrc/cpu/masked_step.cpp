@@ -4,9 +4,9 @@
 // sums them in chunk order (so results do not depend on the thread count), advances
 // `step`, computes the scalars and samples rows; pass 2 is one read-modify-write per
 // element with the mask in registers. Bit-identical to fastmask.reference in fp32.
-// Shards of larger tensors (FSDP2): the per-tensor sums go through the config's
-// `reduce_sums` (an all-reduce) between pass 1 and the reduce, and N, the GE element
-// count and the RNG indices are the full tensor's.
+// Shards of larger tensors (FSDP2): masked_step_sums runs pass 1 alone, the caller
+// all-reduces its sums, and masked_step finishes from them; N, the GE element count and
+// the RNG indices are the full tensor's.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 // AVX-512 Philox (16 calls per vector) unless FASTMASK_PORTABLE_RNG asks for the portable
@@ -81,7 +82,7 @@ Partial chunk_partial(const G* __restrict g, const float* __restrict fisher, int
 }
 
 enum Mode : int { kDense = 0, kSample = 1, kTable = 2 };
-enum Kind : int { kSgd = 0, kSgdMomentum = 1, kAdam = 2 };
+constexpr int kSgd = fastmask::kUpdateSgd, kSgdMomentum = fastmask::kUpdateSgdMomentum, kAdam = fastmask::kUpdateAdam;
 constexpr int kBlock = 64;  // elements per inner block: 16 Philox calls side by side
 
 struct Pass2Args {
@@ -216,16 +217,13 @@ inline void uniform_block(uint64_t first, uint32_t s_lo, uint32_t s_hi, uint32_t
 struct Pass2Consts {
   float grad_scale, sign, coefficient, ge, update_coefficient, modulate_update, freeze;
   float const_pi, degenerate, ratio, min_prob, scale, total, inv_n, fisher_beta, one_minus_fisher_beta;
-  float adamw, adam_l2, wd, decay, lr, step_size, bc2_sqrt, eps, one_minus_beta1, beta2, one_minus_beta2;
-  float momentum, one_minus_dampening, first_step, nesterov;
+  UpdateScalars update;
 };
 
 // Pass 2 on elements [lo, hi): the base update of each element after importance,
 // selection (uniforms, MODE kSample; the segment's unit weight, kTable) and rescale.
-// The SGD/Adam arithmetic is fastmask::base_update's, in the same operation order, written
-// out here with float flags: that function's bool branches keep GCC from vectorising the
-// loop (the CUDA kernel calls it as it is). The bit-exact backend tests hold both to the
-// reference.
+// The SGD/Adam arithmetic is fastmask::base_update<KIND>, inlined (the CUDA kernel calls the
+// same function); the bit-exact backend tests hold both to the reference.
 template <typename P, typename G, int KIND, int MODE, int RESCALE, bool EMA>
 inline void update_elements(P* __restrict p, const G* __restrict g, float* __restrict m, float* __restrict v,
                             float* __restrict buf, float* __restrict fisher, const float* __restrict uniforms,
@@ -263,26 +261,15 @@ inline void update_elements(P* __restrict p, const G* __restrict g, float* __res
     // (a select on a loop-invariant bool, as a frozen table row would give, is not vectorised)
     const bool update = MODE == kSample && c.freeze != 0.0f ? selected : true;
     const float p_old = static_cast<float>(p[i]);
-    float p_new;
+    const float m_old = KIND == kAdam ? m[i] : 0.0f, v_old = KIND == kAdam ? v[i] : 0.0f;
+    const float b_old = KIND == kSgdMomentum ? buf[i] : 0.0f;
+    float m_new = m_old, v_new = v_old, b_new = b_old;
+    float p_new = fastmask::base_update<KIND>(c.update, p_old, gm, m_new, v_new, b_new);
     if (KIND == kAdam) {
-      const float pd = c.adamw != 0.0f ? p_old * c.decay : p_old;
-      const float gd = c.adam_l2 != 0.0f ? gm + c.wd * p_old : gm;
-      const float m_old = m[i], v_old = v[i];
-      const float m_new = m_old + (gd - m_old) * c.one_minus_beta1;
-      const float v_new = v_old * c.beta2 + gd * gd * c.one_minus_beta2;
-      p_new = pd - c.step_size * (m_new / (std::sqrt(v_new) / c.bc2_sqrt + c.eps));
       m[i] = update ? m_new : m_old;
       v[i] = update ? v_new : v_old;
-    } else {
-      float d = c.wd != 0.0f ? gm + c.wd * p_old : gm;
-      if (KIND == kSgdMomentum) {
-        const float b_old = buf[i];
-        const float b_new = c.first_step != 0.0f ? d : b_old * c.momentum + d * c.one_minus_dampening;
-        d = c.nesterov != 0.0f ? d + c.momentum * b_new : b_new;
-        buf[i] = update ? b_new : b_old;
-      }
-      p_new = p_old - c.lr * d;
     }
+    if (KIND == kSgdMomentum) buf[i] = update ? b_new : b_old;
     p_new = c.modulate_update != 0.0f ? p_old + (p_new - p_old) * c.update_coefficient : p_new;
     p[i] = static_cast<P>(update ? p_new : p_old);
     if (EMA) fisher[i] = f_new;
@@ -320,16 +307,12 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Pas
                  int64_t end, double& pi_sum, double& sel_sum) {
   if (!sc.ok) return;
   const Config& c = a.c;
-  const UpdateScalars& u = sc.update;
   auto flag = [](bool b) { return b ? 1.0f : 0.0f; };
   const Pass2Consts k{a.grad_scale, c.maximize ? -1.0f : 1.0f, static_cast<float>(c.grad_coefficient), flag(c.ge),
                       static_cast<float>(c.update_coefficient), flag(c.modulate_update), flag(c.masked && c.freeze),
                       flag(!c.poisson || sc.degenerate), flag(sc.degenerate),
                       static_cast<float>(c.ratio), static_cast<float>(c.min_prob), sc.scale, sc.total, sc.inv_n,
-                      a.fisher_beta, a.one_minus_fisher_beta, flag(c.base == fastmask::kAdamW),
-                      flag(c.base == fastmask::kAdam && u.weight_decay != 0.0f), u.weight_decay,
-                      u.decay, u.lr, u.step_size, u.bc2_sqrt, u.eps, u.one_minus_beta1, u.beta2, u.one_minus_beta2,
-                      u.momentum, u.one_minus_dampening, flag(u.first_step), flag(u.nesterov)};
+                      a.fisher_beta, a.one_minus_fisher_beta, sc.update};
   alignas(64) float uniforms[kBlock] = {};
   alignas(64) float noise[kBlock] = {};
   if (MODE == kTable) {
@@ -400,62 +383,77 @@ void dispatch_pass2(int kind, int mode, int rescale, bool ema, const Pass2Tensor
   pass2_mode<P, G, kSgd>(mode, rescale, ema, pt, sc, a, begin, end, pi_sum, sel_sum);
 }
 
-template <typename P, typename G>
-void step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-               const std::vector<at::Tensor>& steps, const std::vector<at::Tensor>& exp_avgs,
-               const std::vector<at::Tensor>& exp_avg_sqs, const std::vector<at::Tensor>& momentum_buffers,
-               const std::vector<at::Tensor>& fishers, const std::vector<int64_t>& slots, const Config& c,
-               const c10::optional<at::Tensor>& lr_tensor, const c10::optional<at::Tensor>& grad_scale,
-               const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& unit_weight_in,
-               const std::vector<int64_t>& unit_offsets, const c10::optional<at::Tensor>& stats) {
-  const int64_t n_tensors = static_cast<int64_t>(params.size());
-  const bool scaled = grad_scale.has_value();
-  const float gs = scaled ? grad_scale->item<float>() : 1.0f;
-  const bool inf_flag = found_inf.has_value() && found_inf->item<float>() != 0.0f;
-  const float fisher_beta = static_cast<float>(c.fisher_beta);
-  const float one_minus_fisher_beta = static_cast<float>(1.0 - c.fisher_beta);
-  const uint32_t k0 = static_cast<uint32_t>(c.seed), k1 = static_cast<uint32_t>(c.seed >> 32);
-
-  std::vector<int64_t> numel(n_tensors), units(n_tensors), row_size(n_tensors);
+// The work items of one batch: per tensor its elements, units, row size and first unit in the
+// batch's unit table; pass-1 items (whole rows, or elements) and pass-2 items (elements).
+struct Layout {
+  int64_t n_tensors = 0, n_units = 0;
+  std::vector<int64_t> numel, units, row_size, unit_offset, first_item1;
   // Row units of one element (1-D tensors) are element units under another name: they take
   // the element path (sampled in pass 2, vectorised), not the per-row table.
-  std::vector<char> by_rows(n_tensors);
+  std::vector<char> by_rows;
   std::vector<Item> items1, items2;
-  std::vector<int64_t> first_item1(n_tensors + 1);
-  for (int64_t t = 0; t < n_tensors; ++t) {
-    numel[t] = params[t].numel();
-    units[t] = c.row ? (params[t].dim() ? params[t].size(0) : 1) : numel[t];
-    row_size[t] = units[t] ? numel[t] / units[t] : 1;
-    by_rows[t] = c.row && row_size[t] != 1;
-    first_item1[t] = static_cast<int64_t>(items1.size());
-    // pass-1 work items of about kChunk elements: whole rows, or elements
-    const int64_t n1 = by_rows[t] ? units[t] : numel[t];
-    const int64_t per_item = by_rows[t] ? std::max<int64_t>(1, kChunk / std::max<int64_t>(row_size[t], 1)) : kChunk;
-    for (int64_t b = 0; b < n1; b += per_item) items1.push_back({t, b, std::min(n1, b + per_item)});
-    for (int64_t b = 0; b < numel[t]; b += kChunk) items2.push_back({t, b, std::min(numel[t], b + kChunk)});
-  }
-  first_item1[n_tensors] = static_cast<int64_t>(items1.size());
+};
 
-  // ---- pass 1: fp64 partials per chunk (and per-row importance in row mode)
-  std::vector<Partial> partials(items1.size());
-  std::vector<std::vector<float>> row_importance(n_tensors);
-  for (int64_t t = 0; t < n_tensors; ++t)
-    if (by_rows[t]) row_importance[t].resize(units[t]);
-  at::parallel_for(0, static_cast<int64_t>(items1.size()), 1, [&](int64_t lo, int64_t hi) {
+Layout layout_of(const std::vector<at::Tensor>& params, const Config& c) {
+  Layout L;
+  const int64_t n_tensors = L.n_tensors = static_cast<int64_t>(params.size());
+  L.numel.resize(n_tensors);
+  L.units.resize(n_tensors);
+  L.row_size.resize(n_tensors);
+  L.unit_offset.resize(n_tensors);
+  L.by_rows.resize(n_tensors);
+  L.first_item1.resize(n_tensors + 1);
+  for (int64_t t = 0; t < n_tensors; ++t) {
+    const int64_t numel = L.numel[t] = params[t].numel();
+    const int64_t units = L.units[t] = c.row ? (params[t].dim() ? params[t].size(0) : 1) : numel;
+    const int64_t row_size = L.row_size[t] = units ? numel / units : 1;
+    L.by_rows[t] = c.row && row_size != 1;
+    L.unit_offset[t] = L.n_units;
+    if (c.row) L.n_units += units;
+    L.first_item1[t] = static_cast<int64_t>(L.items1.size());
+    // pass-1 work items of about kChunk elements: whole rows, or elements
+    const int64_t n1 = L.by_rows[t] ? units : numel;
+    const int64_t per_item = L.by_rows[t] ? std::max<int64_t>(1, kChunk / std::max<int64_t>(row_size, 1)) : kChunk;
+    for (int64_t b = 0; b < n1; b += per_item) L.items1.push_back({t, b, std::min(n1, b + per_item)});
+    for (int64_t b = 0; b < numel; b += kChunk) L.items2.push_back({t, b, std::min(numel, b + kChunk)});
+  }
+  L.first_item1[n_tensors] = static_cast<int64_t>(L.items1.size());
+  return L;
+}
+
+// Pass 1: the per-tensor sums [T, 4] float64 (sum of s_u, sum g, sum g^2, non-finite count),
+// from fp64 partials per chunk summed in chunk order (so they do not depend on the thread
+// count), and in row mode each row's importance s_u (fp32, [n_units]). Rows of one element
+// take the element path and have no entry of their own: `zero_unused` sets theirs to 0 (a
+// table handed to the caller), else they stay unwritten (a 1-D tensor's rows are as many as
+// its elements: writing them would cost a pass).
+template <typename G>
+std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::Tensor>& grads,
+                                         const std::vector<at::Tensor>& fishers, const Config& c, float gs,
+                                         bool zero_unused) {
+  const float fisher_beta = static_cast<float>(c.fisher_beta);
+  const float one_minus_fisher_beta = static_cast<float>(1.0 - c.fisher_beta);
+  std::vector<Partial> partials(L.items1.size());
+  at::Tensor unit_importance = at::empty({L.n_units}, at::TensorOptions().dtype(at::kFloat));
+  if (zero_unused)
+    for (int64_t t = 0; t < L.n_tensors; ++t)
+      if (c.row && !L.by_rows[t]) unit_importance.narrow(0, L.unit_offset[t], L.units[t]).zero_();
+  float* row_importance = unit_importance.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(L.items1.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
-      const Item& it = items1[k];
+      const Item& it = L.items1[k];
       const G* g = grads[it.tensor].data_ptr<G>();
       const float* f = c.ema ? fishers[it.tensor].data_ptr<float>() : nullptr;
-      if (!by_rows[it.tensor]) {
+      if (!L.by_rows[it.tensor]) {
         partials[k] = chunk_partial(g, f, it.begin, it.end, gs, fisher_beta, one_minus_fisher_beta);
         continue;
       }
       Partial acc;
-      const int64_t rs = row_size[it.tensor];
+      const int64_t rs = L.row_size[it.tensor];
       for (int64_t r = it.begin; r < it.end; ++r) {
         const Partial row = chunk_partial(g, f, r * rs, (r + 1) * rs, gs, fisher_beta, one_minus_fisher_beta);
         const float row_s = static_cast<float>(row.s);  // s_u is fp32; S sums the rounded s_u
-        row_importance[it.tensor][r] = row_s;
+        row_importance[L.unit_offset[it.tensor] + r] = row_s;
         acc.s += row_s;
         acc.g += row.g;
         acc.g2 += row.g2;
@@ -464,21 +462,35 @@ void step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tens
       partials[k] = acc;
     }
   });
+  at::Tensor sums = at::zeros({L.n_tensors, 4}, at::TensorOptions().dtype(at::kDouble));
+  double* out = sums.data_ptr<double>();
+  for (int64_t t = 0; t < L.n_tensors; ++t)
+    for (int64_t k = L.first_item1[t]; k < L.first_item1[t + 1]; ++k) {
+      out[4 * t + 0] += partials[k].s;
+      out[4 * t + 1] += partials[k].g;
+      out[4 * t + 2] += partials[k].g2;
+      out[4 * t + 3] += partials[k].bad;
+    }
+  return {sums, unit_importance};
+}
 
-  // ---- per-tensor sums, in chunk order; a sharded batch all-reduces them here
-  at::Tensor sums_table = at::zeros({n_tensors, 4}, at::TensorOptions().dtype(at::kDouble));
-  {
-    double* out = sums_table.data_ptr<double>();
-    for (int64_t t = 0; t < n_tensors; ++t)
-      for (int64_t k = first_item1[t]; k < first_item1[t + 1]; ++k) {
-        out[4 * t + 0] += partials[k].s;
-        out[4 * t + 1] += partials[k].g;
-        out[4 * t + 2] += partials[k].g2;
-        out[4 * t + 3] += partials[k].bad;
-      }
-  }
-  if (!c.reduce_sums.is_none()) c.reduce_sums(sums_table);
-  const double* sums = sums_table.data_ptr<double>();
+// The per-tensor reduce and pass 2, from pass 1's `sums` (for shards: their totals over the
+// shards) and `row_importance` (pass 1's unit_importance).
+template <typename P, typename G>
+void finish(const Layout& L, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+            const std::vector<at::Tensor>& steps, const std::vector<at::Tensor>& exp_avgs,
+            const std::vector<at::Tensor>& exp_avg_sqs, const std::vector<at::Tensor>& momentum_buffers,
+            const std::vector<at::Tensor>& fishers, const std::vector<int64_t>& slots, const Config& c,
+            const c10::optional<at::Tensor>& lr_tensor, float gs, const c10::optional<at::Tensor>& found_inf,
+            const c10::optional<at::Tensor>& unit_weight_in, const std::vector<int64_t>& unit_offsets,
+            const c10::optional<at::Tensor>& stats, const double* sums, const float* row_importance) {
+  const int64_t n_tensors = L.n_tensors;
+  const bool inf_flag = found_inf.has_value() && found_inf->item<float>() != 0.0f;
+  const float fisher_beta = static_cast<float>(c.fisher_beta);
+  const float one_minus_fisher_beta = static_cast<float>(1.0 - c.fisher_beta);
+  const uint32_t k0 = static_cast<uint32_t>(c.seed), k1 = static_cast<uint32_t>(c.seed >> 32);
+  const std::vector<int64_t>&units = L.units, &numel = L.numel, &row_size = L.row_size;
+  const std::vector<char>& by_rows = L.by_rows;
   const bool sharded = c.sharded();
 
   // ---- reduce: per tensor
@@ -512,7 +524,7 @@ void step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tens
       w.resize(units[t]);
       double pi_sum = 0, sel = 0;
       for (int64_t r = 0; r < units[t]; ++r) {
-        const float s = row_importance[t][r];
+        const float s = row_importance[L.unit_offset[t] + r];
         const float pi = fastmask::inclusion_prob(s, sc.scale, sc.degenerate, static_cast<float>(c.ratio),
                                                   static_cast<float>(c.min_prob), c.poisson);
         const bool chosen = fastmask::uniform_at(static_cast<uint64_t>(first_unit + r), sc.step_word, sc.mask_hi, k0,
@@ -534,6 +546,7 @@ void step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   }
 
   // ---- pass 2: one read-modify-write per element
+  const std::vector<Item>& items2 = L.items2;
   std::vector<double> item_pi(items2.size(), 0.0), item_sel(items2.size(), 0.0);
   const Pass2Args args{c, k0, k1, gs, fisher_beta, one_minus_fisher_beta};
   auto mode_of = [&](int64_t t) { return !c.masked ? kDense : ((by_rows[t] || c.exact) ? kTable : kSample); };
@@ -573,32 +586,73 @@ void step_impl(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   }
 }
 
+float grad_scale_value(const c10::optional<at::Tensor>& grad_scale) {
+  return grad_scale.has_value() ? grad_scale->item<float>() : 1.0f;
+}
+
+// Calls step(P{}, G{}) with the batch's (param, grad) dtype pair: the pairs that training
+// produces (fastmask.ops._native converts other grads to fp32).
+template <typename Step>
+void with_dtypes(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads, const char* op,
+                 Step step) {
+  TORCH_CHECK(!params.empty(), op, ": no params");
+  const auto p_type = params[0].scalar_type(), g_type = grads[0].scalar_type();
+  for (size_t t = 0; t < params.size(); ++t) {
+    TORCH_CHECK(params[t].device().is_cpu() && params[t].is_contiguous() && grads[t].is_contiguous(), op,
+                ": params and grads must be contiguous CPU tensors");
+    TORCH_CHECK(params[t].scalar_type() == p_type && grads[t].scalar_type() == g_type, op,
+                ": one param dtype and one grad dtype per batch");
+  }
+  if (p_type == at::kFloat && g_type == at::kFloat) return step(float{}, float{});
+  if (p_type == at::kBFloat16 && g_type == at::kBFloat16) return step(c10::BFloat16{}, c10::BFloat16{});
+  if (p_type == at::kHalf && g_type == at::kHalf) return step(c10::Half{}, c10::Half{});
+  if (p_type == at::kBFloat16 && g_type == at::kFloat) return step(c10::BFloat16{}, float{});
+  if (p_type == at::kHalf && g_type == at::kFloat) return step(c10::Half{}, float{});
+  TORCH_CHECK(false, op, ": unsupported (param, grad) dtypes ", p_type, ", ", g_type);
+}
+
+// Pass 1 of a batch: (sums [T, 4] float64, unit_importance fp32); see pass1.
+std::tuple<at::Tensor, at::Tensor> masked_step_sums(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
+                                                    std::vector<at::Tensor> fishers, const Config& c,
+                                                    c10::optional<at::Tensor> grad_scale) {
+  std::tuple<at::Tensor, at::Tensor> out;
+  with_dtypes(params, grads, "cpp masked_step_sums", [&](auto, auto g) {
+    out = pass1<decltype(g)>(layout_of(params, c), grads, fishers, c, grad_scale_value(grad_scale), true);
+  });
+  return out;
+}
+
+// The whole step; with `sums` (and, in row mode, `unit_importance`) from masked_step_sums,
+// only its reduce and pass 2: the finish of a sharded step whose sums were all-reduced.
 void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
                  std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
                  std::vector<at::Tensor> momentum_buffers, std::vector<at::Tensor> fishers,
                  std::vector<int64_t> slots, const Config& c, c10::optional<at::Tensor> lr_tensor,
                  c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
                  c10::optional<at::Tensor> unit_weight, std::vector<int64_t> unit_offsets,
-                 c10::optional<at::Tensor> stats) {
-  TORCH_CHECK(!params.empty(), "masked_step: no params");
-  const auto p_type = params[0].scalar_type(), g_type = grads[0].scalar_type();
-  for (size_t t = 0; t < params.size(); ++t) {
-    TORCH_CHECK(params[t].device().is_cpu() && params[t].is_contiguous() && grads[t].is_contiguous(),
-                "cpp masked_step: params and grads must be contiguous CPU tensors");
-    TORCH_CHECK(params[t].scalar_type() == p_type && grads[t].scalar_type() == g_type,
-                "cpp masked_step: one param dtype and one grad dtype per batch");
-  }
-#define FM_STEP(P, G)                                                                                       \
-  return step_impl<P, G>(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, c,       \
-                         lr_tensor, grad_scale, found_inf, unit_weight, unit_offsets, stats)
-  // the (param, grad) dtype pairs that training produces; fastmask.ops._cpp converts other grads to fp32
-  if (p_type == at::kFloat && g_type == at::kFloat) FM_STEP(float, float);
-  if (p_type == at::kBFloat16 && g_type == at::kBFloat16) FM_STEP(c10::BFloat16, c10::BFloat16);
-  if (p_type == at::kHalf && g_type == at::kHalf) FM_STEP(c10::Half, c10::Half);
-  if (p_type == at::kBFloat16 && g_type == at::kFloat) FM_STEP(c10::BFloat16, float);
-  if (p_type == at::kHalf && g_type == at::kFloat) FM_STEP(c10::Half, float);
-#undef FM_STEP
-  TORCH_CHECK(false, "cpp masked_step: unsupported (param, grad) dtypes ", p_type, ", ", g_type);
+                 c10::optional<at::Tensor> stats, c10::optional<at::Tensor> sums_in,
+                 c10::optional<at::Tensor> unit_importance_in) {
+  with_dtypes(params, grads, "cpp masked_step", [&](auto p, auto g) {
+    using P = decltype(p);
+    using G = decltype(g);
+    const Layout L = layout_of(params, c);
+    const float gs = grad_scale_value(grad_scale);
+    at::Tensor sums, unit_importance;
+    if (sums_in.has_value()) {
+      sums = sums_in->contiguous();
+      unit_importance = unit_importance_in.has_value() ? unit_importance_in->contiguous() : at::Tensor();
+      TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.numel() == 4 * L.n_tensors,
+                  "cpp masked_step: sums must be float64 [", L.n_tensors, ", 4]");
+      TORCH_CHECK(!c.row || (unit_importance.defined() && unit_importance.scalar_type() == at::kFloat &&
+                             unit_importance.numel() == L.n_units),
+                  "cpp masked_step: row units need pass 1's unit_importance, fp32 [", L.n_units, "]");
+    } else {
+      std::tie(sums, unit_importance) = pass1<G>(L, grads, fishers, c, gs, false);
+    }
+    finish<P, G>(L, params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, c, lr_tensor, gs,
+                 found_inf, unit_weight, unit_offsets, stats, sums.data_ptr<double>(),
+                 c.row ? unit_importance.data_ptr<float>() : nullptr);
+  });
 }
 
 // ---- the low-level ops on units (1-D, contiguous fp32)
@@ -674,6 +728,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastmask cpp backend: fused masked step and ops on CPU tensors";
   fastmask::bind_step_config(m);
   m.def("masked_step", &masked_step);
+  m.def("masked_step_sums", &masked_step_sums);
   m.def("fisher_update", &fisher_update);
   m.def("inclusion_probs", &inclusion_probs);
   m.def("bernoulli_select", &bernoulli_select);

@@ -8,6 +8,7 @@
 
 #include <list>
 #include <mutex>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -87,13 +88,20 @@ Tables cached_tables(const std::vector<int64_t>& meta, const std::vector<int64_t
   return tables;
 }
 
+// kWhole: the step. kSums: pass 1 alone, into *sums_out = (sums [T, 4] float64, row importance
+// fp32 [n_units] in row mode, else empty). kFinish: the reduce and pass 2, from those (the sums
+// all-reduced over the shards in between).
+enum class Phase { kWhole, kSums, kFinish };
+
 void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
             const std::vector<at::Tensor>& steps, const std::vector<at::Tensor>& exp_avgs,
             const std::vector<at::Tensor>& exp_avg_sqs, const std::vector<at::Tensor>& momentum_buffers,
             const std::vector<at::Tensor>& fishers, const std::vector<int64_t>& slots, const DeviceConfig& c,
             const c10::optional<at::Tensor>& lr_tensor, const c10::optional<at::Tensor>& grad_scale,
             const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& unit_weight_in,
-            const c10::optional<at::Tensor>& stats, const fastmask::StepConfig& h, const at::Tensor& settings) {
+            const c10::optional<at::Tensor>& stats, const fastmask::StepConfig& h, const at::Tensor& settings,
+            Phase phase, const c10::optional<at::Tensor>& sums_in, const c10::optional<at::Tensor>& unit_importance_in,
+            std::tuple<at::Tensor, at::Tensor>* sums_out) {
   const auto device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -124,7 +132,8 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   const Tables tables = cached_tables(meta, ptrs, block_tensor, row_tensor, device);
   const at::Tensor &meta_d = tables.meta, &ptrs_d = tables.ptrs, &blocks_d = tables.blocks, &rows_d = tables.rows;
   at::Tensor partials = at::empty({std::max<int64_t>(c.row ? units_total : blocks, 1), 4}, f64);
-  at::Tensor row_importance = at::empty({std::max<int64_t>(units_total, 1)}, f32);
+  at::Tensor row_importance = phase == Phase::kFinish && c.row ? unit_importance_in->contiguous()
+                                                                : at::empty({std::max<int64_t>(units_total, 1)}, f32);
   at::Tensor unit_weight =
       unit_weight_in.has_value() ? *unit_weight_in : at::zeros({std::max<int64_t>(units_total, 1)}, f32);
   at::Tensor scalars = at::empty({n_tensors * static_cast<int64_t>(sizeof(TensorScalars))}, f32.dtype(at::kByte));
@@ -153,13 +162,16 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   a.lr = lr32.defined() ? lr32.data_ptr<float>() : nullptr;
   a.settings = settings.data_ptr<float>();
   a.config = c;
-  if (!h.reduce_sums.is_none()) {
-    // pass 1, the all-reduce of the per-tensor sums (on this stream), then the rest
+  if (phase == Phase::kSums) {
     at::Tensor sums = at::empty({n_tensors, 4}, f64);
-    cudaError_t err = fastmask_cuda::masked_step_sums(a, sums.data_ptr<double>(), stream);
-    TORCH_CHECK(err == cudaSuccess, "cuda masked_step: ", cudaGetErrorString(err));
-    h.reduce_sums(sums);
-    err = fastmask_cuda::masked_step_finish(a, sums.data_ptr<double>(), stream);
+    const cudaError_t err = fastmask_cuda::masked_step_sums(a, sums.data_ptr<double>(), stream);
+    TORCH_CHECK(err == cudaSuccess, "cuda masked_step_sums: ", cudaGetErrorString(err));
+    *sums_out = {sums, c.row ? row_importance.narrow(0, 0, units_total) : at::empty({0}, f32)};
+    return;
+  }
+  if (phase == Phase::kFinish) {
+    const at::Tensor sums = sums_in->to(device, at::kDouble).contiguous();
+    const cudaError_t err = fastmask_cuda::masked_step_finish(a, sums.data_ptr<double>(), stream);
     TORCH_CHECK(err == cudaSuccess, "cuda masked_step: ", cudaGetErrorString(err));
   } else {
     const cudaError_t err = fastmask_cuda::masked_step(a, stream);
@@ -176,20 +188,13 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   }
 }
 
-void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
-                         std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
-                         std::vector<at::Tensor> momentum_buffers, std::vector<at::Tensor> fishers,
-                         std::vector<int64_t> slots, const fastmask::StepConfig& h, c10::optional<at::Tensor> lr_tensor,
-                         c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
-                         c10::optional<at::Tensor> unit_weight, std::vector<int64_t> unit_offsets,
-                         c10::optional<at::Tensor> stats, at::Tensor settings) {
+void check_batch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                 const at::Tensor& settings) {
   TORCH_CHECK(!params.empty(), "cuda masked_step: no params");
   TORCH_CHECK(settings.is_cuda() && settings.scalar_type() == at::kFloat && settings.numel() == 3 &&
                   settings.is_contiguous() && settings.device() == params[0].device(),
               "cuda masked_step: settings must be the 3 fp32 values [ratio, grad coefficient, update coefficient] "
               "on the params' device");
-  (void)unit_offsets;  // the unit table is laid out in tensor order, as the metadata's offsets
-  const DeviceConfig c = device_config(h, lr_tensor.has_value());
   const auto p_type = params[0].scalar_type(), g_type = grads[0].scalar_type();
   for (size_t t = 0; t < params.size(); ++t) {
     TORCH_CHECK(params[t].is_cuda() && params[t].is_contiguous() && grads[t].is_contiguous(),
@@ -197,9 +202,40 @@ void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor>
     TORCH_CHECK(params[t].scalar_type() == p_type && grads[t].scalar_type() == g_type,
                 "cuda masked_step: one param dtype and one grad dtype per batch");
   }
-  launch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, c, lr_tensor, grad_scale,
-         found_inf, unit_weight, stats, h, settings);
-  return;
+}
+
+// The whole step; with `sums` (and, in row mode, `unit_importance`) from masked_step_sums,
+// only its reduce and pass 2: the finish of a sharded step whose sums were all-reduced.
+// The unit table (exact mode) is laid out in tensor order, as the metadata's offsets:
+// `unit_offsets` is the cpp binding's argument, unused here.
+void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
+                         std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
+                         std::vector<at::Tensor> momentum_buffers, std::vector<at::Tensor> fishers,
+                         std::vector<int64_t> slots, const fastmask::StepConfig& h, c10::optional<at::Tensor> lr_tensor,
+                         c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
+                         c10::optional<at::Tensor> unit_weight, std::vector<int64_t> /*unit_offsets*/,
+                         c10::optional<at::Tensor> stats, at::Tensor settings, c10::optional<at::Tensor> sums,
+                         c10::optional<at::Tensor> unit_importance) {
+  check_batch(params, grads, settings);
+  TORCH_CHECK(!sums.has_value() || !h.row || unit_importance.has_value(),
+              "cuda masked_step: row units need pass 1's unit_importance");
+  launch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots,
+         device_config(h, lr_tensor.has_value()), lr_tensor, grad_scale, found_inf, unit_weight, stats, h, settings,
+         sums.has_value() ? Phase::kFinish : Phase::kWhole, sums, unit_importance, nullptr);
+}
+
+// Pass 1 of a batch: (sums [T, 4] float64, unit_importance fp32 [units] in row mode, else empty).
+std::tuple<at::Tensor, at::Tensor> masked_step_sums_binding(
+    std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
+    std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs, std::vector<at::Tensor> momentum_buffers,
+    std::vector<at::Tensor> fishers, std::vector<int64_t> slots, const fastmask::StepConfig& h,
+    c10::optional<at::Tensor> grad_scale, at::Tensor settings) {
+  check_batch(params, grads, settings);
+  std::tuple<at::Tensor, at::Tensor> out;
+  launch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, device_config(h, false),
+         c10::nullopt, grad_scale, c10::nullopt, c10::nullopt, c10::nullopt, h, settings, Phase::kSums, c10::nullopt,
+         c10::nullopt, &out);
+  return out;
 }
 
 }  // namespace
@@ -208,4 +244,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastmask cuda backend: the fused masked step as multi-tensor CUDA kernels";
   fastmask::bind_step_config(m);
   m.def("masked_step", &masked_step_binding);
+  m.def("masked_step_sums", &masked_step_sums_binding);
 }

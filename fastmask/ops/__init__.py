@@ -1,10 +1,11 @@
 """Low-level ops: importance, inclusion probabilities, sampling, rescaling, the fused step.
 
-Each op validates its inputs here (errors name the argument), then runs on the
-backend chosen by ``fastmask.ops.dispatch`` (``backend=`` argument, else
-``FASTMASK_BACKEND``, else auto). Units are elements, or dim-0 slices with
-``granularity="row"``; a unit's random number is U(seed, stream, unit index),
-the counter RNG of DESIGN §4, so masks agree across backends and devices.
+Each op is defined here once: it validates its inputs (errors name the argument), then runs
+on the backend chosen by ``fastmask.backends.registry`` (``backend=`` argument, else
+``FASTMASK_BACKEND``, else auto); the fused step's three ops are ``torch.library`` ops.
+Units are elements, or dim-0 slices with ``granularity="row"``; a unit's random number is
+U(seed, stream, unit index), the counter RNG of DESIGN §4, so masks agree across backends
+and devices.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import torch
 
 from ..reference.sampling import unit_count
 from ..reference.spec import GRANULARITIES, Shard, StepConfig, TensorGroup, check_shardable
-from . import _cpp, _cuda, _torch, _triton  # noqa: F401  (register the backends)
+from .. import backends  # noqa: F401  (registers every backend's implementations)
+from ..backends.registry import BACKENDS, BackendUnavailableError, backend_report, implementation, resolve
 from .checks import check_choice, check_int, check_real, check_stream, check_tensor
-from .dispatch import BACKENDS, BackendUnavailableError, backend_report, implementation, resolve
 
 __all__ = [
     "BACKENDS",
@@ -24,6 +25,8 @@ __all__ = [
     "fisher_update_",
     "inclusion_probs",
     "masked_step_",
+    "masked_step_finish",
+    "masked_step_sums",
     "resolve",
     "sample_exact",
     "sample_mask",
@@ -166,23 +169,9 @@ def _check_shard(name: str, shard: object, local_shape: torch.Size) -> None:
         raise ValueError(f"{name}: rows [{first_row}, {first_row + local_shape[0]}) exceed full_shape's {full[0]} rows")
 
 
-def masked_step_(
-    group: TensorGroup,
-    config: StepConfig,
-    *,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    backend: str | None = None,
-) -> None:
-    """The fused optimizer step on one (device, dtype) batch; updates it in place.
-
-    The optimizers call this after validating their groups; it checks only what
-    it needs to run safely (lengths, devices). ``config.ratio`` / ``config.coefficient`` may
-    be one-element fp32 tensors on the batch's device, read by the kernels from memory. See ``fastmask.reference.step``;
-    ``group.shards`` / ``group.reduce_sums`` make it a step of shards of larger tensors.
-    """
-    if not group.params:
-        return
+def _check_batch(group: TensorGroup, config: StepConfig, tensors: dict[str, torch.Tensor | None]) -> None:
+    """What the step ops check before any write: list lengths, shards, and that each of
+    ``tensors`` (AMP and settings) is one element on the batch's device."""
     device = group.params[0].device
     n = len(group.params)
     for name in ("grads", "steps", "slots"):
@@ -194,50 +183,155 @@ def masked_step_(
     for i, shard in enumerate(group.shards):
         if shard is not None:
             _check_shard(f"group.shards[{i}]", shard, group.params[i].shape)
-    if group.reduce_sums is not None and not callable(group.reduce_sums):
-        raise TypeError(f"group.reduce_sums must be callable or None, got {type(group.reduce_sums).__name__}")
     check_shardable(group, config)
-    amp = [(name, value, None) for name, value in (("grad_scale", grad_scale), ("found_inf", found_inf))
-           if value is not None]
-    settings = [(name, value, (torch.float32,)) for name, value in (("config.ratio", config.ratio),
-                                                                   ("config.coefficient", config.coefficient))
-                if isinstance(value, torch.Tensor)]  # a float setting needs no check here
-    for name, value, dtypes in amp + settings:
-        check_tensor(name, value, dtypes=dtypes, device=device)
+    settings = {"config.ratio": config.ratio, "config.coefficient": config.coefficient}
+    for name, value in {**tensors, **settings}.items():
+        if not isinstance(value, torch.Tensor):
+            continue  # absent, or a float setting
+        check_tensor(name, value, dtypes=(torch.float32,) if name.startswith("config.") else None, device=device)
         if value.numel() != 1:
             raise ValueError(f"{name} must have exactly one element, got shape {tuple(value.shape)}")
-    if group.reduce_sums is not None or any(group.shards):
-        # a shard's all-reduce between pass 1 and pass 2 is a Python callback: no op schema holds it
-        implementation("masked_step_", backend, device)(group, config, grad_scale, found_inf)
+
+
+def masked_step_(
+    group: TensorGroup,
+    config: StepConfig,
+    *,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> None:
+    """The fused optimizer step on one (device, dtype) batch of whole tensors; in place.
+
+    The optimizers call this after validating their groups; it checks only what it needs to
+    run safely (lengths, devices). ``config.ratio`` / ``config.coefficient`` may be
+    one-element fp32 tensors on the batch's device, read by the kernels from memory.
+    Semantics: ``fastmask.reference.step``. A batch of shards of larger tensors is stepped
+    by ``masked_step_sums``, an all-reduce of its sums, then ``masked_step_finish``.
+    """
+    if not group.params:
         return
-    lr, ratio, coefficient = (value if isinstance(value, torch.Tensor) else None
-                              for value in (config.lr, config.ratio, config.coefficient))
-    torch.ops.fastmask.masked_step_(
-        group.params, group.grads, group.steps, group.exp_avgs, group.exp_avg_sqs, group.momentum_buffers,
-        group.fishers, group.stats, list(group.slots), grad_scale, found_inf, lr, ratio, coefficient,
-        ",".join(getattr(config, name) for name in CHOICES), [_number(getattr(config, name)) for name in NUMBERS],
-        [getattr(config, name) for name in FLAGS], [config.seed & 0xFFFFFFFF, config.seed >> 32], backend or "",
-    )
+    _check_batch(group, config, {"grad_scale": grad_scale, "found_inf": found_inf})
+    if any(group.shards):
+        raise ValueError("group has shards of larger tensors: step it with masked_step_sums, an all-reduce of "
+                         "the sums over the shards, then masked_step_finish")
+    torch.ops.fastmask.masked_step_(*_tensor_args(group), grad_scale, found_inf, *_config_args(config, backend))
 
 
-# The fused step as one torch.library op: torch.compile sees one node per batch, and the
+def masked_step_sums(
+    group: TensorGroup, config: StepConfig, *, grad_scale: torch.Tensor | None = None, backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1 of the fused step on one batch; writes nothing.
+
+    Returns (sums, unit_importance): sums is float64 [T, 4] on the batch's device, per tensor
+    the sum of its unit importances s_u, sum g, sum g^2 and its count of non-finite grads
+    (g unscaled by ``grad_scale``); unit_importance is the backend's fp32 per-row s_u for
+    row granularity (empty for elements), which ``masked_step_finish`` reads. For a batch of
+    shards, all-reduce (sum) ``sums`` over the shards of each tensor, then call
+    ``masked_step_finish``: S, the GE std and the non-finite skip are then the full tensor's.
+    """
+    if not group.params:
+        raise ValueError("group has no params")
+    _check_batch(group, config, {"grad_scale": grad_scale})
+    tensors = _tensor_args(group)
+    return torch.ops.fastmask.masked_step_sums(*tensors[:7], tensors[8], _encode_shards(group.shards), grad_scale,
+                                               *_config_args(config, backend))
+
+
+def masked_step_finish(
+    group: TensorGroup,
+    config: StepConfig,
+    sums: torch.Tensor,
+    unit_importance: torch.Tensor,
+    *,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> None:
+    """The rest of the fused step after ``masked_step_sums``: the per-tensor reduce from
+    ``sums`` (float64 [T, 4], all-reduced over shards) and the update; in place.
+    ``unit_importance``, ``grad_scale`` and ``backend`` must be those of the sums call."""
+    if not group.params:
+        return
+    _check_batch(group, config, {"grad_scale": grad_scale, "found_inf": found_inf})
+    device = group.params[0].device
+    check_tensor("sums", sums, dtypes=(torch.float64,), device=device, shape=(len(group), 4))
+    check_tensor("unit_importance", unit_importance, dtypes=(torch.float32,), device=device)
+    units = sum(unit_count(p.shape, "row") for p in group.params) if config.granularity == "row" else 0
+    if unit_importance.shape != (units,):
+        raise ValueError(f"unit_importance must have shape ({units},) (masked_step_sums's), got "
+                         f"{tuple(unit_importance.shape)}")
+    torch.ops.fastmask.masked_step_finish(*_tensor_args(group), grad_scale, found_inf, _encode_shards(group.shards),
+                                          sums, unit_importance, *_config_args(config, backend))
+
+
+# The fused step as torch.library ops: torch.compile sees one node per batch, and each
 # registered implementation dispatches to the chosen backend. The StepConfig travels as its
 # choices (one comma-joined string), numbers, flags and the seed's 32-bit halves (the schema
-# has no record type); its tensor fields (lr, ratio, coefficient) as tensors.
+# has no record type); its tensor fields (lr, ratio, coefficient) as tensors; shards as one
+# int list (per tensor [-1], or [offset, ndim, *full_shape]).
 CHOICES = ("base", "sampling", "rescale", "importance", "granularity", "masked", "modulate")
 NUMBERS = ("lr", "momentum", "dampening", "beta1", "beta2", "eps", "weight_decay", "ratio", "fisher_beta", "min_prob",
            "coefficient")
 FLAGS = ("nesterov", "maximize", "unbiased", "ge_noise")
+STEP_MUTATES = ("params", "steps", "exp_avgs", "exp_avg_sqs", "momentum_buffers", "fishers", "stats")
 
 
 def _number(value: float | torch.Tensor) -> float:
     return 0.0 if isinstance(value, torch.Tensor) else float(value)  # a tensor travels as itself
 
 
-@torch.library.custom_op(
-    "fastmask::masked_step_",
-    mutates_args=("params", "steps", "exp_avgs", "exp_avg_sqs", "momentum_buffers", "fishers", "stats"),
-)
+def _tensor_args(group: TensorGroup) -> tuple:
+    return (group.params, group.grads, group.steps, group.exp_avgs, group.exp_avg_sqs, group.momentum_buffers,
+            group.fishers, group.stats, list(group.slots))
+
+
+def _config_args(config: StepConfig, backend: str | None) -> tuple:
+    lr, ratio, coefficient = (value if isinstance(value, torch.Tensor) else None
+                              for value in (config.lr, config.ratio, config.coefficient))
+    return (lr, ratio, coefficient, ",".join(getattr(config, name) for name in CHOICES),
+            [_number(getattr(config, name)) for name in NUMBERS], [getattr(config, name) for name in FLAGS],
+            [config.seed & 0xFFFFFFFF, config.seed >> 32], backend or "")
+
+
+def _encode_shards(shards: list[Shard | None]) -> list[int]:
+    out: list[int] = []
+    for shard in shards:
+        out += [-1] if shard is None else [shard.offset, len(shard.full_shape), *shard.full_shape]
+    return out
+
+
+def _decode_shards(encoded: list[int]) -> list[Shard | None]:
+    shards: list[Shard | None] = []
+    i = 0
+    while i < len(encoded):
+        if encoded[i] < 0:
+            shards.append(None)
+            i += 1
+        else:
+            ndim = encoded[i + 1]
+            shards.append(Shard(torch.Size(encoded[i + 2 : i + 2 + ndim]), encoded[i]))
+            i += 2 + ndim
+    return shards
+
+
+def _batch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, stats, slots,
+           shards: list[int]) -> TensorGroup:
+    return TensorGroup(list(params), list(grads), list(steps), list(slots), list(exp_avgs), list(exp_avg_sqs),
+                       list(momentum_buffers), list(fishers), stats, _decode_shards(shards))
+
+
+def _config(lr, ratio, coefficient, choices: str, numbers: list[float], flags: list[bool], seed: list[int]
+            ) -> StepConfig:
+    values = {**dict(zip(CHOICES, choices.split(","))), **dict(zip(NUMBERS, numbers)), **dict(zip(FLAGS, flags)),
+              "seed": seed[0] | (seed[1] << 32)}
+    for name, tensor in (("lr", lr), ("ratio", ratio), ("coefficient", coefficient)):
+        if tensor is not None:
+            values[name] = tensor
+    return StepConfig(**values)
+
+
+@torch.library.custom_op("fastmask::masked_step_", mutates_args=STEP_MUTATES)
 def _masked_step_op(
     params: list[torch.Tensor], grads: list[torch.Tensor], steps: list[torch.Tensor], exp_avgs: list[torch.Tensor],
     exp_avg_sqs: list[torch.Tensor], momentum_buffers: list[torch.Tensor], fishers: list[torch.Tensor],
@@ -246,17 +340,55 @@ def _masked_step_op(
     numbers: list[float], flags: list[bool], seed: list[int], backend: str,
 ) -> None:
     """The fused step of one (device, dtype) batch of whole tensors (see ``masked_step_``)."""
-    values = {**dict(zip(CHOICES, choices.split(","))), **dict(zip(NUMBERS, numbers)), **dict(zip(FLAGS, flags)),
-              "seed": seed[0] | (seed[1] << 32)}
-    for name, tensor in (("lr", lr), ("ratio", ratio), ("coefficient", coefficient)):
-        if tensor is not None:
-            values[name] = tensor
-    group = TensorGroup(list(params), list(grads), list(steps), list(slots), list(exp_avgs), list(exp_avg_sqs),
-                        list(momentum_buffers), list(fishers), stats)
-    implementation("masked_step_", backend or None, params[0].device)(group, StepConfig(**values), grad_scale,
-                                                                       found_inf)
+    group = _batch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, stats, slots, [])
+    cfg = _config(lr, ratio, coefficient, choices, numbers, flags, seed)
+    implementation("masked_step_", backend or None, params[0].device)(group, cfg, grad_scale, found_inf)
 
 
 @_masked_step_op.register_fake
+def _(*args, **kwargs) -> None:
+    return None
+
+
+@torch.library.custom_op("fastmask::masked_step_sums", mutates_args=())
+def _masked_step_sums_op(
+    params: list[torch.Tensor], grads: list[torch.Tensor], steps: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor], momentum_buffers: list[torch.Tensor], fishers: list[torch.Tensor],
+    slots: list[int], shards: list[int], grad_scale: torch.Tensor | None, lr: torch.Tensor | None,
+    ratio: torch.Tensor | None, coefficient: torch.Tensor | None, choices: str, numbers: list[float],
+    flags: list[bool], seed: list[int], backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1 of one batch (see ``masked_step_sums``)."""
+    group = _batch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, None, slots, shards)
+    cfg = _config(lr, ratio, coefficient, choices, numbers, flags, seed)
+    return implementation("masked_step_sums", backend or None, params[0].device)(group, cfg, grad_scale)
+
+
+@_masked_step_sums_op.register_fake
+def _(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, shards, grad_scale, lr, ratio,
+      coefficient, choices, numbers, flags, seed, backend) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = dict(zip(CHOICES, choices.split(",")))["granularity"] == "row"
+    units = sum(unit_count(p.shape, "row") for p in params) if rows else 0
+    return (params[0].new_empty((len(params), 4), dtype=torch.float64),
+            params[0].new_empty((units,), dtype=torch.float32))
+
+
+@torch.library.custom_op("fastmask::masked_step_finish", mutates_args=STEP_MUTATES)
+def _masked_step_finish_op(
+    params: list[torch.Tensor], grads: list[torch.Tensor], steps: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor], momentum_buffers: list[torch.Tensor], fishers: list[torch.Tensor],
+    stats: torch.Tensor | None, slots: list[int], grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+    shards: list[int], sums: torch.Tensor, unit_importance: torch.Tensor, lr: torch.Tensor | None,
+    ratio: torch.Tensor | None, coefficient: torch.Tensor | None, choices: str, numbers: list[float],
+    flags: list[bool], seed: list[int], backend: str,
+) -> None:
+    """The reduce and update of one batch from its (all-reduced) pass-1 sums (see ``masked_step_finish``)."""
+    group = _batch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, stats, slots, shards)
+    cfg = _config(lr, ratio, coefficient, choices, numbers, flags, seed)
+    implementation("masked_step_finish", backend or None, params[0].device)(group, cfg, sums, unit_importance,
+                                                                             grad_scale, found_inf)
+
+
+@_masked_step_finish_op.register_fake
 def _(*args, **kwargs) -> None:
     return None

@@ -21,7 +21,7 @@ import torch
 
 from .. import ops
 from ..ops.checks import FLOAT_DTYPES, check_choice, check_int, check_real
-from ..ops.dispatch import requested_backend
+from ..backends.registry import requested_backend
 from ..reference.spec import BASES, StepConfig, TensorGroup
 from . import sharding
 
@@ -385,12 +385,20 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not batches:
                 continue
             config = self._step_config(group)
-            for batch in batches:
+            for batch, process_groups in batches:
                 device = batch.params[0].device
                 config = config.to(device)  # tensor settings on another device (a copy, no sync)
                 gs = grad_scale.to(device) if grad_scale is not None else None
                 fi = found_inf.to(device) if found_inf is not None else None
-                ops.masked_step_(batch, config, grad_scale=gs, found_inf=fi, backend=group["backend"])
+                backend = group["backend"]
+                if process_groups is None:
+                    ops.masked_step_(batch, config, grad_scale=gs, found_inf=fi, backend=backend)
+                    continue
+                # shards of larger tensors: S, the GE std and the skip are the full tensor's
+                sums, unit_importance = ops.masked_step_sums(batch, config, grad_scale=gs, backend=backend)
+                sharding.all_reduce_sums(sums, process_groups)
+                ops.masked_step_finish(batch, config, sums, unit_importance, grad_scale=gs, found_inf=fi,
+                                       backend=backend)
         return loss
 
     def _params_with_grads(self, group: dict[str, Any], gi: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
@@ -410,10 +418,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         return present
 
     def _init_group(self, group: dict[str, Any], present: list[tuple[int, torch.Tensor, torch.Tensor]], slot0: int
-                    ) -> list[TensorGroup]:
+                    ) -> list[tuple[TensorGroup, list[object] | None]]:
         """The (device, param dtype) batches of ``present`` (the group's params with grads, at
         their indices), each with its state, created on first use; ``slot0`` is the group's first
-        param slot (the RNG stream input). DTensors enter as their local shards."""
+        param slot (the RNG stream input). DTensors enter as their local shards; each batch
+        comes with the process group each of its tensors is sharded over, or None when it
+        holds no shard."""
         keys = self._state_keys(group)
         required = frozenset(keys)
         lists = [(key, attr) for key, attr in STATE_LISTS if key in keys]
@@ -440,9 +450,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             batch.slots.append(slot0 + i)
             for name, append in appenders:
                 append(entry[name])
-        for key, process_groups in shard_groups.items():
-            batches[key][0].reduce_sums = sharding.sums_reducer(process_groups)
-        return [batch for batch, _ in batches.values()]
+        return [(batch, shard_groups[key] if any(batch.shards) else None) for key, (batch, _) in batches.items()]
 
     # ----------------------------------------------------------- stats
     def _stats_buffer(self, group: dict[str, Any], device: torch.device) -> torch.Tensor:

@@ -11,8 +11,6 @@ parameters equal those of an unsharded run, on any number of ranks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from ..reference.spec import Shard
@@ -95,24 +93,19 @@ def local_shard(p: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor 
     return local, grad, Shard(p.shape, offset[0] * row_numel), p.device_mesh.get_group(mesh_dim)
 
 
-def sums_reducer(process_groups: list[object]) -> Callable[[torch.Tensor], None] | None:
-    """The ``TensorGroup.reduce_sums`` of a batch whose tensor i is sharded over
-    ``process_groups[i]`` (None: whole): one all-reduce per distinct process group."""
+def all_reduce_sums(sums: torch.Tensor, process_groups: list[object]) -> None:
+    """Sum, in place, row i of a batch's pass-1 ``sums`` (float64 [T, 4]) over
+    ``process_groups[i]``, the group tensor i is sharded over (None: a whole tensor, left
+    as it is): one all-reduce per distinct process group."""
     by_group: dict[int, tuple[object, list[int]]] = {}
     for i, pg in enumerate(process_groups):
         if pg is not None:
             by_group.setdefault(id(pg), (pg, []))[1].append(i)
-    if not by_group:
-        return None
-
-    def reduce_sums(sums: torch.Tensor) -> None:
-        for pg, rows in by_group.values():
-            index = torch.tensor(rows, device=sums.device)
-            block = sums.index_select(0, index)
-            torch.distributed.all_reduce(block, group=pg)
-            sums.index_copy_(0, index, block)
-
-    return reduce_sums
+    for pg, rows in by_group.values():
+        index = torch.tensor(rows, device=sums.device)
+        block = sums.index_select(0, index)
+        torch.distributed.all_reduce(block, group=pg)
+        sums.index_copy_(0, index, block)
 
 
 def load_state_tensor(p: torch.Tensor, value: torch.Tensor, name: str) -> torch.Tensor:

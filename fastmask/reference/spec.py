@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -221,11 +220,10 @@ class TensorGroup:
     step adds to, or None (counted over the local tensors).
 
     Sharded tensors (FSDP2/DTensor): ``shards`` gives each tensor's place in its full
-    tensor (None for a whole tensor; an empty list: all whole), and ``reduce_sums`` is
-    called once per step, between pass 1 and pass 2, with the float64 [T, 4] table of
-    per-tensor pass-1 sums (sum of s_u, sum g, sum g^2, non-finite count); it must
-    replace the rows of sharded tensors in place by their totals over the shards (one
-    all-reduce), so that S, the GE std and the non-finite skip are the full tensor's.
+    tensor (None for a whole tensor; an empty list: all whole). Such a batch is stepped in
+    two ops (``fastmask.ops.masked_step_sums`` / ``masked_step_finish``) around one
+    all-reduce of its per-tensor pass-1 sums, so that S, the GE std and the non-finite skip
+    are the full tensor's.
     """
 
     params: list[torch.Tensor]
@@ -238,7 +236,6 @@ class TensorGroup:
     fishers: list[torch.Tensor] = field(default_factory=list)
     stats: torch.Tensor | None = None
     shards: list[Shard | None] = field(default_factory=list)
-    reduce_sums: Callable[[torch.Tensor], None] | None = None
 
     def shard(self, i: int) -> Shard | None:
         return self.shards[i] if self.shards else None

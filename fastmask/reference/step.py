@@ -112,20 +112,47 @@ def _importance_units(
     return sampling.unit_sums(importance, cfg.granularity), new_fisher
 
 
-def pass1_sums(group: TensorGroup, cfg: StepConfig, grad_scale: torch.Tensor | None) -> torch.Tensor:
-    """Per tensor, float64 [T, 4]: sum of s_u, sum g, sum g^2, non-finite count (DESIGN §5
-    pass 1). ``group.reduce_sums`` turns a shard's row into its full tensor's.
+def masked_step_sums(
+    group: TensorGroup, cfg: StepConfig, grad_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1 (DESIGN §5): per tensor, float64 [T, 4] = sum of s_u, sum g, sum g^2, non-finite
+    count; and for row granularity each row's importance s_u, fp32 [units of every tensor, in
+    order] (element granularity: empty). A sharded batch all-reduces the sums before
+    ``masked_step_finish``.
 
-    The step recomputes g and s per tensor afterwards rather than keeping every tensor's
-    intermediates alive until the all-reduce: the reference trades time for memory."""
-    rows = []
+    The reference's finish recomputes g and s per tensor rather than keeping every tensor's
+    intermediates alive until the all-reduce: it trades time for memory."""
+    rows, units = [], []
     for i in range(len(group)):
         g = _unscaled(group.grads[i], cfg, grad_scale)
         s_units, _ = _importance_units(g, _get(group.fishers, i), cfg)
         g64 = g.to(torch.float64)
         nonfinite = (~torch.isfinite(g)).sum(dtype=torch.float64)
         rows.append(torch.stack((s_units.sum(dtype=torch.float64), g64.sum(), (g64 * g64).sum(), nonfinite)))
-    return torch.stack(rows)
+        if cfg.granularity == "row":
+            units.append(s_units.to(torch.float32))
+    importance = torch.cat(units) if units else group.params[0].new_empty(0, dtype=torch.float32)
+    return torch.stack(rows), importance
+
+
+def masked_step_finish(
+    group: TensorGroup,
+    cfg: StepConfig,
+    sums: torch.Tensor,
+    unit_importance: torch.Tensor,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """The rest of the step from pass 1's ``sums`` (for shards, their totals over the shards);
+    ``unit_importance`` is not read here (the reference recomputes s)."""
+    check_shardable(group, cfg)
+    new_steps = torch.stack(group.steps) + 1
+    corrections = adam_corrections(new_steps, cfg) if cfg.base != "sgd" else None
+    for i in range(len(group)):
+        _step_tensor(
+            group, i, sums[i], cfg, grad_scale, found_inf, new_steps[i],
+            (corrections[0][i], corrections[1][i]) if corrections is not None else None,
+        )
 
 
 def masked_step_(
@@ -138,16 +165,8 @@ def masked_step_(
     if not group.params:
         return
     check_shardable(group, cfg)
-    sums = pass1_sums(group, cfg, grad_scale)
-    if group.reduce_sums is not None:
-        group.reduce_sums(sums)
-    new_steps = torch.stack(group.steps) + 1
-    corrections = adam_corrections(new_steps, cfg) if cfg.base != "sgd" else None
-    for i in range(len(group)):
-        _step_tensor(
-            group, i, sums[i], cfg, grad_scale, found_inf, new_steps[i],
-            (corrections[0][i], corrections[1][i]) if corrections is not None else None,
-        )
+    sums, unit_importance = masked_step_sums(group, cfg, grad_scale)
+    masked_step_finish(group, cfg, sums, unit_importance, grad_scale, found_inf)
 
 
 def _step_tensor(

@@ -9,14 +9,14 @@ for blocks that start at a multiple of 4 and for shards that do not.
 import pytest
 import torch
 
-from fastmask.ops import _cpp
-from fastmask.ops._native import JitExtension, native_masked_step_, reference_select
+from fastmask.backends import cpp
+from fastmask.backends.native import JitExtension, native_masked_step_, reference_select
 from fastmask.reference.spec import Shard, StepConfig, TensorGroup
 
-pytestmark = pytest.mark.skipif(_cpp.EXTENSION.module() is None, reason="the cpp backend cannot be built here")
+pytestmark = pytest.mark.skipif(cpp.EXTENSION.module() is None, reason="the cpp backend cannot be built here")
 
 PORTABLE = JitExtension("fastmask_cpp_portable_rng", "fastmask._cpp_portable_rng", ["cpu/masked_step.cpp"],
-                        extra_cflags=[*_cpp.BUILD_FLAGS, "-DFASTMASK_PORTABLE_RNG"], extra_ldflags=["-fopenmp"])
+                        extra_cflags=[*cpp.BUILD_FLAGS, "-DFASTMASK_PORTABLE_RNG"], extra_ldflags=["-fopenmp"])
 
 
 def _run(extension, cfg: StepConfig, shard: Shard | None) -> list[torch.Tensor]:
@@ -35,5 +35,5 @@ def test_portable_rng_steps_like_the_default_build(shard):
     module = PORTABLE.module()
     assert module is not None, PORTABLE.error
     cfg = StepConfig(ratio=0.3, unbiased=True, seed=2**40 + 3)
-    for a, b in zip(_run(module, cfg, shard), _run(_cpp.EXTENSION.module(), cfg, shard)):
+    for a, b in zip(_run(module, cfg, shard), _run(cpp.EXTENSION.module(), cfg, shard)):
         assert torch.equal(a, b)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from torch.utils.cpp_extension import include_paths
 
-from fastmask.ops._native import csrc_dir
+from fastmask.backends.native import csrc_dir
 
 NVCC = shutil.which("nvcc")
 CXX = shutil.which("g++")

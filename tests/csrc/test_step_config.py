@@ -4,15 +4,15 @@ import dataclasses
 
 import pytest
 
-from fastmask.ops import _cpp
-from fastmask.ops._native import native_config
+from fastmask.backends import cpp
+from fastmask.backends.native import native_config
 from fastmask.reference.spec import BASE_IDS, RESCALE_IDS, KernelConfig, Shard, StepConfig, TensorGroup
 
-pytestmark = pytest.mark.skipif(_cpp.EXTENSION.module() is None, reason="the cpp backend cannot be built here")
+pytestmark = pytest.mark.skipif(cpp.EXTENSION.module() is None, reason="the cpp backend cannot be built here")
 
 
 def test_cpp_enum_values_equal_the_python_ids():
-    ext = _cpp.EXTENSION.module()
+    ext = cpp.EXTENSION.module()
     assert ext.BASE_IDS == BASE_IDS
     assert ext.RESCALE_IDS == RESCALE_IDS
 
@@ -28,19 +28,17 @@ def test_every_kernel_config_field_reaches_cpp_typed(cfg):
 
     kcfg = KernelConfig.from_step(cfg, ema=True)
     p = torch.zeros(4, 3)
-    group = TensorGroup([p], [p], [torch.zeros(())], [0], shards=[Shard(torch.Size((8, 3)), 12)],
-                        reduce_sums=lambda sums: None)
-    config = native_config(_cpp.EXTENSION.module(), kcfg, group)
+    group = TensorGroup([p], [p], [torch.zeros(())], [0], shards=[Shard(torch.Size((8, 3)), 12)])
+    config = native_config(cpp.EXTENSION.module(), kcfg, group)
     for field in dataclasses.fields(kcfg):
         assert getattr(config, field.name) == getattr(kcfg, field.name), field.name
     rows = cfg.granularity == "row"  # the shard starts at row 4 (element 12) of an 8 x 3 tensor
     assert config.first_units == [4 if rows else 12] and config.full_units == [8 if rows else 24]
     assert config.first_elements == [12] and config.full_numels == [24]
-    assert config.reduce_sums is group.reduce_sums
 
 
 def test_cpp_config_rejects_unknown_fields_and_wrong_types():
-    config = _cpp.EXTENSION.module().StepConfig()
+    config = cpp.EXTENSION.module().StepConfig()
     with pytest.raises(AttributeError):
         config.granularty = 1
     with pytest.raises(TypeError):

@@ -11,16 +11,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import fastmask
+from tests.config import BACKEND_CONFIGS, DISTRIBUTED_CONFIGS
 from tests.optim.models import make_model
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
-OPTIMIZERS = {
-    "amss+": lambda groups: fastmask.AMSSPlus(groups, lr=1e-2, seed=7, importance="ema"),
-    "amss": lambda groups: fastmask.AMSS(groups, base="sgd", lr=0.05, momentum=0.9, seed=7, granularity="row"),
-    "ogm-ge": lambda groups: fastmask.OGM(groups, base="sgd", lr=0.05, ge=True, seed=7),
-}
 
 
 def _worker(rank: int, world: int, init_file: str, name: str, out_dir: str) -> None:
@@ -28,7 +23,8 @@ def _worker(rank: int, world: int, init_file: str, name: str, out_dir: str) -> N
     torch.set_num_threads(1)
     model = make_model(seed=0)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = OPTIMIZERS[name](model.groups())
+    config = BACKEND_CONFIGS[name]
+    opt = config.build(model.groups(), seed=7)
     gen = torch.Generator().manual_seed(100 + rank)  # each rank sees its own data
     for _ in range(50):
         batch = (torch.randn(6, 1, 8, 8, generator=gen), torch.randn(6, 3, 8, 8, generator=gen),
@@ -36,10 +32,7 @@ def _worker(rank: int, world: int, init_file: str, name: str, out_dir: str) -> N
         opt.zero_grad()
         a, v, y = batch
         torch.nn.functional.cross_entropy(ddp(a, v), y).backward()
-        if name == "ogm-ge":
-            opt.step(coefficients={"audio": 0.6})
-        else:
-            opt.step(ratios={"audio": 0.4, "visual": 0.7})
+        opt.step(**config.settings())
     torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
     # The results are saved; skip interpreter finalization, where gloo's worker threads are
@@ -48,7 +41,7 @@ def _worker(rank: int, world: int, init_file: str, name: str, out_dir: str) -> N
     os._exit(0)
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", DISTRIBUTED_CONFIGS)
 def test_ranks_stay_identical(name, tmp_path):
     world = 2
     mp.spawn(_worker, args=(world, str(tmp_path / "init"), name, str(tmp_path)), nprocs=world, join=True)

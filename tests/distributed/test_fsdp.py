@@ -17,6 +17,7 @@ from torch import nn
 
 import fastmask
 from tests.conftest import DEVICE, FAST_BACKENDS
+from tests.config import BACKEND_CONFIGS, DISTRIBUTED_CONFIGS
 from tests.optim.models import TwoTower
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -24,17 +25,6 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 WORLD = 2
 STEPS = 6
 NAN_STEP = 3  # one rank's shard of audio.2.weight gets a NaN gradient at this step
-
-OPTIMIZERS = {
-    "amss+": (lambda groups, backend: fastmask.AMSSPlus(groups, lr=1e-2, seed=7, backend=backend),
-              {"ratios": {"audio": 0.4, "visual": 0.6}}),
-    "amss+-row-ema-legacy": (lambda groups, backend: fastmask.AMSSPlus(
-        groups, base="sgd", lr=0.05, momentum=0.9, seed=7, granularity="row", importance="ema", rescale="legacy",
-        backend=backend), {"ratios": {"audio": 0.5, "visual": 0.5}}),
-    "ogm-ge": (lambda groups, backend: fastmask.OGM(groups, base="sgd", lr=0.05, ge=True, seed=7, backend=backend),
-               {"coefficients": {"audio": 0.6}}),
-}
-
 
 class OddShapes(TwoTower):
     """TwoTower's forward and groups with row counts that split unevenly over 2 ranks: shard
@@ -99,7 +89,13 @@ def _worker(rank: int, init_file: str, backend: str, out_dir: str) -> None:
 
     mesh = init_device_mesh("cpu", (WORLD,))
     results = {}
-    for name, (make_opt, step_kwargs) in OPTIMIZERS.items():
+    for name in DISTRIBUTED_CONFIGS:
+        config = BACKEND_CONFIGS[name]
+        step_kwargs = config.settings()
+
+        def make_opt(groups, backend, config=config):
+            return config.build(groups, seed=7, backend=backend)
+
         sharded = _model()
         fully_shard(sharded, mesh=mesh)
         def poison_shard(model):  # audio.2.weight has 3 rows: rank 0 holds rows 0-1, rank 1 row 2
@@ -169,5 +165,5 @@ def test_fsdp2_equals_unsharded(backend, tmp_path):
             assert r["plain_stats"]["audio"]["skipped_tensors"] == 1
             assert r["stats"]["audio"]["skipped_tensors"] == 1, name
             assert r["reloaded"], f"{name}: state_dict round trip"
-        masked = results["amss+"]["stats"]["audio"]
+        masked = results["amss+-adamw-ema"]["stats"]["audio"]
         assert masked["realised_fraction"] < 0.9, masked

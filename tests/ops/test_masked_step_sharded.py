@@ -1,8 +1,8 @@
 """The fused step on shards of a tensor equals the step on the whole tensor, bit for bit.
 
-No process group: a tensor is cut into dim-0 shards, each stepped as its own batch with
-``shards`` set and a ``reduce_sums`` that adds the other shards' pass-1 sums (what the
-all-reduce does across ranks). Cuts at rows whose first element is not a multiple of 4
+No process group: a tensor is cut into dim-0 shards, each a batch with ``shards`` set;
+``masked_step_sums`` runs on every shard, each shard's sums are replaced by their total
+(what the all-reduce does across ranks), then ``masked_step_finish`` runs on each. Cuts at rows whose first element is not a multiple of 4
 exercise the unaligned RNG paths; an empty shard must work too.
 """
 
@@ -13,7 +13,6 @@ import torch
 
 from fastmask import ops
 from fastmask.reference.spec import Shard, StepConfig, TensorGroup
-from fastmask.reference.step import pass1_sums
 from tests.conftest import DEVICE, FAST_BACKENDS
 
 CONFIGS = {
@@ -55,6 +54,15 @@ def _group(state: dict[str, torch.Tensor], step: torch.Tensor, rows: tuple[int, 
     return group
 
 
+def _step_shards(groups: list[TensorGroup], cfg: StepConfig, backend: str) -> None:
+    """One step of a tensor cut into ``groups``: pass 1 on each shard (before any is written),
+    the sums' total in place of each shard's (the all-reduce), then each shard's finish."""
+    passes = [ops.masked_step_sums(g, cfg, backend=backend) for g in groups]
+    total = sum(sums for sums, _ in passes)
+    for group, (_, unit_importance) in zip(groups, passes):
+        ops.masked_step_finish(group, cfg, total.clone(), unit_importance, backend=backend)
+
+
 @pytest.mark.parametrize("backend", ["torch"] + FAST_BACKENDS)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_shards_step_like_the_whole_tensor(backend, name):
@@ -66,12 +74,7 @@ def test_shards_step_like_the_whole_tensor(backend, name):
 
     steps = [torch.tensor(4.0, device=DEVICE) for _ in CUTS]
     for _ in range(3):
-        groups = [_group(sharded, steps[i], cut) for i, cut in enumerate(CUTS)]
-        sums = [pass1_sums(g, cfg, None) for g in groups]  # before any shard is written
-        for i, group in enumerate(groups):
-            others = sum(s for j, s in enumerate(sums) if j != i)
-            group.reduce_sums = lambda table, others=others: table.add_(others)
-            ops.masked_step_(group, cfg, backend=backend)
+        _step_shards([_group(sharded, steps[i], cut) for i, cut in enumerate(CUTS)], cfg, backend)
     for key in whole:
         assert torch.equal(sharded[key], whole[key]), f"{key} differs"
     assert all(torch.equal(s, whole_step) for s in steps)
@@ -87,12 +90,8 @@ def test_nonfinite_shard_skips_every_shard(backend):
     before = {k: v.clone() for k, v in state.items()}
     steps = [torch.tensor(0.0, device=DEVICE) for _ in CUTS]
     groups = [_group(state, steps[i], cut) for i, cut in enumerate(CUTS)]
-    sums = [pass1_sums(g, cfg, None) for g in groups]
-    for i, group in enumerate(groups):
-        others = sum(s for j, s in enumerate(sums) if j != i)
-        group.reduce_sums = lambda table, others=others: table.add_(others)
-        ops.masked_step_(group, cfg, backend=backend)
-        assert group.stats[3].item() == 1.0  # every shard reports the tensor as skipped
+    _step_shards(groups, cfg, backend)
+    assert all(group.stats[3].item() == 1.0 for group in groups)  # every shard reports the tensor as skipped
     assert all(torch.equal(state[k], before[k]) for k in state if k != "grad")  # grad holds a NaN
     assert all(s.item() == 0.0 for s in steps)
 
@@ -101,7 +100,48 @@ def test_exact_sampling_on_shards_raises():
     cfg = StepConfig(ratio=0.5, sampling="exact", seed=1)
     group = _group(_state(cfg), torch.tensor(0.0, device=DEVICE), (0, 3))
     with pytest.raises(NotImplementedError, match="sampling='exact'"):
+        ops.masked_step_sums(group, cfg)
+
+
+def test_a_batch_of_shards_needs_the_two_ops():
+    cfg = CONFIGS["amss+-element"]
+    group = _group(_state(cfg), torch.tensor(0.0, device=DEVICE), (0, 3))
+    with pytest.raises(ValueError, match="masked_step_sums, an all-reduce"):
         ops.masked_step_(group, cfg)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FAST_BACKENDS)
+@pytest.mark.parametrize("name", ["amss-row-ema-uniform", "amss+-element-legacy-ema"])
+def test_sums_then_finish_equals_the_whole_step(backend, name):
+    """Unsharded, the two ops are the step: bit for bit, stats included."""
+    cfg = CONFIGS[name]
+    one, two = _state(cfg), _state(cfg)
+    one_step, two_step = torch.tensor(2.0, device=DEVICE), torch.tensor(2.0, device=DEVICE)
+    for _ in range(2):
+        whole = _group(one, one_step, None)
+        ops.masked_step_(whole, cfg, backend=backend)
+        split = _group(two, two_step, None)
+        sums, unit_importance = ops.masked_step_sums(split, cfg, backend=backend)
+        assert sums.dtype == torch.float64 and sums.shape == (1, 4)
+        assert unit_importance.shape == ((SHAPE[0],) if cfg.granularity == "row" else (0,))
+        ops.masked_step_finish(split, cfg, sums, unit_importance, backend=backend)
+        assert torch.equal(whole.stats, split.stats)
+    assert all(torch.equal(one[k], two[k]) for k in one) and torch.equal(one_step, two_step)
+
+
+@pytest.mark.parametrize(("sums", "importance", "match"), [
+    (torch.zeros(1, 4), torch.zeros(11), "sums must have dtype in \\(float64\\)"),
+    (torch.zeros(2, 4, dtype=torch.float64), torch.zeros(11), "sums must have shape \\(1, 4\\)"),
+    (torch.zeros(1, 4, dtype=torch.float64), torch.zeros(3), "unit_importance must have shape \\(11,\\)"),
+])
+def test_finish_rejects_bad_sums_before_any_write(sums, importance, match):
+    cfg = CONFIGS["amss-row-ema-uniform"]
+    state = _state(cfg)
+    before = {k: v.clone() for k, v in state.items()}
+    with pytest.raises((TypeError, ValueError), match=match):
+        ops.masked_step_finish(_group(state, torch.tensor(0.0, device=DEVICE), None), cfg, sums.to(DEVICE),
+                               importance.to(DEVICE))
+    assert all(torch.equal(state[k], before[k]) for k in state)
 
 
 @pytest.mark.parametrize(
@@ -121,13 +161,5 @@ def test_bad_shards_are_rejected_before_any_write(shard, match):
     group = _group(state, torch.tensor(0.0, device=DEVICE), (0, 3))
     group.shards = [shard]
     with pytest.raises((TypeError, ValueError), match=match):
-        ops.masked_step_(group, cfg)
+        ops.masked_step_sums(group, cfg)
     assert all(torch.equal(state[k], before[k]) for k in state)
-
-
-def test_reduce_sums_must_be_callable():
-    cfg = CONFIGS["amss+-element"]
-    group = _group(_state(cfg), torch.tensor(0.0, device=DEVICE), (0, 3))
-    group.reduce_sums = "all_reduce"
-    with pytest.raises(TypeError, match="group.reduce_sums must be callable"):
-        ops.masked_step_(group, cfg)

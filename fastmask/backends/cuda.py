@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..reference.spec import StepConfig, TensorGroup
-from ._native import JitExtension, native_masked_step_, reference_select
-from .dispatch import register, register_probe
+from .native import JitExtension, native_masked_step_, native_masked_step_sums, reference_select
+from .registry import register, register_probe
 
 EXTENSION = JitExtension(
     "fastmask_cuda",
@@ -39,8 +39,23 @@ def _probe(device: torch.device) -> str | None:
 register_probe("cuda", _probe)
 
 
-@register("masked_step_", "cuda")
-def masked_step_(group: TensorGroup, cfg: StepConfig, grad_scale, found_inf) -> None:
+def _ext():
     module = EXTENSION.module()
     assert module is not None, "dispatch only selects cuda after a successful build"
-    native_masked_step_(module, group, cfg, grad_scale, found_inf, reference_select(cfg.seed), settings_in_memory=True)
+    return module
+
+
+@register("masked_step_", "cuda")
+def masked_step_(group: TensorGroup, cfg: StepConfig, grad_scale, found_inf) -> None:
+    native_masked_step_(_ext(), group, cfg, grad_scale, found_inf, reference_select(cfg.seed), settings_in_memory=True)
+
+
+@register("masked_step_sums", "cuda")
+def masked_step_sums(group: TensorGroup, cfg: StepConfig, grad_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    return native_masked_step_sums(_ext(), group, cfg, grad_scale, settings_in_memory=True)
+
+
+@register("masked_step_finish", "cuda")
+def masked_step_finish(group: TensorGroup, cfg: StepConfig, sums, unit_importance, grad_scale, found_inf) -> None:
+    native_masked_step_(_ext(), group, cfg, grad_scale, found_inf, reference_select(cfg.seed), settings_in_memory=True,
+                        sums=sums, unit_importance=unit_importance)

@@ -92,8 +92,7 @@ def exact_unit_weights(
 def native_config(extension: ModuleType, kcfg: KernelConfig, group: TensorGroup) -> object:
     """The typed C++ ``fastmask::StepConfig`` of ``extension`` (cpp or cuda) for one batch:
     ``kcfg``'s fields, and for a sharded batch per tensor the full tensor's units and elements
-    and the full-tensor index of its first local unit and element, plus ``reduce_sums``,
-    which the extension calls between pass 1 and pass 2. An unknown field raises."""
+    and the full-tensor index of its first local unit and element. An unknown field raises."""
     config = extension.StepConfig()
     for field in dataclasses.fields(kcfg):
         setattr(config, field.name, getattr(kcfg, field.name))
@@ -103,8 +102,6 @@ def native_config(extension: ModuleType, kcfg: KernelConfig, group: TensorGroup)
         config.full_units = [s.units for s in spaces]
         config.full_numels = [s.numel for s in spaces]
         config.first_elements = [s.first_element for s in spaces]
-    if group.reduce_sums is not None:
-        config.reduce_sums = group.reduce_sums
     return config
 
 
@@ -243,13 +240,8 @@ class JitExtension:
             return self._module
 
 
-def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConfig, grad_scale, found_inf,
-                        select: Selector, settings_in_memory: bool = False) -> None:
-    """Run an extension's ``masked_step`` on a batch (the cpp and cuda backends).
-
-    ``settings_in_memory``: the extension reads the ratio and coefficients from a device tensor
-    (cuda, its last argument); otherwise tensor settings are read on the host first (cpp: CPU
-    tensors, no sync)."""
+def _native_inputs(extension: ModuleType, group: TensorGroup, cfg: StepConfig, settings_in_memory: bool):
+    """(cfg as the extension reads it, working copies, their write-backs, the typed C++ config)."""
     if not settings_in_memory:
         cfg = cfg.on_host()
     work, write_back = working_copies(group)
@@ -257,7 +249,19 @@ def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConf
     if any(g.dtype not in (p_dtype, torch.float32) for g in work["grads"]):  # the kernels' dtype pairs
         work["grads"] = [g.to(torch.float32) for g in work["grads"]]
     kcfg = KernelConfig.from_step(cfg, ema=bool(work["fishers"]))
-    config = native_config(extension, kcfg, group)
+    return cfg, kcfg, work, write_back, native_config(extension, kcfg, group)
+
+
+def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConfig, grad_scale, found_inf,
+                        select: Selector, settings_in_memory: bool = False, sums: torch.Tensor | None = None,
+                        unit_importance: torch.Tensor | None = None) -> None:
+    """Run an extension's ``masked_step`` on a batch (the cpp and cuda backends); with ``sums``
+    and ``unit_importance`` (``native_masked_step_sums``'s, all-reduced), only its finish.
+
+    ``settings_in_memory``: the extension reads the ratio and coefficients from a device tensor
+    (cuda, its argument after ``stats``); otherwise tensor settings are read on the host first
+    (cpp: CPU tensors, no sync)."""
+    cfg, kcfg, work, write_back, config = _native_inputs(extension, group, cfg, settings_in_memory)
     unit_weight, offsets = None, []
     if kcfg.exact:
         unit_weight, offsets = exact_unit_weights(work, group, cfg, grad_scale, select)
@@ -266,10 +270,23 @@ def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConf
     extension.masked_step(
         work["params"], work["grads"], group.steps, work["exp_avgs"], work["exp_avg_sqs"],
         work["momentum_buffers"], work["fishers"], group.slots, config, lr, grad_scale, found_inf, unit_weight,
-        offsets, group.stats, *settings,
+        offsets, group.stats, *settings, sums, unit_importance,
     )
     for original, copy in write_back:
         original.copy_(copy)
+
+
+def native_masked_step_sums(extension: ModuleType, group: TensorGroup, cfg: StepConfig, grad_scale,
+                            settings_in_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """An extension's pass 1 alone: (sums float64 [T, 4], unit_importance fp32)."""
+    cfg, _, work, _, config = _native_inputs(extension, group, cfg, settings_in_memory)
+    if settings_in_memory:
+        return extension.masked_step_sums(
+            work["params"], work["grads"], group.steps, work["exp_avgs"], work["exp_avg_sqs"],
+            work["momentum_buffers"], work["fishers"], group.slots, config, grad_scale,
+            cfg.device_settings(work["params"][0].device),
+        )
+    return extension.masked_step_sums(work["params"], work["grads"], work["fishers"], config, grad_scale)
 
 
 def reference_select(seed: int) -> Selector:

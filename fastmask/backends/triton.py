@@ -14,8 +14,8 @@ import torch
 
 from ..reference import sampling
 from ..reference.spec import StepConfig, TensorGroup
-from ._native import as_units, exact_unit_weights, working_copies
-from .dispatch import register, register_probe
+from .native import as_units, exact_unit_weights, working_copies
+from .registry import register, register_probe
 
 
 def _probe(device: torch.device) -> str | None:
@@ -35,6 +35,24 @@ register_probe("triton", _probe)
 
 @register("masked_step_", "triton")
 def masked_step_(group: TensorGroup, config: StepConfig, grad_scale, found_inf) -> None:
+    _step(group, config, grad_scale, found_inf, None, None)
+
+
+@register("masked_step_sums", "triton")
+def masked_step_sums(group: TensorGroup, config: StepConfig, grad_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import masked_step
+
+    work, _ = working_copies(group)
+    return masked_step.launch_sums(group, work, config, grad_scale)
+
+
+@register("masked_step_finish", "triton")
+def masked_step_finish(group: TensorGroup, config: StepConfig, sums, unit_importance, grad_scale, found_inf) -> None:
+    _step(group, config, grad_scale, found_inf, sums, unit_importance)
+
+
+def _step(group: TensorGroup, config: StepConfig, grad_scale, found_inf, sums, unit_importance) -> None:
+    """The step; from pass 1's ``sums`` and ``unit_importance`` when given (else it runs pass 1)."""
     from ..kernels import masked_step, ops
 
     work, write_back = working_copies(group)
@@ -47,7 +65,7 @@ def masked_step_(group: TensorGroup, config: StepConfig, grad_scale, found_inf) 
             return sampling.top_by_keys(keys, noise, count)
 
         exact_weights, _ = exact_unit_weights(work, group, config, grad_scale, select)
-    masked_step.launch(group, work, config, grad_scale, found_inf, exact_weights)
+    masked_step.launch(group, work, config, grad_scale, found_inf, exact_weights, sums, unit_importance)
     for original, copy in write_back:
         original.copy_(copy)
 

@@ -18,8 +18,8 @@ import torch
 
 from ..reference import sampling
 from ..reference.spec import StepConfig, TensorGroup
-from ._native import JitExtension, as_units, native_masked_step_, reference_select
-from .dispatch import register, register_probe
+from .native import JitExtension, as_units, native_masked_step_, native_masked_step_sums, reference_select
+from .registry import register, register_probe
 
 # -ffp-contract=off: no fused multiply-adds, so every operation rounds as the reference's.
 # -fno-math-errno / -fno-trapping-math let sqrt and division vectorise and be if-converted;
@@ -52,6 +52,17 @@ def _ext() -> ModuleType:
 @register("masked_step_", "cpp")
 def masked_step_(group: TensorGroup, cfg: StepConfig, grad_scale, found_inf) -> None:
     native_masked_step_(_ext(), group, cfg, grad_scale, found_inf, reference_select(cfg.seed))
+
+
+@register("masked_step_sums", "cpp")
+def masked_step_sums(group: TensorGroup, cfg: StepConfig, grad_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    return native_masked_step_sums(_ext(), group, cfg, grad_scale)
+
+
+@register("masked_step_finish", "cpp")
+def masked_step_finish(group: TensorGroup, cfg: StepConfig, sums, unit_importance, grad_scale, found_inf) -> None:
+    native_masked_step_(_ext(), group, cfg, grad_scale, found_inf, reference_select(cfg.seed), sums=sums,
+                        unit_importance=unit_importance)
 
 
 @register("fisher_update_", "cpp")

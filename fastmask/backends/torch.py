@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 
 from ..reference import sampling
-from ..reference.step import masked_step_ as reference_masked_step_
-from .dispatch import register
+from ..reference import step
+from .registry import register
 
-register("masked_step_", "torch")(reference_masked_step_)
+register("masked_step_", "torch")(step.masked_step_)
+register("masked_step_sums", "torch")(step.masked_step_sums)
+register("masked_step_finish", "torch")(step.masked_step_finish)
 
 
 @register("fisher_update_", "torch")

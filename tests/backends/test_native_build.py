@@ -7,19 +7,19 @@ import time
 
 import pytest
 
-from fastmask.ops import _native
+from fastmask.backends import native
 
 
 def _lock(tmp_path, owner_pid=None, host=None):
     (tmp_path / "lock").touch()
     if owner_pid is not None:
-        (tmp_path / _native.BUILD_OWNER).write_text(f"{owner_pid} {host or _native.socket.gethostname()}")
+        (tmp_path / native.BUILD_OWNER).write_text(f"{owner_pid} {host or native.socket.gethostname()}")
     return tmp_path / "lock"
 
 
 def test_no_lock_returns_at_once(tmp_path):
     start = time.monotonic()
-    _native.wait_for_build_lock(tmp_path, timeout_s=5)
+    native.wait_for_build_lock(tmp_path, timeout_s=5)
     assert time.monotonic() - start < 1
 
 
@@ -28,8 +28,8 @@ def test_lock_of_a_dead_process_is_removed(tmp_path):
     gone.wait()
     lock = _lock(tmp_path, gone.pid)
     with pytest.warns(RuntimeWarning, match=f"removed the build lock .*{gone.pid}"):
-        _native.wait_for_build_lock(tmp_path, timeout_s=5)
-    assert not lock.exists() and not (tmp_path / _native.BUILD_OWNER).exists()
+        native.wait_for_build_lock(tmp_path, timeout_s=5)
+    assert not lock.exists() and not (tmp_path / native.BUILD_OWNER).exists()
 
 
 @pytest.mark.parametrize("owner", ["live", "unknown", "other-host"])
@@ -40,7 +40,7 @@ def test_lock_still_held_is_a_clear_error_after_the_timeout(tmp_path, owner, cap
         lock = _lock(tmp_path, pid, host="elsewhere" if owner == "other-host" else None)
         start = time.monotonic()
         with pytest.raises(TimeoutError, match=f"build lock {lock}.*rm {lock}"):
-            _native.wait_for_build_lock(tmp_path, timeout_s=0.3, poll_s=0.05)
+            native.wait_for_build_lock(tmp_path, timeout_s=0.3, poll_s=0.05)
         assert time.monotonic() - start < 5 and lock.exists()
         assert "waiting for another process" in capsys.readouterr().err
     finally:
@@ -51,13 +51,13 @@ def test_lock_still_held_is_a_clear_error_after_the_timeout(tmp_path, owner, cap
 def test_lock_released_by_its_owner_lets_the_build_go_on(tmp_path):
     lock = _lock(tmp_path, os.getpid())
     releaser = subprocess.Popen([sys.executable, "-c", f"import time, os; time.sleep(0.3); os.remove({str(lock)!r})"])
-    _native.wait_for_build_lock(tmp_path, timeout_s=10, poll_s=0.05)
+    native.wait_for_build_lock(tmp_path, timeout_s=10, poll_s=0.05)
     releaser.wait()
     assert not lock.exists()
 
 
 def test_build_directory_is_per_python_and_torch(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    path = _native.build_directory("fastmask_x")
+    path = native.build_directory("fastmask_x")
     assert path.is_dir() and path.name == "fastmask_x" and path.is_relative_to(tmp_path)
     assert f"py{sys.version_info.major}{sys.version_info.minor}" in path.parent.name
