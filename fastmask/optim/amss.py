@@ -38,8 +38,13 @@ class AMSS(FusedOptimizer):
         masked: "freeze" (unselected units keep param and moments) or "zero_grad"
             (their gradient is 0 but momentum and decay still move them, as the paper's code).
         min_prob: lower bound on pi (poisson).
-        seed: RNG seed; None draws one from torch's default generator.
+        seed: RNG seed; None draws one from torch's default generator (rank 0's under
+            torch.distributed, so that every rank draws the same masks).
         backend: "auto" | "torch" | "triton" | "cpp" | "cuda"; None reads FASTMASK_BACKEND.
+        balancer: a :class:`fastmask.Balancer`; a ``step()`` without ``ratios`` then takes
+            its values for this step (measured from the forward passes since the last step).
+        unscale_in_step: AMP: unscale inside the step (default); False lets GradScaler
+            unscale first (needed to clip gradients under Lightning's AMP).
 
     ``step(closure=None, *, ratios=None, grad_scale=None, found_inf=None)``; see
     :class:`~fastmask.optim.base.FusedOptimizer`.

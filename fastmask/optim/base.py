@@ -22,6 +22,7 @@ import torch
 from .. import ops
 from ..ops.checks import FLOAT_DTYPES, check_choice, check_int, check_real
 from ..backends.registry import requested_backend
+from ..balancer import Balancer
 from ..reference.spec import BASES, StepConfig, TensorGroup
 from . import sharding
 
@@ -56,6 +57,17 @@ CHECKPOINT_VERSION = 2  # 1: settings in state_dict["fastmask"] and every base's
 def draw_seed() -> int:
     """A 63-bit seed from torch's default CPU generator (so torch.manual_seed reproduces it)."""
     return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
+
+
+def agreed_seed() -> int:
+    """``draw_seed()``, the same on every rank: under ``torch.distributed``, rank 0's (ranks
+    often seed their generators differently; equal masks need equal seeds)."""
+    seed = draw_seed()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [seed]
+        torch.distributed.broadcast_object_list(box, src=0)
+        seed = int(box[0])
+    return seed
 
 
 def _check_bool(name: str, value: object) -> bool:
@@ -117,7 +129,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     SETTING_LABEL = "ratio"
     SETTING_LOW_OPEN = True  # a ratio is in (0, 1]
 
-    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], **hyper: Any) -> None:
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], *, balancer: Balancer | None = None,
+                 unscale_in_step: bool = True, **hyper: Any) -> None:
         if isinstance(params, (set, torch.Tensor)):
             raise TypeError(f"params must be an ordered iterable of tensors or dicts, got {type(params).__name__}")
         base = check_choice("base", hyper.get("base", BASE_DEFAULTS["base"]), BASES)
@@ -127,11 +140,37 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{type(self).__name__} got an unexpected argument {key!r}{self._key_hint(key, base)}")
         defaults.update(hyper)
         if defaults["seed"] is None:
-            defaults["seed"] = draw_seed()
+            defaults["seed"] = agreed_seed()
         self._stats: dict[str, dict[torch.device, torch.Tensor]] = {}
         self._dtensors = False  # set once a DTensor param is added: the step then handles shards
+        self._balancer: Balancer | None = None
+        # GradScaler leaves unscaling to a step that supports it (inside the kernel, no extra pass);
+        # False lets it unscale first, so that gradients can be clipped between (Lightning refuses
+        # gradient_clip_val under AMP for optimizers that unscale in their step, torch's fused Adam too)
+        self._step_supports_amp_scaling = _check_bool("unscale_in_step", unscale_in_step)
         self._validate_group(dict(defaults), "")
         super().__init__(params, defaults)
+        if balancer is not None:
+            self._attach(balancer)
+
+    def _attach(self, balancer: Balancer) -> None:
+        """Take this optimizer's settings from ``balancer`` at every bare ``step()``."""
+        if not isinstance(balancer, Balancer):
+            raise TypeError(f"balancer must be a fastmask.Balancer, got {type(balancer).__name__}")
+        groups, measured = set(self.modalities()), set(balancer.modalities)
+        if measured - groups:
+            raise ValueError(f"the balancer measures {sorted(measured - groups)}, which no param group has "
+                             f"(param group modalities: {sorted(groups)}; see fastmask.modality_groups)")
+        if groups - measured:
+            raise ValueError(f"param groups have modalities {sorted(groups - measured)}, which the balancer does "
+                             f"not measure (its encoders: {sorted(measured)})")
+        balancer.attach(self)
+        self._balancer = balancer
+
+    @property
+    def balancer(self) -> Balancer | None:
+        """The attached ``fastmask.Balancer``, or None."""
+        return self._balancer
 
     # ----------------------------------------------------------- groups
     def _valid_keys(self, group: Mapping[str, Any]) -> set[str]:
@@ -369,6 +408,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if settings is None and self._balancer is not None:
+            settings = self._balancer.take(self.SETTING)  # after the closure: its forward pass counts
         checked = self._checked_settings(settings) if settings is not None else {}
         grad_scale = self._amp_tensor("grad_scale", grad_scale if grad_scale is not None else getattr(self, "grad_scale", None))
         found_inf = self._amp_tensor("found_inf", found_inf if found_inf is not None else getattr(self, "found_inf", None))
@@ -500,16 +541,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         """
         sd = super().state_dict()
         sd["fastmask"] = {"version": CHECKPOINT_VERSION, "stats": self._stats_totals()}
+        if self._balancer is not None:
+            sd["fastmask"]["balancer"] = self._balancer.state_dict()
         return sd
 
     def __getstate__(self) -> dict[str, Any]:
         """deepcopy / pickle keep the stats counters too (settings are in the groups)."""
-        return {**super().__getstate__(), "_stats": self._stats}
+        return {**super().__getstate__(), "_stats": self._stats,
+                "_step_supports_amp_scaling": self._step_supports_amp_scaling}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.defaults.pop("differentiable", None)  # torch adds it; no fastmask group has that key
         self.__dict__.setdefault("_stats", {})
+        self.__dict__.setdefault("_balancer", None)  # a copy takes no balancer: it hooks one model
         self._dtensors = any(sharding.is_dtensor(p) for g in self.param_groups for p in g["params"])
 
     def _group_from_checkpoint(self, group: dict[str, Any], saved: Mapping[str, Any], meta: Mapping[str, Any],
@@ -573,7 +618,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not isinstance(meta, Mapping):
             raise ValueError("state_dict['fastmask'] must be a mapping")
         version = meta.get("version", CHECKPOINT_VERSION)
-        meta_keys = {"version", "stats"} if version == CHECKPOINT_VERSION else {"version", self.SETTING}
+        meta_keys = {"version", "stats", "balancer"} if version == CHECKPOINT_VERSION else {"version", self.SETTING}
         if version not in (1, CHECKPOINT_VERSION) or set(meta) - meta_keys:
             raise ValueError(f"state_dict['fastmask'] must be version 1 or {CHECKPOINT_VERSION} with keys "
                              f"{sorted(meta_keys)}; got version {version!r} with keys {sorted(meta)}")
@@ -616,9 +661,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         if version == 1:
             self._checked_settings(meta.get(self.SETTING, {}), {g.get("modality") for g in new_groups} - {None})
         stats = self._checked_stats(meta.get("stats", {}), new_groups)
+        balancer_state = None
+        if "balancer" in meta and self._balancer is not None:  # without a balancer, its state has no use
+            balancer_state = self._balancer.validated_state(meta["balancer"])
 
         self.__setstate__({"state": new_state, "param_groups": new_groups})
         self._stats = stats
+        if balancer_state is not None:
+            self._balancer._apply(balancer_state)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

@@ -33,7 +33,9 @@ class OGM(FusedOptimizer):
     Args:
         params: tensors or param-group dicts; groups with ``"modality"`` are modulated.
         lr, base ("sgd" | "adam" | "adamw"), momentum, dampening, nesterov, betas,
-            eps, weight_decay, maximize, seed, backend: as in :class:`fastmask.AMSS`.
+            eps, weight_decay, maximize, seed, backend, unscale_in_step: as in :class:`fastmask.AMSS`.
+        balancer: a :class:`fastmask.Balancer`; a ``step()`` without ``coefficients`` then
+            takes its values for this step.
         ge: add the generalisation-enhancement noise N(0, std(g)^2).
         modulate: "grad" (scale the gradient, the papers) or "update" (scale the step).
 

@@ -1,0 +1,428 @@
+"""``fastmask.Balancer``: the balancing methods made drop-in.
+
+Declared once from the modality encoders and the fusion head, the balancer hooks the model's
+forward pass, measures each modality's significance on device from what it sees (and the
+labels), and hands the optimizer it is attached to (``balancer=``) the values of each step:
+AMSS / AMSS+ update fractions (``ratios``) from the mutual-information rate, OGM coefficients
+from the discrepancy ratio. Micro-batches between two steps are pooled; under
+``torch.distributed`` the statistics are summed over the ranks first, so every replica gets
+the same values. Nothing on this path reads a device value on the host.
+
+Usage (the bare loop; Lightning and the Hugging Face Trainer need nothing more)::
+
+    balancer = fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head)
+    opt = fastmask.AMSSPlus(fastmask.modality_groups(model, {"audio": "audio", "visual": "visual"}),
+                            lr=1e-3, balancer=balancer)
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y)
+        balancer.observe(y)
+        opt.zero_grad(); loss.backward(); opt.step()
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops.checks import check_choice, check_int, check_real
+
+__all__ = ["Balancer", "modality_groups"]
+
+# Sufficient statistics per modality, after the sample count and the C label counts.
+LOG_Q, FEATURE_ENTROPY, TRUE_PROB = range(3)
+PER_MODALITY = 3
+
+
+class Balancer:
+    """Per-step modality significance from the model's own forward pass.
+
+    Args:
+        encoders: modality name -> the module whose output is that modality's feature vector
+            ``[batch, dim]``, in the order in which the head concatenates them.
+        head: the fusion head. An ``nn.Linear`` over the concatenated features (concat fusion:
+            uni-modal logits from its column slices and bias / M, no extra forward); a mapping
+            modality -> ``nn.Linear`` or a ``fastmask.nn.AuxiliaryHeads`` (one classifier per
+            modality, e.g. sum fusion); or None with ``fusion=``.
+        fusion: for any other fusion, a callable taking the features dict and returning the
+            fused logits; uni-modal logits are ``fusion`` with the other modalities zeroed.
+        labels_from: a module whose forward receives ``labels=`` (the Hugging Face convention):
+            labels are taken from there after each training-mode forward; else call
+            ``observe(labels)`` after the forward pass.
+        temperature, bounds, bias, fallback: the AMSS ratios
+            rho_m = clip(1 - softmax(MIR / temperature)_m + bias, *bounds); ``fallback`` for
+            every modality when a rate is not finite.
+        alpha, form, rule: the OGM coefficients k_m = 1 - tanh(alpha * rho_m) (``form="cvpr"``)
+            or 1 - tanh(alpha * (rho_m - 1)) (``"continuous"``) where the discrepancy ratio
+            rho_m > 1, else 1; ``rule`` combines M > 2 modalities ("mean" or "min").
+        start, end: modulate only on steps ``start <= t < end`` (t counts this balancer's
+            steps from 0); outside, every value is 1 (a dense, unmodulated step).
+        smoothing: values are an exponential moving average across steps,
+            v_t = smoothing * v_{t-1} + (1 - smoothing) * value_t (0: none).
+        process_group: the group to all-reduce the statistics over (default: the world,
+            when ``torch.distributed`` is initialised).
+
+    The functions of ``fastmask.significance`` compute the same quantities from one batch
+    (the manual path); here the statistics of every micro-batch and rank since the last
+    step are pooled first.
+    """
+
+    def __init__(
+        self,
+        encoders: Mapping[str, nn.Module],
+        head: nn.Module | Mapping[str, nn.Module] | None = None,
+        *,
+        fusion: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+        labels_from: nn.Module | None = None,
+        temperature: float = 0.2,
+        bounds: tuple[float, float] = (0.1, 0.9),
+        bias: float = 0.0,
+        fallback: float = 0.5,
+        alpha: float = 0.8,
+        form: str = "cvpr",
+        rule: str = "mean",
+        start: int = 0,
+        end: int | None = None,
+        smoothing: float = 0.0,
+        process_group: Any = None,
+    ) -> None:
+        if not isinstance(encoders, Mapping) or len(encoders) < 2:
+            raise TypeError("encoders must be a dict of at least two modality -> nn.Module")
+        for m, module in encoders.items():
+            if not isinstance(m, str) or not m:
+                raise TypeError(f"encoders keys must be non-empty modality names, got {m!r}")
+            if not isinstance(module, nn.Module):
+                raise TypeError(f"encoders[{m!r}] must be an nn.Module, got {type(module).__name__}")
+        self.modalities: tuple[str, ...] = tuple(encoders)
+        self._heads = self._check_head(head, fusion)
+        self._head, self._fusion = head, fusion
+        self.temperature = check_real("temperature", temperature, 0.0, math.inf, low_open=True, high_open=True)
+        if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+            raise ValueError(f"bounds must be a pair (low, high), got {bounds!r}")
+        low = check_real("bounds[0]", bounds[0], 0.0, 1.0, low_open=True)
+        self.bounds = (low, check_real("bounds[1]", bounds[1], low, 1.0))
+        self.bias = check_real("bias", bias, -1.0, 1.0)
+        self.fallback = check_real("fallback", fallback, 0.0, 1.0, low_open=True)
+        self.alpha = check_real("alpha", alpha, 0.0, math.inf, high_open=True)
+        self.form = check_choice("form", form, ("cvpr", "continuous"))
+        self.rule = check_choice("rule", rule, ("mean", "min"))
+        self.start = check_int("start", start, 0, 2**62)
+        self.end = None if end is None else check_int("end", end, self.start, 2**62)
+        self.smoothing = check_real("smoothing", smoothing, 0.0, 1.0, high_open=True)
+        self.process_group = process_group
+
+        self.steps = 0  # values taken so far (the window's t)
+        self._features: dict[str, torch.Tensor] = {}  # captured since the last observe
+        self._sums: torch.Tensor | None = None  # float64 [1 + C + 3M], pooled since the last step
+        self._observed = 0  # observe() calls since the last step
+        self._smoothed: dict[str, torch.Tensor] = {}
+        self._labels: torch.Tensor | None = None
+        self._owner: weakref.ref | None = None
+        self._hooks = [module.register_forward_hook(self._capture_hook(m)) for m, module in encoders.items()]
+        if labels_from is not None:
+            if not isinstance(labels_from, nn.Module):
+                raise TypeError(f"labels_from must be an nn.Module, got {type(labels_from).__name__}")
+            self._hooks.append(labels_from.register_forward_pre_hook(self._labels_hook, with_kwargs=True))
+            self._hooks.append(labels_from.register_forward_hook(self._observe_hook))
+
+    # ------------------------------------------------------------------ capture
+    def _check_head(self, head: object, fusion: object) -> dict[str, nn.Module] | None:
+        """Per-modality heads (sum fusion), or None (a concat head, or ``fusion``)."""
+        if fusion is not None:
+            if head is not None:
+                raise ValueError("pass either head or fusion=callable, not both")
+            if not callable(fusion):
+                raise TypeError(f"fusion must be callable, got {type(fusion).__name__}")
+            return None
+        from .nn import AuxiliaryHeads  # fastmask.nn imports the optimizers, which import this module
+
+        if isinstance(head, AuxiliaryHeads):
+            head = head.heads
+        if isinstance(head, (Mapping, nn.ModuleDict)):
+            if set(head) != set(self.modalities):
+                raise ValueError(f"head has heads for {sorted(head)}; the encoders are {sorted(self.modalities)}")
+            for m, h in head.items():
+                if not isinstance(h, nn.Module):
+                    raise TypeError(f"head[{m!r}] must be an nn.Module, got {type(h).__name__}")
+            return dict(head.items())
+        if not isinstance(head, nn.Linear):
+            raise TypeError(
+                f"head must be the concat-fusion nn.Linear, a dict of per-modality heads or an AuxiliaryHeads, "
+                f"got {type(head).__name__}; for another fusion pass head=None, fusion=callable"
+            )
+        return None
+
+    def _capture_hook(self, modality: str) -> Callable:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not module.training:
+                return
+            if not isinstance(output, torch.Tensor) or output.dim() != 2:
+                shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+                raise ValueError(
+                    f"Balancer: the encoder of {modality!r} returned {shape}; it must return the feature vector "
+                    f"[batch, dim]: pool inside the encoder (e.g. mean over time or space, or take the [CLS] "
+                    f"token) or pass the module that does"
+                )
+            self._features[modality] = output.detach()
+
+        return hook
+
+    def _labels_hook(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        self._labels = kwargs.get("labels") if module.training else None
+
+    def _observe_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        labels, self._labels = self._labels, None
+        if module.training and labels is not None:
+            self.observe(labels)
+
+    # ------------------------------------------------------------------ statistics
+    @torch.no_grad()
+    def observe(self, labels: torch.Tensor) -> None:
+        """Pool the last training-mode forward pass with its ``labels`` (int [batch]).
+
+        Raises, before anything is pooled, if an encoder did not run since the last call,
+        or if the labels do not fit the features and logits.
+        """
+        missing = [m for m in self.modalities if m not in self._features]
+        if missing:
+            raise RuntimeError(
+                f"Balancer.observe: the encoder of {', '.join(map(repr, missing))} did not run in training mode "
+                f"since the last observe (the model must be in train() and run every encoder)"
+            )
+        features = {m: self._features[m] for m in self.modalities}
+        batch = next(iter(features.values())).shape[0]
+        for m, z in features.items():
+            if z.shape[0] != batch:
+                raise ValueError(f"Balancer: the features of {m!r} have batch {z.shape[0]}, others have {batch}")
+        if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32, torch.int16,
+                                                                          torch.uint8):
+            raise TypeError(f"labels must be an integer tensor [batch], got "
+                            f"{labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        if labels.shape != (batch,):
+            raise ValueError(f"labels must have shape ({batch},) (the features' batch), got {tuple(labels.shape)}")
+        logits = self._unimodal_logits(features)
+        n_classes = logits[self.modalities[0]].shape[1]
+        device = logits[self.modalities[0]].device
+        labels = labels.to(device=device, dtype=torch.int64)
+        if labels.device.type == "cpu":
+            if batch and bool(((labels < 0) | (labels >= n_classes)).any()):
+                raise ValueError(f"labels must be in [0, {n_classes}) (the head's classes); got values outside")
+        else:  # checked on the device, without a synchronisation
+            torch._assert_async(((labels >= 0) & (labels < n_classes)).all(), "labels out of the head's classes")
+        width = 1 + n_classes + PER_MODALITY * len(self.modalities)
+        if self._sums is None or self._sums.device != device:
+            self._sums = torch.zeros(width, dtype=torch.float64, device=device)
+        elif self._sums.numel() != width:
+            raise ValueError(f"Balancer: the head now has {n_classes} classes, it had "
+                             f"{self._sums.numel() - 1 - PER_MODALITY * len(self.modalities)}")
+        rows = [torch.full((1,), float(batch), dtype=torch.float64, device=device),
+                torch.bincount(labels, minlength=n_classes).to(torch.float64)[:n_classes]]
+        for m in self.modalities:
+            out = logits[m].double()
+            log_probs = F.log_softmax(out, dim=1)
+            z = features[m].double()
+            feature_entropy = -(F.softmax(z, dim=1) * F.log_softmax(z, dim=1)).sum(dim=1)
+            true_log_prob = log_probs.gather(1, labels[:, None]).squeeze(1)
+            rows.append(torch.stack((true_log_prob.sum(), feature_entropy.sum(), true_log_prob.exp().sum())))
+        self._sums += torch.cat(rows)
+        self._features.clear()
+        self._observed += 1
+
+    def _unimodal_logits(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self._fusion is not None:
+            return {m: self._fusion({n: z if n == m else torch.zeros_like(z) for n, z in features.items()})
+                    for m in self.modalities}
+        if self._heads is not None:
+            return {m: self._heads[m](features[m].to(_dtype(self._heads[m]))) for m in self.modalities}
+        head = self._head
+        widths = [features[m].shape[1] for m in self.modalities]
+        if sum(widths) != head.in_features:
+            raise ValueError(
+                f"Balancer: the feature widths {dict(zip(self.modalities, widths))} sum to {sum(widths)}, but the "
+                f"head takes {head.in_features} inputs; the encoders must be listed in the head's concatenation "
+                f"order and produce exactly its input"
+            )
+        bias = head.bias / len(widths) if head.bias is not None else None
+        out, start = {}, 0
+        for m, width in zip(self.modalities, widths):
+            out[m] = F.linear(features[m].to(head.weight.dtype), head.weight[:, start:start + width], bias)
+            start += width
+        return out
+
+    # ------------------------------------------------------------------ values
+    def _take_sums(self) -> torch.Tensor:
+        """This step's pooled statistics (summed over ranks); resets the pool."""
+        if self._observed == 0:
+            if self._features:
+                raise RuntimeError(
+                    "Balancer: features were captured but no labels were seen since the last step: call "
+                    "balancer.observe(labels) after the forward pass, or build the Balancer with labels_from=model"
+                )
+            raise RuntimeError(
+                "Balancer: nothing observed since the last step: no training-mode forward pass with labels ran "
+                "(call balancer.observe(labels) after each forward pass, or pass labels_from=model)"
+            )
+        sums = self._sums.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums, group=self.process_group)
+        self._sums.zero_()
+        self._observed = 0
+        return sums
+
+    @torch.no_grad()
+    def take(self, kind: str) -> dict[str, torch.Tensor]:
+        """This step's values, as 0-d fp32 tensors on the statistics' device: ``"ratios"``
+        (AMSS) or ``"coefficients"`` (OGM). Called by the attached optimizer's ``step()``
+        once per step; raises if nothing was observed since the previous one."""
+        check_choice("kind", kind, ("ratios", "coefficients"))
+        sums = self._take_sums()
+        values = self._ratios(sums) if kind == "ratios" else self._coefficients(sums)
+        in_window = self.steps >= self.start and (self.end is None or self.steps < self.end)
+        if not in_window:
+            values = torch.ones_like(values)
+        elif self.smoothing and kind in self._smoothed:
+            values = self.smoothing * self._smoothed[kind].to(values.device) + (1.0 - self.smoothing) * values
+        if in_window:
+            self._smoothed[kind] = values
+        self.steps += 1
+        out = values.to(torch.float32)
+        return {m: out[i] for i, m in enumerate(self.modalities)}
+
+    def _split(self, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n_classes = sums.numel() - 1 - PER_MODALITY * len(self.modalities)
+        per = sums[1 + n_classes:].reshape(len(self.modalities), PER_MODALITY)
+        return sums[0], sums[1:1 + n_classes], per
+
+    def mutual_information_rates(self, sums: torch.Tensor) -> torch.Tensor:
+        """MIR_m = (H(Y) + mean log q(y|x_m)) / mean H(softmax(z_m)) (float64 [M]) from pooled sums."""
+        count, label_counts, per = self._split(sums)
+        p = label_counts / count
+        h_y = -torch.special.xlogy(p, p).sum()
+        return (h_y + per[:, LOG_Q] / count) / (per[:, FEATURE_ENTROPY] / count)
+
+    def _ratios(self, sums: torch.Tensor) -> torch.Tensor:
+        mir = self.mutual_information_rates(sums)
+        weights = torch.softmax(mir / self.temperature, dim=0)
+        rho = (1.0 - weights + self.bias).clamp(*self.bounds)
+        return torch.where(torch.isfinite(mir).all(), rho, torch.full_like(rho, self.fallback))
+
+    def discrepancy(self, sums: torch.Tensor) -> torch.Tensor:
+        """The OGM discrepancy ratio rho_m (float64 [M]) from pooled sums."""
+        _, _, per = self._split(sums)
+        score = per[:, TRUE_PROB].clamp_min(1e-300)
+        ratio = score[:, None] / score[None, :]  # [m, j] = s_m / s_j
+        others = ~torch.eye(len(self.modalities), dtype=torch.bool, device=sums.device)
+        if self.rule == "mean":
+            return torch.where(others, ratio, 0.0).sum(dim=1) / (len(self.modalities) - 1)
+        return score / torch.where(others, score[None, :], math.inf).amin(dim=1)
+
+    def _coefficients(self, sums: torch.Tensor) -> torch.Tensor:
+        rho = self.discrepancy(sums)
+        x = rho if self.form == "cvpr" else rho - 1.0
+        return torch.where(rho <= 1.0, torch.ones_like(rho), 1.0 - torch.tanh(self.alpha * x))
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, optimizer: object) -> None:
+        """Called by an optimizer built with ``balancer=``: one balancer serves one optimizer."""
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None and owner is not optimizer:
+            raise ValueError("this Balancer is already attached to another optimizer; build one Balancer per optimizer")
+        self._owner = weakref.ref(optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step counter (the window's t) and the smoothed values."""
+        return {"steps": self.steps, "smoothed": {k: v.cpu() for k, v in self._smoothed.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()``'s values (validated first: nothing changes on an error)."""
+        self._apply(self.validated_state(state))
+
+    def validated_state(self, state: object) -> tuple[int, dict[str, torch.Tensor]]:
+        """(steps, smoothed values) of a ``state_dict()``, checked; raises ValueError."""
+        if not isinstance(state, Mapping) or set(state) != {"steps", "smoothed"}:
+            raise ValueError("a Balancer state must be a mapping with keys 'steps' and 'smoothed'")
+        steps = check_int("balancer state['steps']", state["steps"], 0, 2**62)
+        smoothed = state["smoothed"]
+        if not isinstance(smoothed, Mapping):
+            raise ValueError("balancer state['smoothed'] must be a mapping")
+        for kind, value in smoothed.items():
+            if kind not in ("ratios", "coefficients") or not isinstance(value, torch.Tensor) or tuple(
+                    value.shape) != (len(self.modalities),):
+                raise ValueError(f"balancer state['smoothed'][{kind!r}] must be a tensor of "
+                                 f"{len(self.modalities)} values")
+        return steps, {k: v.detach().clone().double() for k, v in smoothed.items()}
+
+    def _apply(self, validated: tuple[int, dict[str, torch.Tensor]]) -> None:
+        self.steps, smoothed = validated
+        device = self._sums.device if self._sums is not None else None
+        self._smoothed = {k: v.to(device) if device is not None else v for k, v in smoothed.items()}
+
+    def remove(self) -> None:
+        """Remove the forward hooks."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        return p.dtype
+    return torch.float32
+
+
+def modality_groups(
+    model: nn.Module,
+    prefixes: Mapping[str, str | Sequence[str]],
+    **options: Mapping[str, Any],
+) -> list[dict[str, Any]]:
+    """Param groups from module-name prefixes: ``{"audio": "audio_net", "visual": ["visual_net",
+    "visual_proj"]}`` puts every parameter whose name starts with one of a modality's prefixes
+    (as a whole name component: "audio_net" matches "audio_net.conv.weight", not
+    "audio_net2.weight") in that modality's group; everything unmatched forms one dense group
+    (no modality), omitted when empty. Frozen parameters (``requires_grad=False``) are left out.
+
+    ``options``: extra keys per group, by modality name or ``"dense"``, e.g.
+    ``dense={"weight_decay": 0.0}``. A parameter matched by two modalities, or a prefix that
+    matches nothing, is an error.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(prefixes, Mapping) or not prefixes:
+        raise TypeError("prefixes must be a non-empty dict of modality -> prefix or list of prefixes")
+    table: dict[str, list[str]] = {}
+    for m, value in prefixes.items():
+        names = [value] if isinstance(value, str) else list(value) if isinstance(value, Iterable) else None
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise TypeError(f"prefixes[{m!r}] must be a module name or a list of them, got {value!r}")
+        table[m] = [n.rstrip(".") for n in names]
+    for key in options:
+        if key != "dense" and key not in table:
+            raise ValueError(f"options for {key!r}: not a modality of prefixes ({sorted(table)}) nor 'dense'")
+        if not isinstance(options[key], Mapping):
+            raise TypeError(f"options[{key!r}] must be a dict of group keys")
+    groups: dict[str, list[torch.Tensor]] = {m: [] for m in table}
+    dense: list[torch.Tensor] = []
+    used = {(m, prefix): False for m, names in table.items() for prefix in names}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        owners = [(m, prefix) for m, names in table.items() for prefix in names
+                  if name == prefix or name.startswith(prefix + ".")]
+        if len({m for m, _ in owners}) > 1:
+            raise ValueError(f"parameter {name!r} matches the prefixes of {sorted({m for m, _ in owners})}; "
+                             f"each parameter belongs to one modality")
+        for key in owners:
+            used[key] = True
+        (groups[owners[0][0]] if owners else dense).append(p)
+    unused = [f"{m}: {prefix!r}" for (m, prefix), hit in used.items() if not hit]
+    if unused:
+        raise ValueError(f"these prefixes match no trainable parameter of the model: {', '.join(unused)}")
+    out = [{"params": params, "modality": m, **options.get(m, {})} for m, params in groups.items()]
+    if dense:
+        out.append({"params": dense, **options.get("dense", {})})
+    return out
