@@ -27,6 +27,18 @@ def _expected(model: TwoTower, batch, kind: str, **rule) -> dict[str, float]:
     return sig.ogm_coefficients(sig.discrepancy(logits, y), **rule)
 
 
+def _train(forward, balancer: fastmask.Balancer, opt, data, after_step=None) -> None:
+    """The README's bare loop: forward, observe, zero_grad, backward, a bare step."""
+    for a, v, y in data:
+        loss = F.cross_entropy(forward(a, v), y)
+        balancer.observe(y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+
+
 def _observe(balancer: fastmask.Balancer, model: TwoTower, batch) -> torch.Tensor:
     a, v, y = batch
     out = model(a, v)
@@ -99,12 +111,7 @@ def test_the_bare_loop_of_the_readme_masks_and_modulates():
         balancer = fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head, alpha=0.8)
         opt = make_opt(fastmask.modality_groups(model, {"audio": "audio", "visual": "visual"}), balancer)
         assert opt.balancer is balancer
-        for a, v, y in batches(4, seed=5):
-            loss = F.cross_entropy(model(a, v), y)
-            balancer.observe(y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        _train(model, balancer, opt, batches(4, seed=5))
         stats = opt.stats()
         setting = "ratio" if isinstance(opt, fastmask.AMSS) else "coefficient"
         assert all(isinstance(g[setting], torch.Tensor) for g in opt.param_groups if g.get("modality"))
@@ -301,13 +308,8 @@ def test_compiled_model_trains_without_recompiling():
     opt = fastmask.AMSSPlus(model.groups(), lr=1e-2, balancer=balancer, seed=2)
     compiled = torch.compile(model)
     counts = []
-    for a, v, y in batches(5, seed=11):
-        loss = F.cross_entropy(compiled(a, v), y)
-        balancer.observe(y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    _train(compiled, balancer, opt, batches(5, seed=11),
+           after_step=lambda: counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
     assert counts[-1] == counts[1], f"recompiled: unique graphs per step {counts}"
     assert balancer.steps == 5
 
