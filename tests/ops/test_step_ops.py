@@ -1,0 +1,67 @@
+"""The fused step's torch.library ops checked by torch.library.opcheck (schema and mutation
+annotations, fake implementations, AOT dispatch), and the eager path that skips their dispatch:
+it steps like the op and bumps the autograd versions the op would."""
+
+import pytest
+import torch
+
+from fastmask import ops
+from fastmask.ops import _config_args, _encode_shards, _tensor_args
+from fastmask.reference.spec import Shard, StepConfig, TensorGroup
+from tests.conftest import DEVICE, FAST_BACKENDS
+
+CONFIGS = {
+    "element-ema": StepConfig(ratio=0.4, unbiased=True, importance="ema", seed=3),
+    "row-sgd": StepConfig(base="sgd", momentum=0.9, ratio=0.5, granularity="row", seed=4),
+}
+
+
+def _group(cfg: StepConfig, shards: bool = False) -> TensorGroup:
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5, 3), (7,)]
+    params = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+    group = TensorGroup(params, [torch.randn(s, generator=gen).to(DEVICE) for s in shapes],
+                        [torch.tensor(2.0, device=DEVICE) for _ in shapes], [0, 1],
+                        stats=torch.zeros(4, dtype=torch.float64, device=DEVICE))
+    if cfg.base == "sgd":
+        group.momentum_buffers = [torch.zeros(s, device=DEVICE) for s in shapes]
+    else:
+        group.exp_avgs = [torch.zeros(s, device=DEVICE) for s in shapes]
+        group.exp_avg_sqs = [torch.zeros(s, device=DEVICE) for s in shapes]
+    if cfg.importance == "ema":
+        group.fishers = [torch.rand(s, generator=gen).to(DEVICE) for s in shapes]
+    if shards:  # the first tensor is rows 2-6 of a 9 x 3 tensor
+        group.shards = [Shard(torch.Size((9, 3)), 6), None]
+    return group
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FAST_BACKENDS)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_opcheck(backend, name):
+    cfg = CONFIGS[name]
+    whole = _group(cfg)
+    torch.library.opcheck(torch.ops.fastmask.masked_step_.default,
+                          (*_tensor_args(whole), None, None, *_config_args(cfg, backend)))
+    sharded = _group(cfg, shards=True)
+    tensors = _tensor_args(sharded)
+    sums_args = (*tensors[:7], tensors[8], _encode_shards(sharded.shards), None, *_config_args(cfg, backend))
+    torch.library.opcheck(torch.ops.fastmask.masked_step_sums.default, sums_args)
+    sums, unit_importance = torch.ops.fastmask.masked_step_sums(*sums_args)
+    torch.library.opcheck(torch.ops.fastmask.masked_step_finish.default,
+                          (*tensors, None, None, _encode_shards(sharded.shards), sums, unit_importance,
+                           *_config_args(cfg, backend)))
+
+
+@pytest.mark.parametrize("backend", ["torch"] + FAST_BACKENDS)
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_eager_path_steps_like_the_op_and_bumps_versions(backend, name):
+    cfg = CONFIGS[name]
+    eager, through_op = _group(cfg), _group(cfg)
+    versions = [p._version for p in eager.params]
+    for _ in range(2):
+        ops.masked_step_(eager, cfg, backend=backend)
+        torch.ops.fastmask.masked_step_(*_tensor_args(through_op), None, None, *_config_args(cfg, backend))
+    for a, b in zip(_tensor_args(eager)[:7], _tensor_args(through_op)[:7]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert torch.equal(eager.stats, through_op.stats)
+    assert all(p._version > v for p, v in zip(eager.params, versions))
