@@ -278,6 +278,9 @@ def test_modalities_must_match_the_groups_and_one_optimizer_per_balancer():
     with pytest.raises(ValueError, match="already attached"):
         fastmask.OGM(model.groups(), balancer=balancer)
     assert first.balancer is balancer
+    with pytest.raises(ValueError, match="'text' is not measured by the attached balancer"):
+        first.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "modality": "text"})
+    assert len(first.param_groups) == 3
 
 
 def test_modality_groups():

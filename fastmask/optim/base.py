@@ -238,6 +238,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not isinstance(value, torch.Tensor) and not isinstance(current, torch.Tensor) and value != current:
                 raise ValueError(f"{self.SETTING_LABEL} {group[self.SETTING_LABEL]} differs from modality {modality!r}'s "
                                  f"current {current}: the groups of one modality share it{where}")
+        balancer = getattr(self, "_balancer", None)  # None while the constructor adds its groups
+        if balancer is not None and modality is not None and modality not in balancer.modalities:
+            raise ValueError(f"modality {modality!r} is not measured by the attached balancer (its encoders: "
+                             f"{sorted(balancer.modalities)}){where}")
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         if any(id(p) in seen for p in group["params"]) or len({id(p) for p in group["params"]}) != len(group["params"]):
             raise ValueError(f"some parameters appear in more than one parameter group{where}")
