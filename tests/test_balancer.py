@@ -201,6 +201,22 @@ def test_balancer_state_travels_with_the_optimizer_checkpoint():
                                                      model.head)).load_state_dict(bad)
 
 
+def test_a_step_that_raises_keeps_the_observations():
+    model = make_model()
+    balancer = fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head)
+    opt = fastmask.AMSSPlus(model.groups(), lr=1e-2, balancer=balancer)
+    batch = batches(1, seed=13)[0]
+    _observe(balancer, model, batch)
+    F.cross_entropy(model(*batch[:2]), batch[2]).backward()
+    opt.param_groups[0]["lr"] = -1.0
+    with pytest.raises(ValueError, match=r"lr \(param group 0\) must be in"):
+        opt.step()
+    assert balancer.steps == 0 and not opt.state
+    opt.param_groups[0]["lr"] = 1e-2
+    opt.step()
+    assert opt.ratio("audio").item() == pytest.approx(_expected(model, batch, "ratios")["audio"], abs=1e-6)
+
+
 def test_nothing_observed_is_a_clear_error():
     model = make_model()
     balancer = fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head)

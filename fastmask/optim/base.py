@@ -412,8 +412,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if settings is None and self._balancer is not None:
-            settings = self._balancer.take(self.SETTING)  # after the closure: its forward pass counts
         checked = self._checked_settings(settings) if settings is not None else {}
         grad_scale = self._amp_tensor("grad_scale", grad_scale if grad_scale is not None else getattr(self, "grad_scale", None))
         found_inf = self._amp_tensor("found_inf", found_inf if found_inf is not None else getattr(self, "found_inf", None))
@@ -421,6 +419,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             group["lr"] = _checked_lr(group["lr"], f" (param group {gi})")
             with_grads.append(self._params_with_grads(group, gi))
+        if settings is None and self._balancer is not None:
+            # after the closure (its forward pass counts) and the checks (a step that raises
+            # leaves the balancer's observations for the next one)
+            checked = self._checked_settings(self._balancer.take(self.SETTING))
         self._apply_settings(checked)
 
         slot = 0
