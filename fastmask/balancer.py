@@ -51,6 +51,9 @@ class Balancer:
             modality, e.g. sum fusion); or None with ``fusion=``.
         fusion: for any other fusion, a callable taking the features dict and returning the
             fused logits; uni-modal logits are ``fusion`` with the other modalities zeroed.
+        pool: modality -> callable turning its encoder's output into the feature vector
+            ``[batch, dim]`` the head receives, for encoders that return more (a Hugging Face
+            ``ModelOutput``, a sequence): e.g. ``{"text": lambda out: out.last_hidden_state[:, 0]}``.
         labels_from: a module whose forward receives ``labels=`` (the Hugging Face convention):
             labels are taken from there after each training-mode forward; else call
             ``observe(labels)`` after the forward pass.
@@ -78,6 +81,7 @@ class Balancer:
         head: nn.Module | Mapping[str, nn.Module] | None = None,
         *,
         fusion: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+        pool: Mapping[str, Callable[[Any], torch.Tensor]] | None = None,
         labels_from: nn.Module | None = None,
         temperature: float = 0.2,
         bounds: tuple[float, float] = (0.1, 0.9),
@@ -99,6 +103,13 @@ class Balancer:
             if not isinstance(module, nn.Module):
                 raise TypeError(f"encoders[{m!r}] must be an nn.Module, got {type(module).__name__}")
         self.modalities: tuple[str, ...] = tuple(encoders)
+        pool = dict(pool or {})
+        for m, fn in pool.items():
+            if m not in encoders:
+                raise ValueError(f"pool names {m!r}, which is not one of the encoders {sorted(encoders)}")
+            if not callable(fn):
+                raise TypeError(f"pool[{m!r}] must be callable, got {type(fn).__name__}")
+        self._pool = pool
         self._heads = self._check_head(head, fusion)
         self._head, self._fusion = head, fusion
         self.temperature = check_real("temperature", temperature, 0.0, math.inf, low_open=True, high_open=True)
@@ -158,15 +169,19 @@ class Balancer:
         return None
 
     def _capture_hook(self, modality: str) -> Callable:
+        pool = self._pool.get(modality)
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not module.training:
                 return
+            if pool is not None:
+                output = pool(output)
             if not isinstance(output, torch.Tensor) or output.dim() != 2:
                 shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
                 raise ValueError(
                     f"Balancer: the encoder of {modality!r} returned {shape}; it must return the feature vector "
                     f"[batch, dim]: pool inside the encoder (e.g. mean over time or space, or take the [CLS] "
-                    f"token) or pass the module that does"
+                    f"token), pass the module that does, or give Balancer(pool={{{modality!r}: callable}})"
                 )
             self._features[modality] = output.detach()
 

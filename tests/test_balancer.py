@@ -279,6 +279,35 @@ def test_encoder_output_and_head_width_are_checked():
         narrow.observe(batches(1)[0][2])
 
 
+def test_pool_turns_an_encoder_output_into_the_features():
+    torch.manual_seed(0)
+
+    class Text(nn.Module):  # returns a sequence and a pooled vector, as text encoders do
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 3)
+
+        def forward(self, x):
+            seq = self.proj(x)
+            return {"last_hidden_state": seq, "pooled": seq[:, 0]}
+
+    text, image, head = Text(), nn.Linear(5, 2), nn.Linear(5, 3)
+    balancer = fastmask.Balancer({"text": text, "image": image}, head, pool={"text": lambda out: out["pooled"]})
+    x, img, y = torch.randn(6, 7, 4), torch.randn(6, 5), torch.randint(0, 3, (6,))
+    feats = {"text": text(x)["pooled"].detach(), "image": image(img).detach()}
+    balancer.observe(y)
+    logits = sig.unimodal_logits(head, feats)
+    expected = sig.amss_ratios(sig.mutual_information_rate(logits, y, feats))
+    got = balancer.take("ratios")
+    assert all(got[m].item() == pytest.approx(expected[m], abs=1e-6) for m in expected)
+    with pytest.raises(ValueError, match="pool names 'audio'"):
+        fastmask.Balancer({"text": text, "image": image}, head, pool={"audio": lambda out: out})
+    unpooled = fastmask.Balancer({"text": text, "image": image}, head)
+    with pytest.raises(ValueError, match=r"Balancer\(pool="):
+        text(x)
+    unpooled.remove()
+
+
 def test_modalities_must_match_the_groups_and_one_optimizer_per_balancer():
     model = make_model()
     balancer = fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head)
