@@ -84,12 +84,28 @@ class StepConfig:
         grad_coefficient = self.coefficient if self.modulate == "grad" else 1.0
         values = [self.ratio, grad_coefficient, self.coefficient]
         if not any(isinstance(v, torch.Tensor) for v in values):
-            host = torch.tensor(values, dtype=torch.float32)
-            return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+            return _constant_settings(device, tuple(float(v) for v in values))
         return torch.stack([
             v.to(device=device, dtype=torch.float32).reshape(()) if isinstance(v, torch.Tensor)
             else torch.full((), v, dtype=torch.float32, device=device) for v in values
         ])
+
+
+_SETTINGS: dict[tuple[torch.device, tuple[float, ...]], torch.Tensor] = {}
+
+
+def _constant_settings(device: torch.device, values: tuple[float, ...]) -> torch.Tensor:
+    """Float settings as a device tensor, made once per (device, values) and never written: no
+    host-to-device copy per step, so a step captured in a CUDA graph (after a warm-up step) copies
+    nothing from host memory that the replay would read."""
+    key = (device, values)
+    cached = _SETTINGS.get(key)
+    if cached is None:
+        if len(_SETTINGS) >= 1024:  # float settings are a handful per run; bound the table anyway
+            _SETTINGS.clear()
+        host = torch.tensor(values, dtype=torch.float32)
+        cached = _SETTINGS[key] = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    return cached
 
 
 # Ids the kernels read for the choices of a StepConfig; csrc/fastmask_math.h's enums Base and

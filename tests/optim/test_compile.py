@@ -91,3 +91,12 @@ def test_cuda_graph_replay_is_bit_identical_to_eager(backend):
         graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(flat_params(model), flat_params(eager_model))
+
+
+def test_float_settings_are_one_device_tensor_per_value():
+    """What lets a captured step read its float settings from memory that outlives the capture."""
+    from fastmask.reference.spec import StepConfig
+
+    a, b = StepConfig(ratio=0.3).device_settings(DEVICE), StepConfig(ratio=0.3).device_settings(DEVICE)
+    assert a is b and a.device.type == DEVICE.type and a.tolist() == pytest.approx([0.3, 1.0, 1.0])
+    assert StepConfig(ratio=0.4).device_settings(DEVICE) is not a
