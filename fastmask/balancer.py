@@ -313,7 +313,7 @@ class Balancer:
         per = sums[1 + n_classes:].reshape(len(self.modalities), PER_MODALITY)
         return sums[0], sums[1:1 + n_classes], per
 
-    def mutual_information_rates(self, sums: torch.Tensor) -> torch.Tensor:
+    def _mutual_information_rates(self, sums: torch.Tensor) -> torch.Tensor:
         """MIR_m = (H(Y) + mean log q(y|x_m)) / mean H(softmax(z_m)) (float64 [M]) from pooled sums."""
         count, label_counts, per = self._split(sums)
         p = label_counts / count
@@ -321,12 +321,12 @@ class Balancer:
         return (h_y + per[:, LOG_Q] / count) / (per[:, FEATURE_ENTROPY] / count)
 
     def _ratios(self, sums: torch.Tensor) -> torch.Tensor:
-        mir = self.mutual_information_rates(sums)
+        mir = self._mutual_information_rates(sums)
         weights = torch.softmax(mir / self.temperature, dim=0)
         rho = (1.0 - weights + self.bias).clamp(*self.bounds)
         return torch.where(torch.isfinite(mir).all(), rho, torch.full_like(rho, self.fallback))
 
-    def discrepancy(self, sums: torch.Tensor) -> torch.Tensor:
+    def _discrepancy(self, sums: torch.Tensor) -> torch.Tensor:
         """The OGM discrepancy ratio rho_m (float64 [M]) from pooled sums."""
         _, _, per = self._split(sums)
         score = per[:, TRUE_PROB].clamp_min(1e-300)
@@ -337,7 +337,7 @@ class Balancer:
         return score / torch.where(others, score[None, :], math.inf).amin(dim=1)
 
     def _coefficients(self, sums: torch.Tensor) -> torch.Tensor:
-        rho = self.discrepancy(sums)
+        rho = self._discrepancy(sums)
         x = rho if self.form == "cvpr" else rho - 1.0
         return torch.where(rho <= 1.0, torch.ones_like(rho), 1.0 - torch.tanh(self.alpha * x))
 

@@ -238,7 +238,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not isinstance(value, torch.Tensor) and not isinstance(current, torch.Tensor) and value != current:
                 raise ValueError(f"{self.SETTING_LABEL} {group[self.SETTING_LABEL]} differs from modality {modality!r}'s "
                                  f"current {current}: the groups of one modality share it{where}")
-        balancer = getattr(self, "_balancer", None)  # None while the constructor adds its groups
+        balancer = self._balancer  # None while the constructor adds its groups (attached after)
         if balancer is not None and modality is not None and modality not in balancer.modalities:
             raise ValueError(f"modality {modality!r} is not measured by the attached balancer (its encoders: "
                              f"{sorted(balancer.modalities)}){where}")
