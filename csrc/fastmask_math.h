@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define FM_HD __host__ __device__ __forceinline__
@@ -83,10 +84,34 @@ FM_HD double power(double base, uint32_t e) {
 // torch.clamp: NaN stays NaN (fminf/fmaxf would drop it).
 FM_HD float clamp(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
-// pi = clamp(s * scale, min_prob, 1) (poisson), or ratio (uniform, or S == 0 / not finite).
-FM_HD float inclusion_prob(float s, float scale, bool degenerate, float ratio, float min_prob, bool poisson) {
+FM_HD uint32_t float_bits(float x) {
+  uint32_t b;
+  memcpy(&b, &x, sizeof b);
+  return b;
+}
+
+FM_HD float bits_float(uint32_t b) {
+  float x;
+  memcpy(&x, &b, sizeof x);
+  return x;
+}
+
+// The importance histogram (fastmask.reference.sampling): a unit's bin is the top 11 bits of
+// its fp32 importance; the bin's floor q is the importance rounded down to 4 significant bits.
+constexpr int kHistBins = 2048;
+constexpr int kBinShift = 20;
+constexpr int kSumCols = 4;  // pass-1 sums before the histogram
+
+FM_HD uint32_t importance_bin(float s) { return (float_bits(s) & 0x7FFFFFFFu) >> kBinShift; }
+
+// Water-filling (poisson): pi = clamp(fp32(q * x), min_prob, 1), or p0 in bin 0, from the
+// tensor's water level (x, p0); ratio for uniform, or when S is 0 or not finite.
+FM_HD float inclusion_prob(float s, double level_x, float p0, bool degenerate, float ratio, float min_prob,
+                           bool poisson) {
   if (!poisson || degenerate) return ratio;
-  return clamp(s * scale, min_prob, 1.0f);
+  const uint32_t bin = importance_bin(s);
+  const float q_x = static_cast<float>(static_cast<double>(bits_float(bin << kBinShift)) * level_x);
+  return bin == 0 ? p0 : clamp(q_x, min_prob, 1.0f);
 }
 
 // Gradient weight of a selected unit: 1 (AMSS), 1/pi (ht), 1/(s/S + 1/N) (legacy).
@@ -114,20 +139,20 @@ enum UpdateKind : int { kUpdateSgd = 0, kUpdateSgdMomentum = 1, kUpdateAdam = 2 
 // The step-config terms the per-tensor reduce reads, in the host's double precision.
 struct ReduceTerms {
   int base;
-  double lr, momentum, dampening, beta1, beta2, eps, weight_decay, ratio;
+  double lr, momentum, dampening, beta1, beta2, eps, weight_decay;
   bool nesterov, lr_is_tensor;
 };
 
 // Per-tensor scalars of one step, from the tensor's pass-1 sums (DESIGN §5's reduce).
 struct TensorScalars {
   bool ok, degenerate;
-  float new_step, scale, total, std, inv_n;  // step after this one, k / S, S, GE std, 1 / N
+  float new_step, total, std, inv_n;  // step after this one, S, GE std, 1 / N
   uint32_t step_word, mask_hi, noise_hi;     // the RNG stream words
   UpdateScalars update;
 };
 
 // The reduce of one tensor, shared by the CPU host loop and the CUDA reduce kernel: ok (its
-// grads are finite and found_inf is not set), the step, S, the degenerate case, k / S, 1 / N,
+// grads are finite and found_inf is not set), the step, S, the degenerate case, 1 / N,
 // the GE std and the base optimizer's scalars (Adam bias corrections from fp64). `sums`:
 // [sum s, sum g, sum g^2, non-finite count] of the full tensor; N = `full_units` and
 // `full_numel` elements; `stream_hi` = 2 * the param's slot; `lr_value`: the lr tensor's
@@ -139,7 +164,6 @@ FM_HD TensorScalars tensor_scalars(const ReduceTerms& c, const double* sums, flo
   sc.new_step = old_step + 1.0f;
   sc.total = static_cast<float>(sums[0]);
   sc.degenerate = !(sc.total > 0.0f && sc.total < INFINITY);
-  sc.scale = (static_cast<float>(c.ratio) * static_cast<float>(full_units)) / sc.total;
   sc.inv_n = static_cast<float>(1.0 / static_cast<double>(full_units));
   const double n = static_cast<double>(full_numel);
   const double var = sums[2] - sums[1] * sums[1] / n;

@@ -28,7 +28,7 @@ struct StepConfig {
   bool sharded() const { return !full_units.empty(); }
   // What the per-tensor reduce (fastmask::tensor_scalars) reads.
   ReduceTerms reduce_terms(bool lr_is_tensor) const {
-    return ReduceTerms{base, lr, momentum, dampening, beta1, beta2, eps, weight_decay, ratio, nesterov, lr_is_tensor};
+    return ReduceTerms{base, lr, momentum, dampening, beta1, beta2, eps, weight_decay, nesterov, lr_is_tensor};
   }
 };
 

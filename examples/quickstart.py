@@ -46,6 +46,7 @@ def train(optimizer_name: str) -> None:
     gen = torch.Generator().manual_seed(0)
     a, v, y = make_data(2048, gen)
     ta, tv, ty = make_data(1024, gen)
+    asked: dict[str, float] = {}  # each modality's ratio, summed over the steps
     for epoch in range(3):
         for i in range(0, len(y), 64):
             loss = nn.functional.cross_entropy(model(a[i : i + 64], v[i : i + 64]), y[i : i + 64])
@@ -54,6 +55,10 @@ def train(optimizer_name: str) -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
+            if balancer is not None:
+                for modality in ("audio", "visual"):
+                    asked[modality] = asked.get(modality, 0.0) + float(opt.ratio(modality))
+    steps = 3 * len(range(0, len(y), 64))
     with torch.no_grad():
         zero = torch.zeros_like
         acc = (model(ta, tv).argmax(1) == ty).float().mean().item()
@@ -61,8 +66,10 @@ def train(optimizer_name: str) -> None:
         acc_v = (model(zero(ta), tv).argmax(1) == ty).float().mean().item()
     print(f"{optimizer_name:8s} fused acc {acc:.3f} | audio-only {acc_a:.3f} | visual-only {acc_v:.3f}")
     if isinstance(opt, fastmask.AMSSPlus):
+        # the balancer sets each step's ratios: compare their mean with the fractions updated
         for modality, s in opt.stats().items():
-            print(f"  {modality:8s} ratio {s['ratio']:.2f}  expected fraction {s['expected_fraction']:.3f}"
+            ratio = asked[modality] / steps if modality in asked else s["ratio"]
+            print(f"  {modality:8s} mean ratio {ratio:.3f}  expected fraction {s['expected_fraction']:.3f}"
                   f"  realised {s['realised_fraction']:.3f}  skipped tensors {s['skipped_tensors']}")
 
 

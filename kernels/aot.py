@@ -23,12 +23,12 @@ from . import ops as kops
 TYPES = {
     **dict.fromkeys(["grad_table", "ptr_table", "meta", "stream_ptr"], "*i64"),
     **dict.fromkeys(["block_tensor", "row_tensor"], "*i32"),
-    **dict.fromkeys(["partials", "sums_out"], "*fp64"),
+    **dict.fromkeys(["partials", "sums_out", "hist", "levels", "hist_ptr", "level_ptr"], "*fp64"),
     **dict.fromkeys(["row_importance", "unit_weight", "scalars", "tensor_stats", "block_stats", "grad_scale_ptr",
                      "found_inf_ptr", "lr_ptr", "f_ptr", "g_ptr", "s_ptr", "out_ptr", "total_ptr", "keys_ptr",
                      "noise_ptr", "pi_ptr", "x_ptr", "settings_ptr"], "*fp32"),
     "m_ptr": "*i8",
-    **dict.fromkeys(["seed_lo", "seed_hi", "n"], "i64"),
+    **dict.fromkeys(["seed_lo", "seed_hi", "n", "sums_width"], "i64"),
 }
 
 
@@ -47,9 +47,10 @@ def specialisations():
             HAS_SCALE=True, MODULATE_UPDATE=base == 1, ALIGNED=rescale != 1,
             P_DTYPE=tl.bfloat16 if base else tl.float32, G_DTYPE=tl.float16, BLOCK=ms.BLOCK_SIZE)
     for ema, dtype in ((False, tl.float32), (True, tl.bfloat16)):
-        common = dict(HAS_SCALE=True, EMA=ema, G_DTYPE=dtype, BLOCK=ms.BLOCK_SIZE)
-        yield f"pass1_blocks[ema={ema}]", ms.pass1_blocks, common
-        yield f"pass1_rows[ema={ema}]", ms.pass1_rows, common
+        for hist in (False, True):
+            common = dict(HAS_SCALE=True, EMA=ema, HIST=hist, G_DTYPE=dtype, BLOCK=ms.BLOCK_SIZE)
+            yield f"pass1_blocks[ema={ema},hist={hist}]", ms.pass1_blocks, common
+            yield f"pass1_rows[ema={ema},hist={hist}]", ms.pass1_rows, common
     for rows, sampling, rescale, sharded in ((False, 0, 0, False), (True, 0, 1, False), (True, 1, 2, True),
                                              (False, 0, 2, True)):
         yield f"reduce_tensors[rows={rows},sharded={sharded}]", ms.reduce_tensors, dict(
@@ -59,7 +60,9 @@ def specialisations():
     block = dict(BLOCK=kops.BLOCK_SIZE)
     yield "fisher_update", kops._fisher_update_kernel, dict(G_DTYPE=tl.bfloat16, **block)
     yield "block_sums", kops._block_sums_kernel, block
-    yield "probs", kops._probs_kernel, dict(POISSON=True, **block)
+    yield "histogram", kops._histogram_kernel, block
+    for poisson in (True, False):
+        yield f"probs[poisson={poisson}]", kops._probs_kernel, dict(POISSON=poisson, **block)
     yield "select", kops._select_kernel, block
     yield "gumbel", kops._gumbel_kernel, block
     yield "rescale", kops._rescale_kernel, block

@@ -32,6 +32,7 @@ from fastmask.reference.spec import KernelConfig, StepConfig, TensorGroup, exact
 
 from .ops import TL_DTYPES
 from .philox import normal_at, normal_block, uniform_at, uniform_block
+from .sampling import HIST_BINS, add_histogram, importance_bins, inclusion_prob
 
 # int64 metadata per tensor
 M_NUMEL = tl.constexpr(0)
@@ -60,15 +61,14 @@ PTR_COLS = tl.constexpr(6)
 # fp32 scalars per tensor, written by reduce_tensors for pass2
 S_OK = tl.constexpr(0)
 S_NEW_STEP = tl.constexpr(1)
-S_SCALE = tl.constexpr(2)  # k / S
-S_DEGENERATE = tl.constexpr(3)  # S == 0 or not finite
-S_TOTAL = tl.constexpr(4)  # S (legacy rescale)
-S_STD = tl.constexpr(5)  # GE noise std
-S_STEP_SIZE = tl.constexpr(6)  # lr / (1 - beta1^t)
-S_BC2_SQRT = tl.constexpr(7)  # sqrt(1 - beta2^t)
-S_DECAY = tl.constexpr(8)  # 1 - lr * weight_decay (AdamW)
-S_LR = tl.constexpr(9)
-SCALAR_COLS = tl.constexpr(10)
+S_DEGENERATE = tl.constexpr(2)  # S == 0 or not finite
+S_TOTAL = tl.constexpr(3)  # S (legacy rescale)
+S_STD = tl.constexpr(4)  # GE noise std
+S_STEP_SIZE = tl.constexpr(5)  # lr / (1 - beta1^t)
+S_BC2_SQRT = tl.constexpr(6)  # sqrt(1 - beta2^t)
+S_DECAY = tl.constexpr(7)  # 1 - lr * weight_decay (AdamW)
+S_LR = tl.constexpr(8)
+SCALAR_COLS = tl.constexpr(9)
 
 PART_COLS = tl.constexpr(4)  # partials: sum s, sum g, sum g^2, non-finite count
 STAT_COLS = tl.constexpr(4)  # sum pi, selected units, units, skipped tensors
@@ -107,9 +107,12 @@ def _partials(out, g, s, inb):
 
 @triton.jit
 def pass1_blocks(
-    grad_table, ptr_table, meta, block_tensor, partials, grad_scale_ptr, fisher_beta, one_minus_fisher_beta,
-    HAS_SCALE: tl.constexpr, EMA: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    grad_table, ptr_table, meta, block_tensor, partials, hist, sums_width, grad_scale_ptr, fisher_beta,
+    one_minus_fisher_beta, HAS_SCALE: tl.constexpr, EMA: tl.constexpr, HIST: tl.constexpr, G_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
+    """HIST: add the block's importance histogram to its tensor's row of ``hist`` (the sums'
+    histogram columns): integer counts in fp64, exact in any order of the atomic adds."""
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
     n = tl.load(meta + t * META_COLS + M_NUMEL)
@@ -119,14 +122,18 @@ def pass1_blocks(
     g = _grad(grad_table, t, offs, inb, grad_scale_ptr, HAS_SCALE, G_DTYPE)
     s, _ = _importance(g, ptr_table, t, offs, inb, fisher_beta, one_minus_fisher_beta, EMA)
     _partials(partials + pid.to(tl.int64) * PART_COLS, g, tl.where(inb, s, 0.0), inb)
+    if HIST:
+        add_histogram(s, inb, hist + t * sums_width)
 
 
 @triton.jit
 def pass1_rows(
-    grad_table, ptr_table, meta, row_tensor, partials, row_importance, grad_scale_ptr, fisher_beta,
-    one_minus_fisher_beta, HAS_SCALE: tl.constexpr, EMA: tl.constexpr, G_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    grad_table, ptr_table, meta, row_tensor, partials, row_importance, hist, sums_width, grad_scale_ptr, fisher_beta,
+    one_minus_fisher_beta, HAS_SCALE: tl.constexpr, EMA: tl.constexpr, HIST: tl.constexpr, G_DTYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """One program per row (global unit index): the row's importance and partials."""
+    """One program per row (global unit index): the row's importance and partials (and, HIST,
+    one count in its tensor's importance histogram)."""
     pid = tl.program_id(0)
     t = tl.load(row_tensor + pid)
     row_size = tl.load(meta + t * META_COLS + M_ROW)
@@ -149,6 +156,9 @@ def pass1_rows(
     out = partials + pid.to(tl.int64) * PART_COLS
     row_s = tl.sum(acc_s, axis=0).to(tl.float32)  # s_u is fp32, S sums the rounded s_u
     tl.store(row_importance + pid, row_s)
+    if HIST:
+        bin = tl.minimum(importance_bins(row_s), HIST_BINS - 1)  # NaN bits: the last bin
+        tl.atomic_add(hist + t * sums_width + bin, tl.full([], 1.0, tl.float64))
     tl.store(out + 0, row_s.to(tl.float64))
     tl.store(out + 1, tl.sum(acc_g, axis=0))
     tl.store(out + 2, tl.sum(acc_g2, axis=0))
@@ -167,12 +177,11 @@ def _pow(base_hi, base_lo, e):
 
 
 @triton.jit
-def _probability(s, scale, degenerate, ratio, min_prob, SAMPLING: tl.constexpr):
-    """pi = clamp(k s / S, min_prob, 1), or ratio (uniform, or S == 0 / not finite)."""
+def _level(levels, t, SAMPLING: tl.constexpr):
+    """Tensor t's water level (x fp64, p0 fp32); unused (0, 0) unless poisson."""
     if SAMPLING == 0:
-        pi = tl.minimum(tl.maximum(s * scale, min_prob), 1.0)
-        return tl.where(degenerate != 0, ratio, pi)
-    return tl.zeros_like(s) + ratio
+        return tl.load(levels + 2 * t), tl.load(levels + 2 * t + 1).to(tl.float32)
+    return tl.full([], 0.0, tl.float64), tl.full([], 0.0, tl.float32)
 
 
 @triton.jit
@@ -202,22 +211,24 @@ def _tensor_sums(partials, mrow, RBLOCK: tl.constexpr):
 
 
 @triton.jit
-def sum_partials(meta, partials, sums_out, RBLOCK: tl.constexpr):
-    """Per-tensor pass-1 sums [T, 4], for the all-reduce of sharded tensors."""
+def sum_partials(meta, partials, sums_out, sums_width, RBLOCK: tl.constexpr):
+    """Per-tensor pass-1 sums: the first PART_COLS columns of the rows of ``sums_out``."""
     t = tl.program_id(0)
-    tl.store(sums_out + t * PART_COLS + tl.arange(0, PART_COLS), _tensor_sums(partials, meta + t * META_COLS, RBLOCK))
+    tl.store(sums_out + t * sums_width + tl.arange(0, PART_COLS), _tensor_sums(partials, meta + t * META_COLS, RBLOCK))
 
 
 @triton.jit
 def reduce_tensors(
-    ptr_table, meta, partials, row_importance, unit_weight, scalars, tensor_stats, found_inf_ptr, lr_ptr,
+    ptr_table, meta, partials, sums_width, levels, row_importance, unit_weight, scalars, tensor_stats, found_inf_ptr,
+    lr_ptr,
     lr_hi, lr_lo, decay_value, weight_decay, settings_ptr, min_prob, seed_lo, seed_hi,
     beta1_hi, beta1_lo, beta2_hi, beta2_lo,
     HAS_FOUND_INF: tl.constexpr, LR_IS_TENSOR: tl.constexpr, ROW_SAMPLING: tl.constexpr,
     SAMPLING: tl.constexpr, RESCALE: tl.constexpr, PRE_SUMMED: tl.constexpr, ALIGNED: tl.constexpr,
     RBLOCK: tl.constexpr,
 ):
-    """PRE_SUMMED: ``partials`` holds [T, 4] per-tensor sums (from sum_partials, reduced).
+    """PRE_SUMMED: ``partials`` holds the per-tensor sums [T, sums_width] (from sum_partials,
+    reduced). ``levels``: each tensor's water level (x, p0) fp64 [T, 2] (water-filling).
     ``settings_ptr``: [ratio, grad coefficient, update coefficient], read from memory."""
     t = tl.program_id(0)
     ratio = tl.load(settings_ptr + 0)
@@ -225,7 +236,7 @@ def reduce_tensors(
     mrow = meta + t * META_COLS
     cols = tl.arange(0, PART_COLS)
     if PRE_SUMMED:
-        sums = tl.load(partials + t * PART_COLS + cols)
+        sums = tl.load(partials + t * sums_width + cols)
     else:
         sums = _tensor_sums(partials, mrow, RBLOCK)
     total = tl.sum(tl.where(cols == 0, sums, 0.0), axis=0).to(tl.float32)
@@ -248,7 +259,6 @@ def reduce_tensors(
     units = tl.load(mrow + M_UNITS)
     full_units = tl.load(mrow + M_FULL_UNITS)
     degenerate = ~((total > 0) & (total < float("inf")))
-    scale = tl.div_rn(ratio * full_units.to(tl.float32), total)
     nf = n.to(tl.float64)
     var = tl.maximum(g_sq - g_sum * g_sum / nf, 0.0) / tl.maximum(nf - 1.0, 1.0)
     std = tl.where(n > 1, tl.sqrt(var), 0.0).to(tl.float32)
@@ -267,7 +277,6 @@ def reduce_tensors(
     out = scalars + t * SCALAR_COLS
     tl.store(out + S_OK, ok.to(tl.float32))
     tl.store(out + S_NEW_STEP, new_step)
-    tl.store(out + S_SCALE, scale)
     tl.store(out + S_DEGENERATE, degenerate.to(tl.float32))
     tl.store(out + S_TOTAL, total)
     tl.store(out + S_STD, std)
@@ -283,13 +292,15 @@ def reduce_tensors(
         offset = tl.load(mrow + M_UNIT_OFFSET)
         first_unit = tl.load(mrow + M_FIRST_UNIT)
         s_hi = tl.load(mrow + M_STREAM_HI)
+        level_x, level_p0 = _level(levels, t, SAMPLING)
         sum_pi = tl.zeros([RBLOCK], tl.float32)
         n_sel = tl.zeros([RBLOCK], tl.float32)
         for r0 in range(0, units, RBLOCK):
             r = r0 + tl.arange(0, RBLOCK).to(tl.int64)
             inb = r < units
             s = tl.load(row_importance + offset + r, mask=inb, other=0.0)
-            pi = tl.where(dense_ratio, 1.0, _probability(s, scale, degenerate.to(tl.float32), ratio, min_prob, SAMPLING))
+            pi = tl.where(dense_ratio, 1.0, inclusion_prob(s, level_x, level_p0, degenerate.to(tl.float32), ratio,
+                                                         min_prob, SAMPLING))
             if ALIGNED:
                 u = uniform_block(first_unit + r0, new_step.to(tl.int64), s_hi, seed_lo, seed_hi, RBLOCK)
             else:
@@ -307,7 +318,7 @@ def reduce_tensors(
 
 @triton.jit
 def pass2(
-    grad_table, ptr_table, meta, block_tensor, scalars, unit_weight, block_stats, grad_scale_ptr,
+    grad_table, ptr_table, meta, block_tensor, scalars, levels, unit_weight, block_stats, grad_scale_ptr,
     seed_lo, seed_hi, settings_ptr, min_prob,
     one_minus_beta1, beta2, one_minus_beta2, eps, momentum, one_minus_dampening, weight_decay,
     fisher_beta, one_minus_fisher_beta,
@@ -355,7 +366,8 @@ def pass2(
     selected = inb
     if MASK_MODE == 1:
         degenerate = tl.load(sc + S_DEGENERATE)
-        pi = tl.where(dense_ratio, 1.0, _probability(s, tl.load(sc + S_SCALE), degenerate, ratio, min_prob, SAMPLING))
+        level_x, level_p0 = _level(levels, t, SAMPLING)
+        pi = tl.where(dense_ratio, 1.0, inclusion_prob(s, level_x, level_p0, degenerate, ratio, min_prob, SAMPLING))
         if ALIGNED:
             u = uniform_block(first_global, new_step.to(tl.int64), s_hi, seed_lo, seed_hi, BLOCK)
         else:
@@ -533,14 +545,18 @@ def _check_batch(group: TensorGroup) -> torch.device:
 
 
 def _pass1(layout: _Layout, grads: torch.Tensor, work: dict, k: KernelConfig, grad_scale: torch.Tensor | None,
-           device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass 1: (fp64 partials [blocks or rows, 4], each row's importance fp32 [n_units])."""
+           device: torch.device, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1: (fp64 partials [blocks or rows, 4], each row's importance fp32 [n_units]); with
+    water-filling, each tensor's importance histogram is added to ``sums``'s columns after the
+    first PART_COLS (``sums``: zeros [T, PART_COLS + HIST_BINS])."""
     n_partials = layout.n_units if k.row else layout.n_blocks
     partials = torch.empty((max(n_partials, 1), PART_COLS.value), dtype=torch.float64, device=device)
     row_importance = torch.empty(max(layout.n_units, 1), dtype=torch.float32, device=device)
+    hist = k.masked and k.poisson
     pass1 = dict(grad_table=grads, ptr_table=layout.pointers, meta=layout.meta, partials=partials,
+                 hist=sums[:, PART_COLS.value:] if hist else partials, sums_width=sums.shape[1],
                  grad_scale_ptr=grad_scale if grad_scale is not None else partials, fisher_beta=k.fisher_beta,
-                 one_minus_fisher_beta=1.0 - k.fisher_beta, HAS_SCALE=grad_scale is not None, EMA=k.ema,
+                 one_minus_fisher_beta=1.0 - k.fisher_beta, HAS_SCALE=grad_scale is not None, EMA=k.ema, HIST=hist,
                  G_DTYPE=TL_DTYPES[work["grads"][0].dtype], BLOCK=BLOCK_SIZE)
     if k.row and layout.n_units:
         pass1_rows[(layout.n_units,)](row_tensor=layout.row_tensor, row_importance=row_importance, **pass1)
@@ -552,15 +568,17 @@ def _pass1(layout: _Layout, grads: torch.Tensor, work: dict, k: KernelConfig, gr
 def launch_sums(
     group: TensorGroup, work: dict[str, list[torch.Tensor]], cfg: StepConfig, grad_scale: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass 1 of a batch alone: (per-tensor sums float64 [T, 4], each row's importance fp32
-    [units] for row granularity, else empty), for ``launch(..., sums=...)`` after the caller
-    has all-reduced the sums of sharded tensors. ``work``, ``group``: as ``launch``."""
+    """Pass 1 of a batch alone: (per-tensor sums float64 [T, cfg.sums_width], each row's
+    importance fp32 [units] for row granularity, else empty), for ``launch(..., sums=...)``
+    after the caller has all-reduced the sums of sharded tensors. ``work``, ``group``: as
+    ``launch``."""
     device = _check_batch(group)
     k = KernelConfig.from_step(cfg, ema=bool(work["fishers"]))
     layout = _layout(work, group, cfg.granularity)
-    partials, row_importance = _pass1(layout, _grad_table(work["grads"]), work, k, grad_scale, device)
-    sums = torch.empty((len(group), PART_COLS.value), dtype=torch.float64, device=device)
-    sum_partials[(len(group),)](meta=layout.meta, partials=partials, sums_out=sums, RBLOCK=REDUCE_BLOCK)
+    sums = torch.zeros((len(group), cfg.sums_width), dtype=torch.float64, device=device)
+    partials, row_importance = _pass1(layout, _grad_table(work["grads"]), work, k, grad_scale, device, sums)
+    sum_partials[(len(group),)](meta=layout.meta, partials=partials, sums_out=sums, sums_width=sums.shape[1],
+                                RBLOCK=REDUCE_BLOCK)
     return sums, row_importance[: layout.n_units] if k.row else row_importance.new_empty(0)
 
 
@@ -576,8 +594,11 @@ def launch(
     slots, shards and stats. ``exact_weights``: for sampling="exact", the per-unit weight table
     of the units chosen on the host (0 = not selected), else None. ``sums`` and
     ``unit_importance``: ``launch_sums``'s results (the sums all-reduced over shards); pass 1 is
-    then not run again.
+    then not run again. Water-filling runs ``launch_sums`` first if they are not given, then
+    ``sampling.water_level`` on the sums (a few torch ops on the device, no sync).
     """
+    if cfg.water_filling and sums is None:
+        sums, unit_importance = launch_sums(group, work, cfg, grad_scale)
     params = group.params
     device = _check_batch(group)
     p_dtype, g_dtype = params[0].dtype, group.grads[0].dtype
@@ -605,17 +626,20 @@ def launch(
         )
 
     if sums is None:
-        partials, row_importance = _pass1(layout, grads, work, k, grad_scale, device)
+        partials, row_importance = _pass1(layout, grads, work, k, grad_scale, device, dummy)
     else:
         partials = sums.to(device=device, dtype=torch.float64).contiguous()
         row_importance = unit_importance if k.row and layout.n_units else dummy
+    levels = (sampling.water_level(partials[:, PART_COLS.value:], cfg.ratio, cfg.min_prob).contiguous()
+              if cfg.water_filling else dummy)
 
     lr_is_tensor = isinstance(cfg.lr, torch.Tensor)
     lr_hi, lr_lo = _split_f64(k.lr)
     beta1_hi, beta1_lo = _split_f64(k.beta1)
     beta2_hi, beta2_lo = _split_f64(k.beta2)
     reduce_tensors[(n_tensors,)](
-        ptr_table=layout.pointers, meta=layout.meta, partials=partials, row_importance=row_importance,
+        ptr_table=layout.pointers, meta=layout.meta, partials=partials, sums_width=partials.shape[1], levels=levels,
+        row_importance=row_importance,
         unit_weight=unit_weight, scalars=scalars, tensor_stats=tensor_stats,
         found_inf_ptr=found_inf if found_inf is not None else dummy,
         lr_ptr=cfg.lr.to(device=device, dtype=torch.float32) if lr_is_tensor else dummy,
@@ -631,7 +655,8 @@ def launch(
     if layout.n_blocks:
         pass2[(layout.n_blocks,)](
             grad_table=grads, ptr_table=layout.pointers, meta=layout.meta, block_tensor=layout.block_tensor,
-            scalars=scalars, unit_weight=unit_weight, block_stats=block_stats, grad_scale_ptr=grad_scale_ptr, **seed,
+            scalars=scalars, levels=levels, unit_weight=unit_weight, block_stats=block_stats,
+            grad_scale_ptr=grad_scale_ptr, **seed,
             settings_ptr=settings, min_prob=k.min_prob, one_minus_beta1=1.0 - k.beta1, beta2=k.beta2,
             one_minus_beta2=1.0 - k.beta2, eps=k.eps, momentum=k.momentum, one_minus_dampening=1.0 - k.dampening,
             weight_decay=k.weight_decay, **importance,

@@ -10,7 +10,10 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from fastmask.reference import sampling
+
 from .philox import uniform_block
+from .sampling import HIST_BINS, add_histogram, inclusion_prob
 
 BLOCK_SIZE = 1024
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -59,25 +62,32 @@ def _block_sums_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _probs_kernel(s_ptr, out_ptr, total_ptr, n, n_float, ratio, min_prob, POISSON: tl.constexpr, BLOCK: tl.constexpr):
+def _histogram_kernel(s_ptr, hist_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    add_histogram(tl.load(s_ptr + offs, mask=inb, other=0.0), inb, hist_ptr)
+
+
+@triton.jit
+def _probs_kernel(s_ptr, out_ptr, total_ptr, level_ptr, n, ratio, min_prob, POISSON: tl.constexpr,
+                  BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
     s = tl.load(s_ptr + offs, mask=inb, other=0.0)
+    total = tl.load(total_ptr)
+    degenerate = (~((total > 0) & (total < float("inf")))).to(tl.float32)
     if POISSON:
-        total = tl.load(total_ptr)
-        # fp32 k = ratio * N (two scalar args would multiply in double in the interpreter)
-        k = tl.full([], ratio, tl.float32) * tl.full([], n_float, tl.float32)
-        scale = tl.div_rn(k, total)
-        pi = tl.minimum(tl.maximum(s * scale, min_prob), 1.0)
-        pi = tl.where((total > 0) & (total < float("inf")), pi, ratio)
+        level_x, p0 = tl.load(level_ptr), tl.load(level_ptr + 1).to(tl.float32)
     else:
-        pi = tl.zeros_like(s) + ratio
+        level_x, p0 = tl.full([], 0.0, tl.float64), tl.full([], 0.0, tl.float32)
+    pi = inclusion_prob(s, level_x, p0, degenerate, ratio, min_prob, 0 if POISSON else 1)
     tl.store(out_ptr + offs, pi, mask=inb)
 
 
 @triton_op("fastmask::inclusion_probs_units", mutates_args=())
 def inclusion_probs_units(s_units: torch.Tensor, ratio: float, poisson: bool, min_prob: float) -> torch.Tensor:
-    """Per-unit pi from per-unit importance (fp32, 1-D): DESIGN §3 step 3."""
+    """Per-unit pi from per-unit importance (fp32, 1-D): DESIGN §3 step 3 (water-filling for
+    poisson: the histogram here, the level by ``sampling.water_level``)."""
     n = s_units.numel()
     out = torch.empty_like(s_units)
     if n == 0:
@@ -87,8 +97,13 @@ def inclusion_probs_units(s_units: torch.Tensor, ratio: float, poisson: bool, mi
     partials = torch.empty(_grid(n)[0], dtype=torch.float64, device=s_units.device)
     wrap_triton(_block_sums_kernel)[_grid(n)](s_units, partials, n, BLOCK=BLOCK_SIZE)
     total = partials.sum().to(torch.float32)  # fp64 block partials, rounded once (as the reference)
+    level = partials  # unused unless poisson
+    if poisson:
+        hist = torch.zeros(HIST_BINS.value, dtype=torch.float64, device=s_units.device)
+        wrap_triton(_histogram_kernel)[_grid(n)](s_units, hist, n, BLOCK=BLOCK_SIZE)
+        level = sampling.water_level(hist[None], ratio, min_prob)[0].contiguous()
     wrap_triton(_probs_kernel)[_grid(n)](
-        s_units, out, total, n, float(n), ratio, min_prob, POISSON=poisson, BLOCK=BLOCK_SIZE
+        s_units, out, total, level, n, ratio, min_prob, POISSON=poisson, BLOCK=BLOCK_SIZE
     )
     return out
 

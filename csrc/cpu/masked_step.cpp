@@ -13,7 +13,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -81,6 +83,29 @@ Partial chunk_partial(const G* __restrict g, const float* __restrict fisher, int
   return out;
 }
 
+constexpr int kBins = fastmask::kHistBins;
+
+// Counts of the importance bins of elements [begin, end) (s as chunk_partial computes it),
+// added to `counts` (the tensor's kBins int64 counters) with relaxed atomic adds: integer
+// sums, so the result does not depend on the order or the thread count.
+template <typename G>
+void chunk_histogram(const G* __restrict g, const float* __restrict fisher, int64_t begin, int64_t end,
+                     float grad_scale, float fisher_beta, float one_minus_fisher_beta, int64_t* counts) {
+  uint32_t local[kBins];
+  uint32_t lo = kBins, hi = 0;
+  std::memset(local, 0, sizeof local);
+  for (int64_t i = begin; i < end; ++i) {
+    const float x = load(g, i) / grad_scale;
+    const float s = fisher ? fisher[i] * fisher_beta + x * x * one_minus_fisher_beta : x * x;
+    const uint32_t bin = std::min<uint32_t>(fastmask::importance_bin(s), kBins - 1);  // NaN bits reach 2047
+    ++local[bin];
+    lo = std::min(lo, bin);
+    hi = std::max(hi, bin);
+  }
+  for (uint32_t j = lo; j <= hi && j < kBins; ++j)
+    if (local[j]) __atomic_fetch_add(counts + j, static_cast<int64_t>(local[j]), __ATOMIC_RELAXED);
+}
+
 enum Mode : int { kDense = 0, kSample = 1, kTable = 2 };
 constexpr int kSgd = fastmask::kUpdateSgd, kSgdMomentum = fastmask::kUpdateSgdMomentum, kAdam = fastmask::kUpdateAdam;
 constexpr int kBlock = 64;  // elements per inner block: 16 Philox calls side by side
@@ -97,6 +122,7 @@ struct Pass2Tensor {
   const G* g;
   float *m, *v, *buf, *fisher;
   const float* table;  // per-unit weights (row / exact modes), 0 = not selected
+  const double* level;  // the tensor's water level (x, p0), or null (no water-filling)
   int64_t row_size;
   int64_t first_element;  // the RNG index of the tensor's first local element
 };
@@ -216,7 +242,8 @@ inline void uniform_block(uint64_t first, uint32_t s_lo, uint32_t s_hi, uint32_t
 // of invariant conditions, e.g. a && b, gets hoisted into).
 struct Pass2Consts {
   float grad_scale, sign, coefficient, ge, update_coefficient, modulate_update, freeze;
-  float const_pi, degenerate, ratio, min_prob, scale, total, inv_n, fisher_beta, one_minus_fisher_beta;
+  float const_pi, degenerate, ratio, min_prob, p0, total, inv_n, fisher_beta, one_minus_fisher_beta;
+  double level_x;  // the water level (fastmask::inclusion_prob)
   UpdateScalars update;
 };
 
@@ -246,7 +273,8 @@ inline void update_elements(P* __restrict p, const G* __restrict g, float* __res
     bool selected = true;
     if (MODE == kSample) {
       const float s = EMA ? f_new : x * x;
-      const float pi = c.const_pi != 0.0f ? c.ratio : fastmask::clamp(s * c.scale, c.min_prob, 1.0f);
+      const float pi =
+          c.const_pi != 0.0f ? c.ratio : fastmask::inclusion_prob(s, c.level_x, c.p0, false, 0.0f, c.min_prob, true);
       selected = uniforms[l] < pi;
       if (RESCALE == fastmask::kHT) gm = gm * (1.0f / pi);
       if (RESCALE == fastmask::kLegacy) gm = gm * (1.0f / ((c.degenerate != 0.0f ? c.inv_n : s / c.total) + c.inv_n));
@@ -306,13 +334,15 @@ template <typename P, typename G, int KIND, int MODE, int RESCALE, bool EMA>
 void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Pass2Args& a, int64_t begin,
                  int64_t end, double& pi_sum, double& sel_sum) {
   if (!sc.ok) return;
+  const double* level = pt.level;
   const Config& c = a.c;
   auto flag = [](bool b) { return b ? 1.0f : 0.0f; };
   const Pass2Consts k{a.grad_scale, c.maximize ? -1.0f : 1.0f, static_cast<float>(c.grad_coefficient), flag(c.ge),
                       static_cast<float>(c.update_coefficient), flag(c.modulate_update), flag(c.masked && c.freeze),
                       flag(!c.poisson || sc.degenerate), flag(sc.degenerate),
-                      static_cast<float>(c.ratio), static_cast<float>(c.min_prob), sc.scale, sc.total, sc.inv_n,
-                      a.fisher_beta, a.one_minus_fisher_beta, sc.update};
+                      static_cast<float>(c.ratio), static_cast<float>(c.min_prob),
+                      level ? static_cast<float>(level[1]) : 0.0f, sc.total, sc.inv_n, a.fisher_beta,
+                      a.one_minus_fisher_beta, level ? level[0] : 0.0, sc.update};
   alignas(64) float uniforms[kBlock] = {};
   alignas(64) float noise[kBlock] = {};
   if (MODE == kTable) {
@@ -423,7 +453,9 @@ Layout layout_of(const std::vector<at::Tensor>& params, const Config& c) {
 
 // Pass 1: the per-tensor sums [T, 4] float64 (sum of s_u, sum g, sum g^2, non-finite count),
 // from fp64 partials per chunk summed in chunk order (so they do not depend on the thread
-// count), and in row mode each row's importance s_u (fp32, [n_units]). Rows of one element
+// count), followed for water-filling (masked, poisson) by the histogram of the units'
+// importance (kBins exact counts; [T, 4 + kBins]), and in row mode each row's importance s_u
+// (fp32, [n_units]). Rows of one element
 // take the element path and have no entry of their own: `zero_unused` sets theirs to 0 (a
 // table handed to the caller), else they stay unwritten (a 1-D tensor's rows are as many as
 // its elements: writing them would cost a pass).
@@ -434,6 +466,8 @@ std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::
   const float fisher_beta = static_cast<float>(c.fisher_beta);
   const float one_minus_fisher_beta = static_cast<float>(1.0 - c.fisher_beta);
   std::vector<Partial> partials(L.items1.size());
+  const bool hist = c.masked && c.poisson;
+  std::vector<int64_t> counts(hist ? L.n_tensors * kBins : 0);
   at::Tensor unit_importance = at::empty({L.n_units}, at::TensorOptions().dtype(at::kFloat));
   if (zero_unused)
     for (int64_t t = 0; t < L.n_tensors; ++t)
@@ -444,8 +478,10 @@ std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::
       const Item& it = L.items1[k];
       const G* g = grads[it.tensor].data_ptr<G>();
       const float* f = c.ema ? fishers[it.tensor].data_ptr<float>() : nullptr;
+      int64_t* tensor_counts = hist ? counts.data() + it.tensor * kBins : nullptr;
       if (!L.by_rows[it.tensor]) {
         partials[k] = chunk_partial(g, f, it.begin, it.end, gs, fisher_beta, one_minus_fisher_beta);
+        if (hist) chunk_histogram(g, f, it.begin, it.end, gs, fisher_beta, one_minus_fisher_beta, tensor_counts);
         continue;
       }
       Partial acc;
@@ -454,6 +490,9 @@ std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::
         const Partial row = chunk_partial(g, f, r * rs, (r + 1) * rs, gs, fisher_beta, one_minus_fisher_beta);
         const float row_s = static_cast<float>(row.s);  // s_u is fp32; S sums the rounded s_u
         row_importance[L.unit_offset[it.tensor] + r] = row_s;
+        if (hist)
+          __atomic_fetch_add(tensor_counts + std::min<uint32_t>(fastmask::importance_bin(row_s), kBins - 1), 1,
+                             __ATOMIC_RELAXED);
         acc.s += row_s;
         acc.g += row.g;
         acc.g2 += row.g2;
@@ -462,15 +501,19 @@ std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::
       partials[k] = acc;
     }
   });
-  at::Tensor sums = at::zeros({L.n_tensors, 4}, at::TensorOptions().dtype(at::kDouble));
+  const int64_t width = fastmask::kSumCols + (hist ? kBins : 0);
+  at::Tensor sums = at::zeros({L.n_tensors, width}, at::TensorOptions().dtype(at::kDouble));
   double* out = sums.data_ptr<double>();
-  for (int64_t t = 0; t < L.n_tensors; ++t)
+  for (int64_t t = 0; t < L.n_tensors; ++t) {
+    double* row = out + width * t;
     for (int64_t k = L.first_item1[t]; k < L.first_item1[t + 1]; ++k) {
-      out[4 * t + 0] += partials[k].s;
-      out[4 * t + 1] += partials[k].g;
-      out[4 * t + 2] += partials[k].g2;
-      out[4 * t + 3] += partials[k].bad;
+      row[0] += partials[k].s;
+      row[1] += partials[k].g;
+      row[2] += partials[k].g2;
+      row[3] += partials[k].bad;
     }
+    for (int64_t j = 0; hist && j < kBins; ++j) row[fastmask::kSumCols + j] = static_cast<double>(counts[t * kBins + j]);
+  }
   return {sums, unit_importance};
 }
 
@@ -483,7 +526,8 @@ void finish(const Layout& L, const std::vector<at::Tensor>& params, const std::v
             const std::vector<at::Tensor>& fishers, const std::vector<int64_t>& slots, const Config& c,
             const c10::optional<at::Tensor>& lr_tensor, float gs, const c10::optional<at::Tensor>& found_inf,
             const c10::optional<at::Tensor>& unit_weight_in, const std::vector<int64_t>& unit_offsets,
-            const c10::optional<at::Tensor>& stats, const double* sums, const float* row_importance) {
+            const c10::optional<at::Tensor>& stats, const double* sums, int64_t sums_width, const float* row_importance,
+            const double* levels) {
   const int64_t n_tensors = L.n_tensors;
   const bool inf_flag = found_inf.has_value() && found_inf->item<float>() != 0.0f;
   const float fisher_beta = static_cast<float>(c.fisher_beta);
@@ -507,10 +551,11 @@ void finish(const Layout& L, const std::vector<at::Tensor>& params, const std::v
     const int64_t first_unit = sharded ? c.first_units[t] : 0;
     first_elements[t] = sharded ? c.first_elements[t] : 0;
     float* step_ptr = steps[t].data_ptr<float>();
-    TensorScalars& sc = scalars[t] = fastmask::tensor_scalars(terms, sums + 4 * t, *step_ptr, inf_flag, full_units,
+    const double* tensor_sums = sums + sums_width * t;
+    TensorScalars& sc = scalars[t] = fastmask::tensor_scalars(terms, tensor_sums, *step_ptr, inf_flag, full_units,
                                                               full_numel, static_cast<uint32_t>(2 * slots[t]), lr_value);
     if (sc.ok) *step_ptr = sc.new_step;
-    stat_skipped += (sums[4 * t + 3] != 0.0 && !inf_flag) ? 1.0 : 0.0;
+    stat_skipped += (tensor_sums[3] != 0.0 && !inf_flag) ? 1.0 : 0.0;
 
     if (sc.ok) stat_units += static_cast<double>(units[t]);
     if (!c.masked) {
@@ -525,8 +570,10 @@ void finish(const Layout& L, const std::vector<at::Tensor>& params, const std::v
       double pi_sum = 0, sel = 0;
       for (int64_t r = 0; r < units[t]; ++r) {
         const float s = row_importance[L.unit_offset[t] + r];
-        const float pi = fastmask::inclusion_prob(s, sc.scale, sc.degenerate, static_cast<float>(c.ratio),
-                                                  static_cast<float>(c.min_prob), c.poisson);
+        const float pi = fastmask::inclusion_prob(s, levels ? levels[2 * t] : 0.0,
+                                                  levels ? static_cast<float>(levels[2 * t + 1]) : 0.0f, sc.degenerate,
+                                                  static_cast<float>(c.ratio), static_cast<float>(c.min_prob),
+                                                  c.poisson);
         const bool chosen = fastmask::uniform_at(static_cast<uint64_t>(first_unit + r), sc.step_word, sc.mask_hi, k0,
                                                  k1) < pi;
         w[r] = chosen ? fastmask::rescale_weight(c.rescale, pi, s, sc.total, sc.degenerate, sc.inv_n) : 0.0f;
@@ -562,7 +609,7 @@ void finish(const Layout& L, const std::vector<at::Tensor>& params, const std::v
                      kind == kSgdMomentum ? momentum_buffers[t].data_ptr<float>() : nullptr,
                      c.ema ? fishers[t].data_ptr<float>() : nullptr,
                      c.exact ? exact_weight + unit_offsets[t] : (by_rows[t] ? row_weight[t].data() : nullptr),
-                     row_size[t], first_elements[t]};
+                     levels ? levels + 2 * t : nullptr, row_size[t], first_elements[t]};
       double pi_sum = 0, sel_sum = 0;
       dispatch_pass2<P, G>(kind, mode_of(t), c.rescale, c.ema, pt, scalars[t], args, it.begin, it.end, pi_sum,
                            sel_sum);
@@ -611,7 +658,7 @@ void with_dtypes(const std::vector<at::Tensor>& params, const std::vector<at::Te
   TORCH_CHECK(false, op, ": unsupported (param, grad) dtypes ", p_type, ", ", g_type);
 }
 
-// Pass 1 of a batch: (sums [T, 4] float64, unit_importance fp32); see pass1.
+// Pass 1 of a batch: (sums [T, 4] or [T, 4 + kBins] float64, unit_importance fp32); see pass1.
 std::tuple<at::Tensor, at::Tensor> masked_step_sums(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
                                                     std::vector<at::Tensor> fishers, const Config& c,
                                                     c10::optional<at::Tensor> grad_scale) {
@@ -624,6 +671,8 @@ std::tuple<at::Tensor, at::Tensor> masked_step_sums(std::vector<at::Tensor> para
 
 // The whole step; with `sums` (and, in row mode, `unit_importance`) from masked_step_sums,
 // only its reduce and pass 2: the finish of a sharded step whose sums were all-reduced.
+// Water-filling (masked, poisson) needs the sums and `levels`, each tensor's water level
+// (x, p0) float64 [T, 2], which fastmask.reference.sampling.water_level computes from them.
 void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
                  std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
                  std::vector<at::Tensor> momentum_buffers, std::vector<at::Tensor> fishers,
@@ -631,18 +680,27 @@ void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, 
                  c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
                  c10::optional<at::Tensor> unit_weight, std::vector<int64_t> unit_offsets,
                  c10::optional<at::Tensor> stats, c10::optional<at::Tensor> sums_in,
-                 c10::optional<at::Tensor> unit_importance_in) {
+                 c10::optional<at::Tensor> unit_importance_in, c10::optional<at::Tensor> levels_in) {
   with_dtypes(params, grads, "cpp masked_step", [&](auto p, auto g) {
     using P = decltype(p);
     using G = decltype(g);
     const Layout L = layout_of(params, c);
     const float gs = grad_scale_value(grad_scale);
-    at::Tensor sums, unit_importance;
+    const bool water = c.masked && c.poisson;
+    const int64_t width = fastmask::kSumCols + (water ? kBins : 0);
+    at::Tensor sums, unit_importance, levels;
+    TORCH_CHECK(!water || (sums_in.has_value() && levels_in.has_value()),
+                "cpp masked_step: water-filling needs pass 1's sums and the water levels");
+    if (water) {
+      levels = levels_in->contiguous();
+      TORCH_CHECK(levels.scalar_type() == at::kDouble && levels.numel() == 2 * L.n_tensors,
+                  "cpp masked_step: levels must be float64 [", L.n_tensors, ", 2]");
+    }
     if (sums_in.has_value()) {
       sums = sums_in->contiguous();
       unit_importance = unit_importance_in.has_value() ? unit_importance_in->contiguous() : at::Tensor();
-      TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.numel() == 4 * L.n_tensors,
-                  "cpp masked_step: sums must be float64 [", L.n_tensors, ", 4]");
+      TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.numel() == width * L.n_tensors,
+                  "cpp masked_step: sums must be float64 [", L.n_tensors, ", ", width, "]");
       TORCH_CHECK(!c.row || (unit_importance.defined() && unit_importance.scalar_type() == at::kFloat &&
                              unit_importance.numel() == L.n_units),
                   "cpp masked_step: row units need pass 1's unit_importance, fp32 [", L.n_units, "]");
@@ -650,8 +708,8 @@ void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, 
       std::tie(sums, unit_importance) = pass1<G>(L, grads, fishers, c, gs, false);
     }
     finish<P, G>(L, params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, c, lr_tensor, gs,
-                 found_inf, unit_weight, unit_offsets, stats, sums.data_ptr<double>(),
-                 c.row ? unit_importance.data_ptr<float>() : nullptr);
+                 found_inf, unit_weight, unit_offsets, stats, sums.data_ptr<double>(), width,
+                 c.row ? unit_importance.data_ptr<float>() : nullptr, water ? levels.data_ptr<double>() : nullptr);
   });
 }
 
@@ -671,20 +729,17 @@ void fisher_update(at::Tensor fisher, at::Tensor grad, double beta) {
   });
 }
 
-at::Tensor inclusion_probs(at::Tensor s_units, double ratio, bool poisson, double min_prob) {
-  const int64_t n = s_units.numel();
+// pi per unit (fastmask::inclusion_prob) of one tensor's units, from its water level (x, p0)
+// and whether S is 0 or not finite (fastmask.reference.sampling computes both).
+at::Tensor inclusion_probs(at::Tensor s_units, double ratio, bool poisson, double min_prob, double level_x, double p0,
+                           bool degenerate) {
   at::Tensor out = at::empty_like(s_units);
+  if (ratio >= 1.0) return out.fill_(1.0);
   const float* s = s_units.data_ptr<float>();
   float* pi = out.data_ptr<float>();
-  if (ratio >= 1.0) return out.fill_(1.0);
-  double total64 = 0;
-  for (int64_t i = 0; i < n; ++i) total64 += s[i];
-  const float total = static_cast<float>(total64);
-  const bool degenerate = !(total > 0.0f && total < std::numeric_limits<float>::infinity());
-  const float scale = (static_cast<float>(ratio) * static_cast<float>(n)) / total;
-  at::parallel_for(0, n, kChunk, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, s_units.numel(), kChunk, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i)
-      pi[i] = fastmask::inclusion_prob(s[i], scale, degenerate, static_cast<float>(ratio),
+      pi[i] = fastmask::inclusion_prob(s[i], level_x, static_cast<float>(p0), degenerate, static_cast<float>(ratio),
                                        static_cast<float>(min_prob), poisson);
   });
   return out;

@@ -88,9 +88,10 @@ Tables cached_tables(const std::vector<int64_t>& meta, const std::vector<int64_t
   return tables;
 }
 
-// kWhole: the step. kSums: pass 1 alone, into *sums_out = (sums [T, 4] float64, row importance
-// fp32 [n_units] in row mode, else empty). kFinish: the reduce and pass 2, from those (the sums
-// all-reduced over the shards in between).
+// kWhole: the step. kSums: pass 1 alone, into *sums_out = (sums [T, 4] float64, or
+// [T, 4 + kHistBins] with water-filling, row importance fp32 [n_units] in row mode, else
+// empty). kFinish: the reduce and pass 2, from those (the sums all-reduced over the shards in
+// between) and, with water-filling, `levels_in` (x, p0) float64 [T, 2].
 enum class Phase { kWhole, kSums, kFinish };
 
 void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
@@ -101,7 +102,7 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
             const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& unit_weight_in,
             const c10::optional<at::Tensor>& stats, const fastmask::StepConfig& h, const at::Tensor& settings,
             Phase phase, const c10::optional<at::Tensor>& sums_in, const c10::optional<at::Tensor>& unit_importance_in,
-            std::tuple<at::Tensor, at::Tensor>* sums_out) {
+            const c10::optional<at::Tensor>& levels_in, std::tuple<at::Tensor, at::Tensor>* sums_out) {
   const auto device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -140,6 +141,13 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   at::Tensor tensor_stats = at::zeros({n_tensors, 4}, f64);
   at::Tensor block_stats = at::zeros({std::max<int64_t>(blocks, 1), 2}, f64);
   at::Tensor lr32 = lr_tensor.has_value() ? lr_tensor->to(device, at::kFloat) : at::Tensor();
+  const bool water = c.masked && c.poisson;
+  const int64_t sums_width = fastmask::kSumCols + (water ? fastmask::kHistBins : 0);
+  at::Tensor levels;
+  if (water && phase == Phase::kFinish) {
+    levels = levels_in->to(device, at::kDouble).contiguous();
+    TORCH_CHECK(levels.numel() == 2 * n_tensors, "cuda masked_step: levels must be float64 [", n_tensors, ", 2]");
+  }
 
   LaunchArgs a;
   a.param_dtype = dtype_code(params[0].scalar_type());
@@ -161,9 +169,11 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   a.found_inf = optional_ptr(found_inf);
   a.lr = lr32.defined() ? lr32.data_ptr<float>() : nullptr;
   a.settings = settings.data_ptr<float>();
+  a.levels = levels.defined() ? levels.data_ptr<double>() : nullptr;
+  a.sums_width = sums_width;
   a.config = c;
   if (phase == Phase::kSums) {
-    at::Tensor sums = at::empty({n_tensors, 4}, f64);
+    at::Tensor sums = at::zeros({n_tensors, sums_width}, f64);
     const cudaError_t err = fastmask_cuda::masked_step_sums(a, sums.data_ptr<double>(), stream);
     TORCH_CHECK(err == cudaSuccess, "cuda masked_step_sums: ", cudaGetErrorString(err));
     *sums_out = {sums, c.row ? row_importance.narrow(0, 0, units_total) : at::empty({0}, f32)};
@@ -171,6 +181,8 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   }
   if (phase == Phase::kFinish) {
     const at::Tensor sums = sums_in->to(device, at::kDouble).contiguous();
+    TORCH_CHECK(sums.numel() == sums_width * n_tensors, "cuda masked_step: sums must be float64 [", n_tensors, ", ",
+                sums_width, "]");
     const cudaError_t err = fastmask_cuda::masked_step_finish(a, sums.data_ptr<double>(), stream);
     TORCH_CHECK(err == cudaSuccess, "cuda masked_step: ", cudaGetErrorString(err));
   } else {
@@ -206,6 +218,7 @@ void check_batch(const std::vector<at::Tensor>& params, const std::vector<at::Te
 
 // The whole step; with `sums` (and, in row mode, `unit_importance`) from masked_step_sums,
 // only its reduce and pass 2: the finish of a sharded step whose sums were all-reduced.
+// Water-filling needs the sums and `levels` (fastmask.reference.sampling.water_level's).
 // The unit table (exact mode) is laid out in tensor order, as the metadata's offsets:
 // `unit_offsets` is the cpp binding's argument, unused here.
 void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
@@ -215,16 +228,19 @@ void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor>
                          c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
                          c10::optional<at::Tensor> unit_weight, std::vector<int64_t> /*unit_offsets*/,
                          c10::optional<at::Tensor> stats, at::Tensor settings, c10::optional<at::Tensor> sums,
-                         c10::optional<at::Tensor> unit_importance) {
+                         c10::optional<at::Tensor> unit_importance, c10::optional<at::Tensor> levels) {
   check_batch(params, grads, settings);
   TORCH_CHECK(!sums.has_value() || !h.row || unit_importance.has_value(),
               "cuda masked_step: row units need pass 1's unit_importance");
+  TORCH_CHECK(!(h.masked && h.poisson) || (sums.has_value() && levels.has_value()),
+              "cuda masked_step: water-filling needs pass 1's sums and the water levels");
   launch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots,
          device_config(h, lr_tensor.has_value()), lr_tensor, grad_scale, found_inf, unit_weight, stats, h, settings,
-         sums.has_value() ? Phase::kFinish : Phase::kWhole, sums, unit_importance, nullptr);
+         sums.has_value() ? Phase::kFinish : Phase::kWhole, sums, unit_importance, levels, nullptr);
 }
 
-// Pass 1 of a batch: (sums [T, 4] float64, unit_importance fp32 [units] in row mode, else empty).
+// Pass 1 of a batch: (sums [T, 4] or [T, 4 + kHistBins] float64, unit_importance fp32 [units] in
+// row mode, else empty).
 std::tuple<at::Tensor, at::Tensor> masked_step_sums_binding(
     std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
     std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs, std::vector<at::Tensor> momentum_buffers,
@@ -234,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor> masked_step_sums_binding(
   std::tuple<at::Tensor, at::Tensor> out;
   launch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, device_config(h, false),
          c10::nullopt, grad_scale, c10::nullopt, c10::nullopt, c10::nullopt, h, settings, Phase::kSums, c10::nullopt,
-         c10::nullopt, &out);
+         c10::nullopt, c10::nullopt, &out);
   return out;
 }
 

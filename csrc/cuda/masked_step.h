@@ -29,7 +29,7 @@ enum Setting { kRatio = 0, kGradCoefficient, kUpdateCoefficient };
 // What the kernels read of the step config: the reduce's terms (fastmask::tensor_scalars)
 // and the element pass's flags and scalars.
 struct DeviceConfig {
-  fastmask::ReduceTerms terms;  // its ratio is replaced by the one read from `settings`
+  fastmask::ReduceTerms terms;
   int base, rescale;
   float min_prob, fisher_beta, one_minus_fisher_beta;
   bool maximize, masked, poisson, ema, row, freeze, ge, modulate_update, exact;
@@ -56,6 +56,8 @@ struct LaunchArgs {
   const float* found_inf;       // or nullptr
   const float* lr;              // or nullptr (float lr in the config)
   const float* settings;        // [ratio, grad coefficient, update coefficient] (enum Setting)
+  const double* levels;         // [n_tensors, 2] water levels (x, p0), or nullptr (no water-filling)
+  int64_t sums_width;           // columns of the per-tensor sums: 4, + fastmask::kHistBins (water-filling)
   DeviceConfig config;
 };
 
@@ -63,8 +65,10 @@ struct LaunchArgs {
 cudaError_t masked_step(const LaunchArgs& args, cudaStream_t stream);
 
 // The same step in two halves, for shards of larger tensors: pass 1 and the per-tensor
-// sums [n_tensors, 4] into `sums`; the caller all-reduces them; then the reduce (reading
-// `sums`) and pass 2.
+// sums [n_tensors, sums_width] into `sums` (zeroed by the caller: pass 1 adds its importance
+// histograms to the columns after the first 4); the caller all-reduces them; then the reduce
+// (reading `sums`, and `levels` computed from them) and pass 2. Water-filling always runs in
+// two halves: its levels come from the sums.
 cudaError_t masked_step_sums(const LaunchArgs& args, double* sums, cudaStream_t stream);
 cudaError_t masked_step_finish(const LaunchArgs& args, const double* sums, cudaStream_t stream);
 

@@ -43,21 +43,42 @@ __device__ double block_sum(double value, double* shared) {
   return total;
 }
 
+constexpr uint32_t kLastBin = fastmask::kHistBins - 1;
+
+// `bins`: the block's shared importance histogram, or nullptr (no water-filling).
 template <typename G>
 __device__ void accumulate(const G* g, const float* fisher, int64_t i, float grad_scale, const DeviceConfig& c,
-                           double acc[4]) {
+                           double acc[4], unsigned int* bins) {
   const float x = to_float(g[i]) / grad_scale;
   const float s = c.ema ? fisher[i] * c.fisher_beta + x * x * c.one_minus_fisher_beta : x * x;
+  if (bins) atomicAdd(bins + min(fastmask::importance_bin(s), kLastBin), 1u);  // NaN bits: the last bin
   acc[0] += s;
   acc[1] += x;
   acc[2] += static_cast<double>(x) * x;
   acc[3] += isfinite(x) ? 0.0 : 1.0;
 }
 
+// Water-filling: the block's histogram in shared memory, added to its tensor's row of `hist`
+// (integer counts in fp64: exact in any order of the atomic adds). Else nothing.
+__device__ unsigned int* clear_bins(unsigned int* bins, bool water) {
+  if (!water) return nullptr;
+  for (int j = threadIdx.x; j < fastmask::kHistBins; j += blockDim.x) bins[j] = 0;
+  __syncthreads();
+  return bins;
+}
+
+__device__ void flush_bins(const unsigned int* bins, double* hist_row) {
+  if (!bins) return;
+  __syncthreads();
+  for (int j = threadIdx.x; j < fastmask::kHistBins; j += blockDim.x)
+    if (bins[j]) atomicAdd(hist_row + j, static_cast<double>(bins[j]));
+}
+
 template <typename G>
 __global__ void pass1_blocks(const int64_t* ptrs, const int64_t* meta, const int32_t* block_tensor, double* partials,
-                             const float* grad_scale, DeviceConfig c) {
+                             double* hist, int64_t sums_width, const float* grad_scale, DeviceConfig c) {
   __shared__ double shared[kThreads];
+  __shared__ unsigned int bin_counts[fastmask::kHistBins];
   const int64_t t = block_tensor[blockIdx.x];
   const int64_t* mrow = meta + t * kMetaCols;
   const int64_t n = mrow[kNumel];
@@ -65,11 +86,13 @@ __global__ void pass1_blocks(const int64_t* ptrs, const int64_t* meta, const int
   const G* g = reinterpret_cast<const G*>(ptrs[t * kPtrCols + kGrad]);
   const float* fisher = reinterpret_cast<const float*>(ptrs[t * kPtrCols + kFisher]);
   const float gs = grad_scale ? *grad_scale : 1.0f;
+  unsigned int* bins = clear_bins(bin_counts, c.masked && c.poisson);
   double acc[4] = {0, 0, 0, 0};
   for (int j = 0; j < kVec; ++j) {
     const int64_t i = first + threadIdx.x * kVec + j;
-    if (i < n) accumulate(g, fisher, i, gs, c, acc);
+    if (i < n) accumulate(g, fisher, i, gs, c, acc, bins);
   }
+  flush_bins(bins, hist + t * sums_width);
   for (int k = 0; k < 4; ++k) {
     const double total = block_sum(acc[k], shared);
     if (threadIdx.x == 0) partials[static_cast<int64_t>(blockIdx.x) * 4 + k] = total;
@@ -79,7 +102,8 @@ __global__ void pass1_blocks(const int64_t* ptrs, const int64_t* meta, const int
 // One block per row (global unit index): the row's importance s_u (fp32) and its partials.
 template <typename G>
 __global__ void pass1_rows(const int64_t* ptrs, const int64_t* meta, const int32_t* row_tensor, double* partials,
-                           float* row_importance, const float* grad_scale, DeviceConfig c) {
+                           float* row_importance, double* hist, int64_t sums_width, const float* grad_scale,
+                           DeviceConfig c) {
   __shared__ double shared[kThreads];
   const int64_t t = row_tensor[blockIdx.x];
   const int64_t* mrow = meta + t * kMetaCols;
@@ -89,12 +113,14 @@ __global__ void pass1_rows(const int64_t* ptrs, const int64_t* meta, const int32
   const float* fisher = reinterpret_cast<const float*>(ptrs[t * kPtrCols + kFisher]);
   const float gs = grad_scale ? *grad_scale : 1.0f;
   double acc[4] = {0, 0, 0, 0};
-  for (int64_t k = threadIdx.x; k < row_size; k += blockDim.x) accumulate(g, fisher, r * row_size + k, gs, c, acc);
+  for (int64_t k = threadIdx.x; k < row_size; k += blockDim.x)
+    accumulate(g, fisher, r * row_size + k, gs, c, acc, nullptr);
   double sums[4];
   for (int k = 0; k < 4; ++k) sums[k] = block_sum(acc[k], shared);
   if (threadIdx.x == 0) {
     const float row_s = static_cast<float>(sums[0]);  // s_u is fp32; S sums the rounded s_u
     row_importance[blockIdx.x] = row_s;
+    if (c.masked && c.poisson) atomicAdd(hist + t * sums_width + min(fastmask::importance_bin(row_s), kLastBin), 1.0);
     double* out = partials + static_cast<int64_t>(blockIdx.x) * 4;
     out[0] = row_s;
     out[1] = sums[1];
@@ -111,19 +137,20 @@ __device__ void tensor_sums(const int64_t* mrow, const double* partials, double*
   for (int j = 0; j < 4; ++j) sums[j] = block_sum(acc[j], shared);
 }
 
-// One block per tensor: the per-tensor sums [n_tensors, 4] (for the all-reduce of shards).
-__global__ void sum_partials(const int64_t* meta, const double* partials, double* out) {
+// One block per tensor: the first 4 columns of its row of the sums [n_tensors, sums_width].
+__global__ void sum_partials(const int64_t* meta, const double* partials, double* out, int64_t sums_width) {
   __shared__ double shared[kThreads];
   double sums[4];
   tensor_sums(meta + static_cast<int64_t>(blockIdx.x) * kMetaCols, partials, shared, sums);
   if (threadIdx.x == 0)
-    for (int j = 0; j < 4; ++j) out[static_cast<int64_t>(blockIdx.x) * 4 + j] = sums[j];
+    for (int j = 0; j < 4; ++j) out[static_cast<int64_t>(blockIdx.x) * sums_width + j] = sums[j];
 }
 
-// One block per tensor: totals in a fixed order (or `pre_summed`, [n_tensors, 4]), ok,
-// step, scalars, row sampling, stats.
+// One block per tensor: totals in a fixed order (or `pre_summed`, [n_tensors, sums_width]),
+// ok, step, scalars, row sampling (from `levels` with water-filling), stats.
 __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const double* partials,
-                               const double* pre_summed, const float* row_importance, float* unit_weight,
+                               const double* pre_summed, int64_t sums_width, const double* levels,
+                               const float* row_importance, float* unit_weight,
                                TensorScalars* scalars, double* tensor_stats, const float* found_inf,
                                const float* lr_ptr, const float* settings, DeviceConfig c) {
   __shared__ double shared[kThreads];
@@ -132,7 +159,7 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
   const int64_t* mrow = meta + t * kMetaCols;
   double sums[4];
   if (pre_summed)
-    for (int j = 0; j < 4; ++j) sums[j] = pre_summed[t * 4 + j];
+    for (int j = 0; j < 4; ++j) sums[j] = pre_summed[t * sums_width + j];
   else
     tensor_sums(mrow, partials, shared, sums);
   const int64_t n = mrow[kFullNumel], units = mrow[kUnits], full_units = mrow[kFullUnits];
@@ -141,9 +168,7 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
   const bool dense_ratio = ratio >= 1.0f;  // a ratio of 1 (read here, on the device): the base optimizer
   if (threadIdx.x == 0) {
     float* step_ptr = reinterpret_cast<float*>(ptrs[t * kPtrCols + kStep]);
-    fastmask::ReduceTerms terms = c.terms;
-    terms.ratio = ratio;
-    const TensorScalars sc = fastmask::tensor_scalars(terms, sums, *step_ptr, inf_flag, full_units, n,
+    const TensorScalars sc = fastmask::tensor_scalars(c.terms, sums, *step_ptr, inf_flag, full_units, n,
                                                       static_cast<uint32_t>(mrow[kSlot2]), lr_ptr ? *lr_ptr : 0.0f);
     if (sc.ok) *step_ptr = sc.new_step;
     sc_shared = sc;
@@ -153,10 +178,13 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
   const TensorScalars sc = sc_shared;
   double pi_sum = 0, sel = 0;
   if (c.masked && c.row && !c.exact) {
+    const double level_x = levels ? levels[2 * t] : 0.0;
+    const float p0 = levels ? static_cast<float>(levels[2 * t + 1]) : 0.0f;
     for (int64_t r = threadIdx.x; r < units; r += blockDim.x) {
       const float s = row_importance[mrow[kUnitOffset] + r];
       const float pi =
-          dense_ratio ? 1.0f : fastmask::inclusion_prob(s, sc.scale, sc.degenerate, ratio, c.min_prob, c.poisson);
+          dense_ratio ? 1.0f
+                      : fastmask::inclusion_prob(s, level_x, p0, sc.degenerate, ratio, c.min_prob, c.poisson);
       const bool chosen =
           fastmask::uniform_at(static_cast<uint64_t>(mrow[kFirstUnit] + r), sc.step_word, sc.mask_hi, c.k0, c.k1) < pi;
       const float w = dense_ratio ? 1.0f : fastmask::rescale_weight(c.rescale, pi, s, sc.total, sc.degenerate, sc.inv_n);
@@ -182,8 +210,8 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
 
 template <typename P, typename G>
 __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* block_tensor,
-                      const TensorScalars* scalars, const float* unit_weight, double* block_stats,
-                      const float* grad_scale, const float* settings, DeviceConfig c) {
+                      const TensorScalars* scalars, const double* levels, const float* unit_weight,
+                      double* block_stats, const float* grad_scale, const float* settings, DeviceConfig c) {
   __shared__ double shared[kThreads];
   const int64_t t = block_tensor[blockIdx.x];
   const int64_t* mrow = meta + t * kMetaCols;
@@ -202,6 +230,8 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
   const float ratio = settings[kRatio], grad_coefficient = settings[kGradCoefficient];
   const float update_coefficient = settings[kUpdateCoefficient];
   const bool dense_ratio = ratio >= 1.0f;  // a ratio of 1 (read here, on the device): the base optimizer
+  const double level_x = levels ? levels[2 * t] : 0.0;
+  const float p0 = levels ? static_cast<float>(levels[2 * t + 1]) : 0.0f;
   double pi_sum = 0, sel_sum = 0;
   if (sc.ok && i0 < n) {
     const bool sample_here = c.masked && !c.row && !c.exact;
@@ -230,7 +260,8 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
       if (sample_here) {
         const float s = c.ema ? f_new : x * x;
         const float pi =
-            dense_ratio ? 1.0f : fastmask::inclusion_prob(s, sc.scale, sc.degenerate, ratio, c.min_prob, c.poisson);
+            dense_ratio ? 1.0f
+                        : fastmask::inclusion_prob(s, level_x, p0, sc.degenerate, ratio, c.min_prob, c.poisson);
         const float u = aligned ? fastmask::uniform_from_word(words[j])
                                 : fastmask::uniform_at(static_cast<uint64_t>(first + i), sc.step_word, sc.mask_hi,
                                                        c.k0, c.k1);
@@ -278,25 +309,27 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
   }
 }
 
+// `hist`: the sums' histogram columns (water-filling), or nullptr.
 template <typename G>
-void launch_pass1(const LaunchArgs& a, cudaStream_t stream) {
+void launch_pass1(const LaunchArgs& a, double* hist, cudaStream_t stream) {
   const DeviceConfig& c = a.config;
   if (c.row && a.n_units)
     pass1_rows<G><<<a.n_units, kThreads, 0, stream>>>(a.ptrs, a.meta, a.row_tensor, a.partials, a.row_importance,
-                                                     a.grad_scale, c);
+                                                     hist, a.sums_width, a.grad_scale, c);
   else if (!c.row && a.n_blocks)
-    pass1_blocks<G><<<a.n_blocks, kThreads, 0, stream>>>(a.ptrs, a.meta, a.block_tensor, a.partials, a.grad_scale, c);
+    pass1_blocks<G><<<a.n_blocks, kThreads, 0, stream>>>(a.ptrs, a.meta, a.block_tensor, a.partials, hist,
+                                                         a.sums_width, a.grad_scale, c);
 }
 
 template <typename P, typename G>
 void launch_finish(const LaunchArgs& a, const double* pre_summed, cudaStream_t stream) {
   const DeviceConfig& c = a.config;
-  reduce_tensors<<<a.n_tensors, kThreads, 0, stream>>>(a.ptrs, a.meta, a.partials, pre_summed, a.row_importance,
-                                                       a.unit_weight, a.scalars, a.tensor_stats, a.found_inf, a.lr,
-                                                       a.settings, c);
+  reduce_tensors<<<a.n_tensors, kThreads, 0, stream>>>(a.ptrs, a.meta, a.partials, pre_summed, a.sums_width,
+                                                       a.levels, a.row_importance, a.unit_weight, a.scalars,
+                                                       a.tensor_stats, a.found_inf, a.lr, a.settings, c);
   if (a.n_blocks)
-    pass2<P, G><<<a.n_blocks, kThreads, 0, stream>>>(a.ptrs, a.meta, a.block_tensor, a.scalars, a.unit_weight,
-                                                     a.block_stats, a.grad_scale, a.settings, c);
+    pass2<P, G><<<a.n_blocks, kThreads, 0, stream>>>(a.ptrs, a.meta, a.block_tensor, a.scalars, a.levels,
+                                                     a.unit_weight, a.block_stats, a.grad_scale, a.settings, c);
 }
 
 // Calls launch(P{}, G{}) with the batch's (param, grad) dtype pair; false if unsupported.
@@ -314,9 +347,10 @@ bool with_dtypes(const LaunchArgs& a, Launch launch) {
 }  // namespace
 
 cudaError_t masked_step_sums(const LaunchArgs& a, double* sums, cudaStream_t stream) {
-  const bool known = with_dtypes(a, [&](auto, auto g) { launch_pass1<decltype(g)>(a, stream); });
+  double* hist = a.sums_width > 4 ? sums + 4 : nullptr;
+  const bool known = with_dtypes(a, [&](auto, auto g) { launch_pass1<decltype(g)>(a, hist, stream); });
   if (!known) return cudaErrorInvalidValue;
-  sum_partials<<<a.n_tensors, kThreads, 0, stream>>>(a.meta, a.partials, sums);
+  sum_partials<<<a.n_tensors, kThreads, 0, stream>>>(a.meta, a.partials, sums, a.sums_width);
   return cudaGetLastError();
 }
 
@@ -327,7 +361,7 @@ cudaError_t masked_step_finish(const LaunchArgs& a, const double* sums, cudaStre
 
 cudaError_t masked_step(const LaunchArgs& a, cudaStream_t stream) {
   const bool known = with_dtypes(a, [&](auto p, auto g) {
-    launch_pass1<decltype(g)>(a, stream);
+    launch_pass1<decltype(g)>(a, nullptr, stream);
     launch_finish<decltype(p), decltype(g)>(a, nullptr, stream);
   });
   return known ? cudaGetLastError() : cudaErrorInvalidValue;

@@ -18,7 +18,8 @@ import torch
 
 from ..reference import sampling
 from ..reference.spec import StepConfig, TensorGroup
-from .native import JitExtension, as_units, native_masked_step_, native_masked_step_sums, reference_select
+from .native import (JitExtension, as_units, native_masked_step_, native_masked_step_sums, reference_select,
+                     unit_level)
 from .registry import register, register_probe
 
 # -ffp-contract=off: no fused multiply-adds, so every operation rounds as the reference's.
@@ -76,7 +77,8 @@ def fisher_update_(fisher: torch.Tensor, grad: torch.Tensor, beta: float) -> Non
 @register("inclusion_probs", "cpp")
 def inclusion_probs(importance, ratio, granularity, sampling_mode, min_prob) -> torch.Tensor:
     s_units = as_units(sampling.unit_sums(importance, granularity))
-    pi = _ext().inclusion_probs(s_units, ratio, sampling_mode == "poisson", min_prob)
+    x, p0, degenerate = unit_level(s_units, ratio, sampling_mode, min_prob)
+    pi = _ext().inclusion_probs(s_units, ratio, sampling_mode == "poisson", min_prob, x, p0, degenerate)
     return sampling.expand_units(pi, importance.shape, granularity).contiguous()
 
 

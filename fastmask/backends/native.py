@@ -20,7 +20,7 @@ import torch
 
 from ..reference import sampling
 from ..reference.philox import rng_stream
-from ..reference.spec import KernelConfig, StepConfig, TensorGroup, exact_count
+from ..reference.spec import SUM_COLS, KernelConfig, StepConfig, TensorGroup, exact_count
 
 BATCH_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "momentum_buffers", "fishers")
 
@@ -257,11 +257,16 @@ def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConf
                         unit_importance: torch.Tensor | None = None) -> None:
     """Run an extension's ``masked_step`` on a batch (the cpp and cuda backends); with ``sums``
     and ``unit_importance`` (``native_masked_step_sums``'s, all-reduced), only its finish.
+    Water-filling runs pass 1 first (if not given), then ``water_levels`` between the two.
 
     ``settings_in_memory``: the extension reads the ratio and coefficients from a device tensor
     (cuda, its argument after ``stats``); otherwise tensor settings are read on the host first
     (cpp: CPU tensors, no sync)."""
-    cfg, kcfg, work, write_back, config = _native_inputs(extension, group, cfg, settings_in_memory)
+    native_cfg, kcfg, work, write_back, config = _native_inputs(extension, group, cfg, settings_in_memory)
+    if native_cfg.water_filling and sums is None:
+        sums, unit_importance = native_masked_step_sums(extension, group, cfg, grad_scale, settings_in_memory)
+    levels = water_levels(sums, native_cfg)
+    cfg = native_cfg
     unit_weight, offsets = None, []
     if kcfg.exact:
         unit_weight, offsets = exact_unit_weights(work, group, cfg, grad_scale, select)
@@ -270,15 +275,34 @@ def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConf
     extension.masked_step(
         work["params"], work["grads"], group.steps, work["exp_avgs"], work["exp_avg_sqs"],
         work["momentum_buffers"], work["fishers"], group.slots, config, lr, grad_scale, found_inf, unit_weight,
-        offsets, group.stats, *settings, sums, unit_importance,
+        offsets, group.stats, *settings, sums, unit_importance, levels,
     )
     for original, copy in write_back:
         original.copy_(copy)
 
 
+def water_levels(sums: torch.Tensor | None, cfg: StepConfig) -> torch.Tensor | None:
+    """Each tensor's water level (x, p0), float64 [T, 2], from pass 1's (all-reduced) histogram
+    columns, for water-filling; else None. One definition for every backend:
+    ``sampling.water_level``."""
+    if not cfg.water_filling:
+        return None
+    return sampling.water_level(sums[:, SUM_COLS:], cfg.ratio, cfg.min_prob).contiguous()
+
+
+def unit_level(s_units: torch.Tensor, ratio: float, sampling_mode: str, min_prob: float) -> tuple[float, float, bool]:
+    """(x, p0, S is 0 or not finite) of one tensor's units, for the low-level ``inclusion_probs``
+    ops of the cpp backend (read on the host: CPU tensors)."""
+    degenerate = bool(sampling.degenerate(sampling.unit_total(s_units)))
+    if sampling_mode != "poisson" or ratio >= 1.0:
+        return 0.0, 0.0, degenerate
+    x, p0 = sampling.water_level(sampling.unit_histogram(s_units)[None], ratio, min_prob)[0].tolist()
+    return x, p0, degenerate
+
+
 def native_masked_step_sums(extension: ModuleType, group: TensorGroup, cfg: StepConfig, grad_scale,
                             settings_in_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """An extension's pass 1 alone: (sums float64 [T, 4], unit_importance fp32)."""
+    """An extension's pass 1 alone: (sums float64 [T, cfg.sums_width], unit_importance fp32)."""
     cfg, _, work, _, config = _native_inputs(extension, group, cfg, settings_in_memory)
     if settings_in_memory:
         return extension.masked_step_sums(

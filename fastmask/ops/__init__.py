@@ -58,10 +58,12 @@ def inclusion_probs(
 ) -> torch.Tensor:
     """Per-unit inclusion probabilities pi, broadcast to ``importance``'s shape (fp32).
 
-    poisson: pi_u = clamp(k * s_u / S, min_prob, 1), k = ratio * N, S = sum of s_u;
-    pi_u = ratio if S is 0 or not finite. uniform: pi_u = ratio. ratio == 1 gives 1
-    everywhere. importance: non-negative fp32/bf16/fp16; ratio in (0, 1];
-    min_prob in [0, 1].
+    poisson (water-filling): pi_u = clamp(q_u / tau, min_prob, 1), q_u = s_u rounded down to
+    4 significant bits, with tau chosen so that sum_u pi_u = k = ratio * N (units above the
+    level are capped at 1 and their excess goes to the others; see
+    ``fastmask.reference.sampling.water_level`` for the edge cases); pi_u = ratio if S = sum of
+    s_u is 0 or not finite. uniform: pi_u = ratio. ratio == 1 gives 1 everywhere.
+    importance: non-negative fp32/bf16/fp16; ratio in (0, 1]; min_prob in [0, 1].
     """
     check_tensor("importance", importance)
     ratio = check_real("ratio", ratio, 0.0, 1.0, low_open=True)
@@ -227,12 +229,15 @@ def masked_step_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 1 of the fused step on one batch; writes nothing.
 
-    Returns (sums, unit_importance): sums is float64 [T, 4] on the batch's device, per tensor
-    the sum of its unit importances s_u, sum g, sum g^2 and its count of non-finite grads
-    (g unscaled by ``grad_scale``); unit_importance is the backend's fp32 per-row s_u for
+    Returns (sums, unit_importance): sums is float64 [T, config.sums_width] on the batch's
+    device, per tensor the sum of its unit importances s_u, sum g, sum g^2 and its count of
+    non-finite grads (g unscaled by ``grad_scale``), then with water-filling
+    (sampling="poisson") the histogram of its s_u (exact counts in 2048 bins, see
+    ``fastmask.reference.sampling.water_level``); unit_importance is the backend's fp32 per-row s_u for
     row granularity (empty for elements), which ``masked_step_finish`` reads. For a batch of
     shards, all-reduce (sum) ``sums`` over the shards of each tensor, then call
-    ``masked_step_finish``: S, the GE std and the non-finite skip are then the full tensor's.
+    ``masked_step_finish``: S, the GE std, the non-finite skip and the water level are then the
+    full tensor's.
     """
     if not group.params:
         raise ValueError("group has no params")
@@ -255,13 +260,13 @@ def masked_step_finish(
     backend: str | None = None,
 ) -> None:
     """The rest of the fused step after ``masked_step_sums``: the per-tensor reduce from
-    ``sums`` (float64 [T, 4], all-reduced over shards) and the update; in place.
+    ``sums`` (float64 [T, config.sums_width], all-reduced over shards) and the update; in place.
     ``unit_importance``, ``grad_scale`` and ``backend`` must be those of the sums call."""
     if not group.params:
         return
     _check_batch(group, config, {"grad_scale": grad_scale, "found_inf": found_inf})
     device = group.params[0].device
-    check_tensor("sums", sums, dtypes=(torch.float64,), device=device, shape=(len(group), 4))
+    check_tensor("sums", sums, dtypes=(torch.float64,), device=device, shape=(len(group), config.sums_width))
     check_tensor("unit_importance", unit_importance, dtypes=(torch.float32,), device=device)
     units = sum(unit_count(p.shape, "row") for p in group.params) if config.granularity == "row" else 0
     if unit_importance.shape != (units,):
@@ -388,9 +393,9 @@ def _masked_step_sums_op(
 @_masked_step_sums_op.register_fake
 def _(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, shards, grad_scale, lr, ratio,
       coefficient, choices, numbers, flags, seed, backend) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = dict(zip(CHOICES, choices.split(",")))["granularity"] == "row"
-    units = sum(unit_count(p.shape, "row") for p in params) if rows else 0
-    return (params[0].new_empty((len(params), 4), dtype=torch.float64),
+    cfg = _config(lr, ratio, coefficient, choices, numbers, flags, seed)
+    units = sum(unit_count(p.shape, "row") for p in params) if cfg.granularity == "row" else 0
+    return (params[0].new_empty((len(params), cfg.sums_width), dtype=torch.float64),
             params[0].new_empty((units,), dtype=torch.float32))
 
 

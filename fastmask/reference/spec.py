@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 
 BASES = ("sgd", "adam", "adamw")
+SUM_COLS = 4  # pass 1's per-tensor sums before the histogram
+HIST_BINS = 2048  # bins of the importance histogram (fastmask.reference.sampling)
 SAMPLINGS = ("poisson", "uniform", "exact")
 RESCALES = ("ht", "legacy")
 IMPORTANCES = ("grad2", "ema")
@@ -64,6 +66,17 @@ class StepConfig:
         """True when units may be sampled: a ratio below 1, or a ratio tensor (its value is read
         on the device, where a ratio of 1 gives exactly the base optimizer)."""
         return isinstance(self.ratio, torch.Tensor) or self.ratio < 1.0
+
+    @property
+    def water_filling(self) -> bool:
+        """True when pass 1 gathers each tensor's importance histogram (sampling="poisson")."""
+        return self.is_masked and self.sampling == "poisson"
+
+    @property
+    def sums_width(self) -> int:
+        """Columns of pass 1's per-tensor sums: [sum s, sum g, sum g^2, non-finite count], then
+        with water-filling the importance histogram (``sampling.HIST_BINS`` counts)."""
+        return SUM_COLS + (HIST_BINS if self.water_filling else 0)
 
     def to(self, device: torch.device) -> StepConfig:
         """This config with tensor settings on ``device`` (a non-blocking copy if elsewhere)."""

@@ -11,7 +11,7 @@ import torch
 
 from . import sampling
 from .philox import STREAM_MASK, STREAM_NOISE, normal, rng_stream
-from .spec import StepConfig, TensorGroup, check_shardable, exact_count
+from .spec import SUM_COLS, StepConfig, TensorGroup, check_shardable, exact_count
 
 
 def power(base: float, exponent: torch.Tensor) -> torch.Tensor:
@@ -115,8 +115,9 @@ def _importance_units(
 def masked_step_sums(
     group: TensorGroup, cfg: StepConfig, grad_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pass 1 (DESIGN §5): per tensor, float64 [T, 4] = sum of s_u, sum g, sum g^2, non-finite
-    count; and for row granularity each row's importance s_u, fp32 [units of every tensor, in
+    """Pass 1 (DESIGN §5): per tensor, float64 [T, cfg.sums_width] = sum of s_u, sum g, sum g^2,
+    non-finite count, then with water-filling the histogram of s_u (``sampling.unit_histogram``);
+    and for row granularity each row's importance s_u, fp32 [units of every tensor, in
     order] (element granularity: empty). A sharded batch all-reduces the sums before
     ``masked_step_finish``.
 
@@ -128,7 +129,8 @@ def masked_step_sums(
         s_units, _ = _importance_units(g, _get(group.fishers, i), cfg)
         g64 = g.to(torch.float64)
         nonfinite = (~torch.isfinite(g)).sum(dtype=torch.float64)
-        rows.append(torch.stack((s_units.sum(dtype=torch.float64), g64.sum(), (g64 * g64).sum(), nonfinite)))
+        row = torch.stack((s_units.sum(dtype=torch.float64), g64.sum(), (g64 * g64).sum(), nonfinite))
+        rows.append(torch.cat((row, sampling.unit_histogram(s_units))) if cfg.water_filling else row)
         if cfg.granularity == "row":
             units.append(s_units.to(torch.float32))
     importance = torch.cat(units) if units else group.params[0].new_empty(0, dtype=torch.float32)
@@ -148,10 +150,12 @@ def masked_step_finish(
     check_shardable(group, cfg)
     new_steps = torch.stack(group.steps) + 1
     corrections = adam_corrections(new_steps, cfg) if cfg.base != "sgd" else None
+    levels = sampling.water_level(sums[:, SUM_COLS:], cfg.ratio, cfg.min_prob) if cfg.water_filling else None
     for i in range(len(group)):
         _step_tensor(
             group, i, sums[i], cfg, grad_scale, found_inf, new_steps[i],
             (corrections[0][i], corrections[1][i]) if corrections is not None else None,
+            levels[i] if levels is not None else None,
         )
 
 
@@ -178,6 +182,7 @@ def _step_tensor(
     found_inf: torch.Tensor | None,
     new_step: torch.Tensor,
     corrections: tuple[torch.Tensor, torch.Tensor] | None,
+    level: torch.Tensor | None,
 ) -> None:
     param, step, slot, stats = group.params[i], group.steps[i], group.slots[i], group.stats
     exp_avg, exp_avg_sq = _get(group.exp_avgs, i), _get(group.exp_avg_sqs, i)
@@ -209,7 +214,7 @@ def _step_tensor(
             pi = None
             expected = float(exact_count(ratio, s_units.numel()))
         else:
-            pi = sampling.inclusion_probs_units(s_units, cfg.ratio, cfg.sampling, cfg.min_prob, total, space.units)
+            pi = sampling.inclusion_probs_units(s_units, cfg.ratio, cfg.sampling, cfg.min_prob, level, total)
             sel_units = sampling.bernoulli_select(pi, cfg.seed, stream, start=space.first_unit)
             expected = pi.sum(dtype=torch.float64)
         weights = sampling.rescale_weights(s_units, pi, cfg.unbiased, cfg.rescale, total, space.units)

@@ -47,9 +47,15 @@ def test_hugging_face_trainer(via):
 
 
 def test_quickstart_runs():
+    import re
     import subprocess
     import sys
 
     out = subprocess.run([sys.executable, str(EXAMPLES / "quickstart.py")], capture_output=True, text=True,
                          timeout=600, check=True).stdout
     assert "AMSSPlus" in out and "expected fraction" in out, out
+    rows = re.findall(r"mean ratio ([\d.]+)  expected fraction ([\d.]+)  realised ([\d.]+)", out)
+    assert len(rows) == 3, out
+    for ratio, expected, realised in ((float(a), float(b), float(c)) for a, b, c in rows):
+        # water-filling: the expected fraction is the ratio asked for; the realised one samples it
+        assert abs(expected - ratio) <= 0.001 and abs(realised - expected) <= 0.02, out

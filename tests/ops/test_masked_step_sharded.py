@@ -122,7 +122,7 @@ def test_sums_then_finish_equals_the_whole_step(backend, name):
         ops.masked_step_(whole, cfg, backend=backend)
         split = _group(two, two_step, None)
         sums, unit_importance = ops.masked_step_sums(split, cfg, backend=backend)
-        assert sums.dtype == torch.float64 and sums.shape == (1, 4)
+        assert sums.dtype == torch.float64 and sums.shape == (1, cfg.sums_width)
         assert unit_importance.shape == ((SHAPE[0],) if cfg.granularity == "row" else (0,))
         ops.masked_step_finish(split, cfg, sums, unit_importance, backend=backend)
         assert torch.equal(whole.stats, split.stats)

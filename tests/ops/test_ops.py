@@ -9,6 +9,8 @@ from scipy import stats as scipy_stats
 from fastmask import ops
 from fastmask.reference.philox import uniform
 
+from ..oracles import quantized, water_fill
+
 
 def test_fisher_update_in_place():
     f = torch.rand(5, 3)
@@ -20,18 +22,19 @@ def test_fisher_update_in_place():
 
 
 def test_poisson_probs_sum_to_k_without_cap():
-    s = torch.rand(1000) + 0.5  # max/mean < 3, so k*s/S < 1 for ratio 0.3
+    s = torch.rand(1000) + 0.5  # max/mean < 3: no unit reaches 1 at ratio 0.3
     pi = ops.inclusion_probs(s, 0.3)
     assert pi.max() < 1
-    assert pi.sum().item() == pytest.approx(300, rel=1e-5)
-    torch.testing.assert_close(pi, 300 * s / s.sum())
+    assert pi.sum().item() == pytest.approx(300, rel=1e-6)
+    q = quantized(s)
+    torch.testing.assert_close(pi, (300 * q / q.sum()).float())
 
 
-def test_poisson_cap_and_min_prob():
+def test_poisson_cap_gives_the_excess_to_the_others():
     s = torch.tensor([100.0, 1.0, 1.0, 0.0])
     pi = ops.inclusion_probs(s, 0.5, min_prob=0.05)
-    assert pi[0] == 1 and pi[3] == 0.05
-    assert pi.sum() < 2 + 0.05 + 1e-6  # the cap keeps the expected count <= k
+    # k = 2: the first unit is capped at 1, the zero unit is at min_prob, the two others share the rest
+    torch.testing.assert_close(pi, torch.tensor([1.0, 0.475, 0.475, 0.05]))
 
 
 @pytest.mark.parametrize("bad", [0.0, float("inf"), float("nan")])
@@ -49,11 +52,12 @@ def test_uniform_and_dense():
 
 def test_row_probs_broadcast_over_rows():
     s = torch.rand(6, 4, 3)
+    s[0] *= 100  # one row above the level: capped, its excess shared by the others
     pi = ops.inclusion_probs(s, 0.5, granularity="row")
     rows = s.reshape(6, -1).sum(1)
-    expected = (3.0 * rows / rows.sum()).clamp(max=1)
     assert pi.shape == s.shape
-    torch.testing.assert_close(pi[:, 0, 0], expected)
+    torch.testing.assert_close(pi[:, 0, 0], water_fill(quantized(rows), 3.0).float())
+    assert pi[0, 0, 0] == 1 and pi[:, 0, 0].sum().item() == pytest.approx(3.0, rel=1e-6)
     assert torch.equal(pi, pi[:, :1, :1].expand_as(pi))
 
 
