@@ -55,9 +55,12 @@ inline float load(const T* p, int64_t i) {
 
 // fp64 sums over [begin, end) in 8 fixed lanes (lane = offset mod 8), so the loop
 // vectorises while the result depends only on the chunk, not on the thread count.
-template <typename G>
+// BINS: also write each element's importance bin (fastmask::importance_bin, NaN bits clamped to
+// the last bin) to bins[i - begin], in the same vectorised loop.
+template <typename G, bool BINS = false>
 Partial chunk_partial(const G* __restrict g, const float* __restrict fisher, int64_t begin, int64_t end,
-                      float grad_scale, float fisher_beta, float one_minus_fisher_beta) {
+                      float grad_scale, float fisher_beta, float one_minus_fisher_beta,
+                      uint16_t* __restrict bins = nullptr) {
   constexpr int kLanes = 8;
   double s_acc[kLanes] = {}, g_acc[kLanes] = {}, g2_acc[kLanes] = {}, bad_acc[kLanes] = {};
   const int64_t n = end - begin;
@@ -67,6 +70,7 @@ Partial chunk_partial(const G* __restrict g, const float* __restrict fisher, int
       const int64_t i = begin + o + l;
       const float x = load(g, i) / grad_scale;
       const float s = fisher ? fisher[i] * fisher_beta + x * x * one_minus_fisher_beta : x * x;
+      if (BINS) bins[o + l] = static_cast<uint16_t>(std::min<uint32_t>(fastmask::importance_bin(s), 2047u));
       s_acc[l] += s;
       g_acc[l] += x;
       g2_acc[l] += static_cast<double>(x) * x;
@@ -84,26 +88,47 @@ Partial chunk_partial(const G* __restrict g, const float* __restrict fisher, int
 }
 
 constexpr int kBins = fastmask::kHistBins;
+static_assert(kBins - 1 == 2047, "chunk_partial clamps bins to 2047");
 
-// Counts of the importance bins of elements [begin, end) (s as chunk_partial computes it),
-// added to `counts` (the tensor's kBins int64 counters) with relaxed atomic adds: integer
-// sums, so the result does not depend on the order or the thread count.
-template <typename G>
-void chunk_histogram(const G* __restrict g, const float* __restrict fisher, int64_t begin, int64_t end,
-                     float grad_scale, float fisher_beta, float one_minus_fisher_beta, int64_t* counts) {
-  uint32_t local[kBins];
-  uint32_t lo = kBins, hi = 0;
-  std::memset(local, 0, sizeof local);
-  for (int64_t i = begin; i < end; ++i) {
-    const float x = load(g, i) / grad_scale;
-    const float s = fisher ? fisher[i] * fisher_beta + x * x * one_minus_fisher_beta : x * x;
-    const uint32_t bin = std::min<uint32_t>(fastmask::importance_bin(s), kBins - 1);  // NaN bits reach 2047
-    ++local[bin];
-    lo = std::min(lo, bin);
-    hi = std::max(hi, bin);
+// x += v on a double shared between threads (a compare-and-swap loop): the histogram's counts
+// are integers, exact in a double, so the result does not depend on the order of the adds.
+inline void atomic_add(double* x, double v) {
+  uint64_t old_bits = __atomic_load_n(reinterpret_cast<uint64_t*>(x), __ATOMIC_RELAXED);
+  for (;;) {
+    double old_value;
+    std::memcpy(&old_value, &old_bits, sizeof old_value);
+    const double new_value = old_value + v;
+    uint64_t new_bits;
+    std::memcpy(&new_bits, &new_value, sizeof new_bits);
+    if (__atomic_compare_exchange_n(reinterpret_cast<uint64_t*>(x), &old_bits, new_bits, true, __ATOMIC_RELAXED,
+                                    __ATOMIC_RELAXED))
+      return;
   }
-  for (uint32_t j = lo; j <= hi && j < kBins; ++j)
-    if (local[j]) __atomic_fetch_add(counts + j, static_cast<int64_t>(local[j]), __ATOMIC_RELAXED);
+}
+
+// Pass 1 of a chunk of elements with water-filling: its partial sums, and its counts per
+// importance bin added to `hist` (the tensor's kBins histogram columns of the sums).
+template <typename G>
+Partial chunk_partial_histogram(const G* __restrict g, const float* __restrict fisher, int64_t begin, int64_t end,
+                                float grad_scale, float fisher_beta, float one_minus_fisher_beta, double* hist) {
+  static_assert(kChunk <= (1 << 16), "bins and counts of one chunk fit in 16 and 32 bits");
+  uint16_t bins[kChunk];
+  const Partial p = chunk_partial<G, true>(g, fisher, begin, end, grad_scale, fisher_beta, one_minus_fisher_beta, bins);
+  // two interleaved tables, so that equal neighbouring bins do not wait on each other's increment
+  uint32_t counts[2][kBins];
+  std::memset(counts, 0, sizeof counts);
+  const int64_t n = end - begin;
+  int64_t i = 0;
+  for (; i + 1 < n; i += 2) {
+    ++counts[0][bins[i]];
+    ++counts[1][bins[i + 1]];
+  }
+  if (i < n) ++counts[0][bins[i]];
+  for (int b = 0; b < kBins; ++b) {
+    const uint32_t c = counts[0][b] + counts[1][b];
+    if (c) atomic_add(hist + b, static_cast<double>(c));
+  }
+  return p;
 }
 
 enum Mode : int { kDense = 0, kSample = 1, kTable = 2 };
@@ -467,7 +492,9 @@ std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::
   const float one_minus_fisher_beta = static_cast<float>(1.0 - c.fisher_beta);
   std::vector<Partial> partials(L.items1.size());
   const bool hist = c.masked && c.poisson;
-  std::vector<int64_t> counts(hist ? L.n_tensors * kBins : 0);
+  const int64_t width = fastmask::kSumCols + (hist ? kBins : 0);
+  at::Tensor sums = at::zeros({L.n_tensors, width}, at::TensorOptions().dtype(at::kDouble));
+  double* out = sums.data_ptr<double>();
   at::Tensor unit_importance = at::empty({L.n_units}, at::TensorOptions().dtype(at::kFloat));
   if (zero_unused)
     for (int64_t t = 0; t < L.n_tensors; ++t)
@@ -478,10 +505,11 @@ std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::
       const Item& it = L.items1[k];
       const G* g = grads[it.tensor].data_ptr<G>();
       const float* f = c.ema ? fishers[it.tensor].data_ptr<float>() : nullptr;
-      int64_t* tensor_counts = hist ? counts.data() + it.tensor * kBins : nullptr;
+      double* tensor_hist = hist ? out + width * it.tensor + fastmask::kSumCols : nullptr;
       if (!L.by_rows[it.tensor]) {
-        partials[k] = chunk_partial(g, f, it.begin, it.end, gs, fisher_beta, one_minus_fisher_beta);
-        if (hist) chunk_histogram(g, f, it.begin, it.end, gs, fisher_beta, one_minus_fisher_beta, tensor_counts);
+        partials[k] = hist ? chunk_partial_histogram(g, f, it.begin, it.end, gs, fisher_beta, one_minus_fisher_beta,
+                                                     tensor_hist)
+                           : chunk_partial(g, f, it.begin, it.end, gs, fisher_beta, one_minus_fisher_beta);
         continue;
       }
       Partial acc;
@@ -490,9 +518,7 @@ std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::
         const Partial row = chunk_partial(g, f, r * rs, (r + 1) * rs, gs, fisher_beta, one_minus_fisher_beta);
         const float row_s = static_cast<float>(row.s);  // s_u is fp32; S sums the rounded s_u
         row_importance[L.unit_offset[it.tensor] + r] = row_s;
-        if (hist)
-          __atomic_fetch_add(tensor_counts + std::min<uint32_t>(fastmask::importance_bin(row_s), kBins - 1), 1,
-                             __ATOMIC_RELAXED);
+        if (hist) atomic_add(tensor_hist + std::min<uint32_t>(fastmask::importance_bin(row_s), kBins - 1), 1.0);
         acc.s += row_s;
         acc.g += row.g;
         acc.g2 += row.g2;
@@ -501,9 +527,6 @@ std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::
       partials[k] = acc;
     }
   });
-  const int64_t width = fastmask::kSumCols + (hist ? kBins : 0);
-  at::Tensor sums = at::zeros({L.n_tensors, width}, at::TensorOptions().dtype(at::kDouble));
-  double* out = sums.data_ptr<double>();
   for (int64_t t = 0; t < L.n_tensors; ++t) {
     double* row = out + width * t;
     for (int64_t k = L.first_item1[t]; k < L.first_item1[t + 1]; ++k) {
@@ -512,7 +535,6 @@ std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::
       row[2] += partials[k].g2;
       row[3] += partials[k].bad;
     }
-    for (int64_t j = 0; hist && j < kBins; ++j) row[fastmask::kSumCols + j] = static_cast<double>(counts[t * kBins + j]);
   }
   return {sums, unit_importance};
 }
@@ -713,6 +735,92 @@ void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, 
   });
 }
 
+// ---- water levels
+
+// Each tensor's water level (x, p0), float64 [T, 2], from the histogram columns of pass 1's
+// sums: fastmask.reference.sampling.water_level, operation for operation and in its order
+// (prefix sums ascending, as torch's CPU cumsum; f at the breakpoints in ascending x; the
+// first breakpoint at or above k; the interpolation), so the two agree bit for bit on CPU.
+// It stops at that breakpoint where the reference evaluates them all. `events`: the
+// reference's breakpoints (x, a, c) for min_prob > 0; empty for min_prob = 0.
+at::Tensor water_levels(at::Tensor sums, double ratio, double min_prob, at::Tensor events_x, at::Tensor events_a,
+                        at::Tensor events_c) {
+  TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.dim() == 2 &&
+                  sums.size(1) == fastmask::kSumCols + fastmask::kHistBins,
+              "cpp water_levels: sums must be float64 [T, ", fastmask::kSumCols + fastmask::kHistBins, "]");
+  constexpr int kPositive = (0x7F800000 >> fastmask::kBinShift) - 1;  // bins 1 .. 2039
+  const at::Tensor in = sums.contiguous();
+  const int64_t n_tensors = in.size(0), width = in.size(1);
+  at::Tensor out = at::empty({n_tensors, 2}, in.options());
+  const double* hist_all = in.data_ptr<double>();
+  double* level = out.data_ptr<double>();
+  std::vector<double> q(kPositive);
+  for (int j = 0; j < kPositive; ++j) q[j] = static_cast<double>(fastmask::bits_float(static_cast<uint32_t>(j + 1)
+                                                                                    << fastmask::kBinShift));
+  const bool general = events_x.numel() > 0;
+  const int64_t n_events = general ? events_x.numel() : kPositive;
+  const double* ex = general ? events_x.data_ptr<double>() : nullptr;
+  const int64_t* ea = general ? events_a.data_ptr<int64_t>() : nullptr;
+  const int64_t* ec = general ? events_c.data_ptr<int64_t>() : nullptr;
+  const double k_ratio = static_cast<double>(static_cast<float>(ratio));
+  at::parallel_for(0, n_tensors, 16, [&](int64_t t_lo, int64_t t_hi) {
+    std::vector<double> counts(kPositive + 1), mass(kPositive + 1);  // exclusive prefix sums
+    for (int64_t t = t_lo; t < t_hi; ++t) {
+      const double* hist = hist_all + width * t + fastmask::kSumCols;
+      double count = 0, weight = 0;
+      counts[0] = mass[0] = 0;
+      for (int j = 0; j < kPositive; ++j) {
+        count += hist[j + 1];
+        weight += hist[j + 1] * q[j];
+        counts[j + 1] = count;
+        mass[j + 1] = weight;
+      }
+      const double n_zero = hist[0], n_pos = counts[kPositive], n = n_zero + n_pos;
+      const double k = k_ratio * n;
+      // f at breakpoint e (ascending x): with min_prob = 0, e is bin i = kPositive - 1 - e at x = 1/q_i
+      auto event_x = [&](int64_t e) { return general ? ex[e] : 1.0 / q[kPositive - 1 - e]; };
+      auto f_at = [&](int64_t e) {
+        if (!general) {
+          const int64_t i = kPositive - 1 - e;
+          return event_x(e) * mass[i] + (n_pos - counts[i]);
+        }
+        const int64_t a = ea[e], c = ec[e];
+        return min_prob * (n_zero + counts[a]) + ex[e] * (mass[c] - mass[a]) + (n_pos - counts[c]);
+      };
+      int64_t first = -1;
+      double f_hi = 0;
+      for (int64_t e = 0; e < n_events; ++e) {
+        f_hi = f_at(e);
+        if (f_hi >= k) {
+          first = e;
+          break;
+        }
+      }
+      const double f_start = min_prob * n;
+      double x;
+      if (k <= f_start) {
+        x = 0.0;
+      } else if (first < 0) {
+        x = std::numeric_limits<double>::infinity();
+      } else {
+        const double x_hi = event_x(first);
+        const double x_lo = first > 0 ? event_x(first - 1) : 0.0;
+        const double f_lo = first > 0 ? f_at(first - 1) : f_start;
+        x = x_lo + (k - f_lo) * (x_hi - x_lo) / (f_hi - f_lo);
+      }
+      float p0 = static_cast<float>(min_prob);
+      if (first < 0 && n_zero > 0) {  // saturated: the zeros share what the capped units leave
+        const double share = (k - n_pos) / n_zero;
+        p0 = static_cast<float>(share < min_prob ? min_prob : (share > 1.0 ? 1.0 : share));
+      }
+      if (n_pos == 0) p0 = static_cast<float>(ratio);
+      level[2 * t] = x;
+      level[2 * t + 1] = p0;
+    }
+  });
+  return out;
+}
+
 // ---- the low-level ops on units (1-D, contiguous fp32)
 
 void fisher_update(at::Tensor fisher, at::Tensor grad, double beta) {
@@ -784,6 +892,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   fastmask::bind_step_config(m);
   m.def("masked_step", &masked_step);
   m.def("masked_step_sums", &masked_step_sums);
+  m.def("water_levels", &water_levels);
   m.def("fisher_update", &fisher_update);
   m.def("inclusion_probs", &inclusion_probs);
   m.def("bernoulli_select", &bernoulli_select);

@@ -50,9 +50,20 @@ def _ext() -> ModuleType:
     return module
 
 
+def water_levels(sums: torch.Tensor, cfg: StepConfig) -> torch.Tensor:
+    """The water levels by the extension's copy of ``sampling.water_level`` (bit-identical on
+    CPU, and it stops at the breakpoint it needs: the reference evaluates them all)."""
+    if cfg.min_prob > 0:
+        _, x, a, c = sampling.level_events(cfg.min_prob, sums.device)
+    else:
+        x = a = c = sums.new_empty(0)
+    return _ext().water_levels(sums, float(cfg.ratio), cfg.min_prob, x, a, c)
+
+
 @register("masked_step_", "cpp")
 def masked_step_(group: TensorGroup, cfg: StepConfig, grad_scale, found_inf) -> None:
-    native_masked_step_(_ext(), group, cfg, grad_scale, found_inf, reference_select(cfg.seed))
+    native_masked_step_(_ext(), group, cfg, grad_scale, found_inf, reference_select(cfg.seed),
+                        solve_levels=water_levels)
 
 
 @register("masked_step_sums", "cpp")
@@ -63,7 +74,7 @@ def masked_step_sums(group: TensorGroup, cfg: StepConfig, grad_scale) -> tuple[t
 @register("masked_step_finish", "cpp")
 def masked_step_finish(group: TensorGroup, cfg: StepConfig, sums, unit_importance, grad_scale, found_inf) -> None:
     native_masked_step_(_ext(), group, cfg, grad_scale, found_inf, reference_select(cfg.seed), sums=sums,
-                        unit_importance=unit_importance)
+                        unit_importance=unit_importance, solve_levels=water_levels)
 
 
 @register("fisher_update_", "cpp")

@@ -252,12 +252,16 @@ def _native_inputs(extension: ModuleType, group: TensorGroup, cfg: StepConfig, s
     return cfg, kcfg, work, write_back, native_config(extension, kcfg, group)
 
 
+LevelSolver = Callable[[torch.Tensor, StepConfig], torch.Tensor]
+
+
 def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConfig, grad_scale, found_inf,
                         select: Selector, settings_in_memory: bool = False, sums: torch.Tensor | None = None,
-                        unit_importance: torch.Tensor | None = None) -> None:
+                        unit_importance: torch.Tensor | None = None, solve_levels: LevelSolver | None = None) -> None:
     """Run an extension's ``masked_step`` on a batch (the cpp and cuda backends); with ``sums``
     and ``unit_importance`` (``native_masked_step_sums``'s, all-reduced), only its finish.
-    Water-filling runs pass 1 first (if not given), then ``water_levels`` between the two.
+    Water-filling runs pass 1 first (if not given), then ``solve_levels(sums, cfg)`` between the
+    two (default ``water_levels``; the cpp backend passes its bit-identical C++ copy).
 
     ``settings_in_memory``: the extension reads the ratio and coefficients from a device tensor
     (cuda, its argument after ``stats``); otherwise tensor settings are read on the host first
@@ -265,7 +269,7 @@ def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConf
     native_cfg, kcfg, work, write_back, config = _native_inputs(extension, group, cfg, settings_in_memory)
     if native_cfg.water_filling and sums is None:
         sums, unit_importance = native_masked_step_sums(extension, group, cfg, grad_scale, settings_in_memory)
-    levels = water_levels(sums, native_cfg)
+    levels = (solve_levels or water_levels)(sums, native_cfg) if native_cfg.water_filling else None
     cfg = native_cfg
     unit_weight, offsets = None, []
     if kcfg.exact:
@@ -281,12 +285,9 @@ def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConf
         original.copy_(copy)
 
 
-def water_levels(sums: torch.Tensor | None, cfg: StepConfig) -> torch.Tensor | None:
+def water_levels(sums: torch.Tensor, cfg: StepConfig) -> torch.Tensor:
     """Each tensor's water level (x, p0), float64 [T, 2], from pass 1's (all-reduced) histogram
-    columns, for water-filling; else None. One definition for every backend:
-    ``sampling.water_level``."""
-    if not cfg.water_filling:
-        return None
+    columns: ``sampling.water_level``, the definition."""
     return sampling.water_level(sums[:, SUM_COLS:], cfg.ratio, cfg.min_prob).contiguous()
 
 

@@ -75,7 +75,7 @@ def unit_histogram(s_units: torch.Tensor) -> torch.Tensor:
 _LEVEL_EVENTS: dict[tuple[float, torch.device], tuple[torch.Tensor, ...]] = {}
 
 
-def _level_events(min_prob: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+def level_events(min_prob: float, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(q, x, a, c): the floors q_j of the positive bins, and the breakpoints x of
     f(x) = sum_j n_j clamp(q_j x, min_prob, 1) (x = 1/tau, ascending), with for each the
     positive bins at min_prob there ([0, a)) and the first bin at 1 (bins [c, end)). They depend
@@ -106,7 +106,7 @@ def water_level(histograms: torch.Tensor, ratio: float | torch.Tensor, min_prob:
     3, on importances rounded down to 4 significant bits):
 
     - f(x) = N0 p0 + sum_j n_j clamp(q_j x, min_prob, 1) is continuous, non-decreasing and linear
-      between its breakpoints (``_level_events``). f is evaluated at every breakpoint from the
+      between its breakpoints (``level_events``). f is evaluated at every breakpoint from the
       prefix sums of n_j and n_j q_j; x is the linear interpolation between the last breakpoint
       below k and the first at or above it. Exact up to float64 rounding; no host sync.
     - k <= N min_prob: x = 0, every unit at min_prob. k at or above f(inf) (every unit with
@@ -115,7 +115,7 @@ def water_level(histograms: torch.Tensor, ratio: float | torch.Tensor, min_prob:
     The caller handles ratio >= 1 (every unit at 1) and S = 0 or not finite (pi = ratio).
     """
     hist = histograms.to(torch.float64)
-    q, x_events, a, c = _level_events(float(min_prob), hist.device)
+    q, x_events, a, c = level_events(float(min_prob), hist.device)
     positive = hist[:, 1:FINITE_BINS]
     zero = hist.new_zeros(len(hist), 1)
     counts = torch.cat((zero, positive.cumsum(1)), 1)  # exclusive prefix sums; counts are exact

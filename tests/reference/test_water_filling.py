@@ -212,3 +212,20 @@ def test_realised_fraction_on_the_demo_model_is_the_ratio(granularity):
         stats = opt.stats()[modality]
         assert stats["expected_fraction"] == pytest.approx(0.55, rel=1e-5)
         assert stats["realised_fraction"] == pytest.approx(0.55, rel=0.02)
+
+
+@pytest.mark.skipif("cpp" not in FAST_BACKENDS, reason="the cpp backend cannot run here")
+@pytest.mark.parametrize("min_prob", [0.0, 0.01, 0.2])
+@pytest.mark.parametrize("ratio", [0.001, 0.3, 0.55, 0.95])
+def test_cpp_levels_are_the_reference_bit_for_bit(ratio, min_prob):
+    """The cpp backend solves the level with its own copy of ``sampling.water_level``."""
+    from fastmask.backends import cpp
+    from fastmask.reference.spec import SUM_COLS, StepConfig
+
+    cases = [_case(name) for name in CASES if name != "large"] + [torch.zeros(5), torch.tensor([3.0, 0.0, 0.0])]
+    cases += [torch.exp(torch.randn(300, generator=_gen(20 + i)) * scale) for i, scale in enumerate((0.5, 2, 6, 12))]
+    hist = torch.stack([sampling.unit_histogram(s) for s in cases])
+    sums = torch.cat((torch.zeros(len(cases), SUM_COLS, dtype=torch.float64), hist), 1)
+    cfg = StepConfig(ratio=ratio, min_prob=min_prob)
+    expected = sampling.water_level(hist, ratio, min_prob)
+    assert torch.equal(cpp.water_levels(sums, cfg), expected)
