@@ -681,12 +681,14 @@ void with_dtypes(const std::vector<at::Tensor>& params, const std::vector<at::Te
 }
 
 // Pass 1 of a batch: (sums [T, 4] or [T, 4 + kBins] float64, unit_importance fp32); see pass1.
+// `handed_out`: the caller may read unit_importance (the op's result), so the entries that no
+// row of its own fills are zeroed; a backend that passes it straight to masked_step skips that.
 std::tuple<at::Tensor, at::Tensor> masked_step_sums(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
                                                     std::vector<at::Tensor> fishers, const Config& c,
-                                                    c10::optional<at::Tensor> grad_scale) {
+                                                    c10::optional<at::Tensor> grad_scale, bool handed_out) {
   std::tuple<at::Tensor, at::Tensor> out;
   with_dtypes(params, grads, "cpp masked_step_sums", [&](auto, auto g) {
-    out = pass1<decltype(g)>(layout_of(params, c), grads, fishers, c, grad_scale_value(grad_scale), true);
+    out = pass1<decltype(g)>(layout_of(params, c), grads, fishers, c, grad_scale_value(grad_scale), handed_out);
   });
   return out;
 }

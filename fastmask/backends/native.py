@@ -268,7 +268,8 @@ def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConf
     (cpp: CPU tensors, no sync)."""
     native_cfg, kcfg, work, write_back, config = _native_inputs(extension, group, cfg, settings_in_memory)
     if native_cfg.water_filling and sums is None:
-        sums, unit_importance = native_masked_step_sums(extension, group, cfg, grad_scale, settings_in_memory)
+        sums, unit_importance = native_masked_step_sums(extension, group, cfg, grad_scale, settings_in_memory,
+                                                        handed_out=False)
     levels = (solve_levels or water_levels)(sums, native_cfg) if native_cfg.water_filling else None
     cfg = native_cfg
     unit_weight, offsets = None, []
@@ -302,8 +303,11 @@ def unit_level(s_units: torch.Tensor, ratio: float, sampling_mode: str, min_prob
 
 
 def native_masked_step_sums(extension: ModuleType, group: TensorGroup, cfg: StepConfig, grad_scale,
-                            settings_in_memory: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """An extension's pass 1 alone: (sums float64 [T, cfg.sums_width], unit_importance fp32)."""
+                            settings_in_memory: bool = False, handed_out: bool = True
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """An extension's pass 1 alone: (sums float64 [T, cfg.sums_width], unit_importance fp32).
+    ``handed_out=False``: the unit importances go straight to the extension's finish (cpp: the
+    entries no row fills are left unwritten, a pass saved for 1-D tensors in row mode)."""
     cfg, _, work, _, config = _native_inputs(extension, group, cfg, settings_in_memory)
     if settings_in_memory:
         return extension.masked_step_sums(
@@ -311,7 +315,7 @@ def native_masked_step_sums(extension: ModuleType, group: TensorGroup, cfg: Step
             work["momentum_buffers"], work["fishers"], group.slots, config, grad_scale,
             cfg.device_settings(work["params"][0].device),
         )
-    return extension.masked_step_sums(work["params"], work["grads"], work["fishers"], config, grad_scale)
+    return extension.masked_step_sums(work["params"], work["grads"], work["fishers"], config, grad_scale, handed_out)
 
 
 def reference_select(seed: int) -> Selector:
