@@ -114,19 +114,28 @@ Partial chunk_partial_histogram(const G* __restrict g, const float* __restrict f
   static_assert(kChunk <= (1 << 16), "bins and counts of one chunk fit in 16 and 32 bits");
   uint16_t bins[kChunk];
   const Partial p = chunk_partial<G, true>(g, fisher, begin, end, grad_scale, fisher_beta, one_minus_fisher_beta, bins);
-  // two interleaved tables, so that equal neighbouring bins do not wait on each other's increment
-  uint32_t counts[2][kBins];
-  std::memset(counts, 0, sizeof counts);
+  // two interleaved tables, so that equal neighbouring bins do not wait on each other's
+  // increment; kept per thread and zeroed again only where this chunk wrote
+  thread_local uint32_t counts[2][kBins] = {};
   const int64_t n = end - begin;
+  uint32_t lo = kBins - 1, hi = 0;
   int64_t i = 0;
   for (; i + 1 < n; i += 2) {
-    ++counts[0][bins[i]];
-    ++counts[1][bins[i + 1]];
+    const uint32_t a = bins[i], b = bins[i + 1];
+    ++counts[0][a];
+    ++counts[1][b];
+    lo = std::min(lo, std::min(a, b));
+    hi = std::max(hi, std::max(a, b));
   }
-  if (i < n) ++counts[0][bins[i]];
-  for (int b = 0; b < kBins; ++b) {
+  if (i < n) {
+    ++counts[0][bins[i]];
+    lo = std::min<uint32_t>(lo, bins[i]);
+    hi = std::max<uint32_t>(hi, bins[i]);
+  }
+  for (uint32_t b = lo; b <= hi && n > 0; ++b) {
     const uint32_t c = counts[0][b] + counts[1][b];
     if (c) atomic_add(hist + b, static_cast<double>(c));
+    counts[0][b] = counts[1][b] = 0;
   }
   return p;
 }
@@ -769,14 +778,22 @@ at::Tensor water_levels(at::Tensor sums, double ratio, double min_prob, at::Tens
     std::vector<double> counts(kPositive + 1), mass(kPositive + 1);  // exclusive prefix sums
     for (int64_t t = t_lo; t < t_hi; ++t) {
       const double* hist = hist_all + width * t + fastmask::kSumCols;
+      // sequential prefix sums; outside the occupied bins they add zeros, which leaves them as
+      // they are: only the occupied range is summed
+      int lo = 0, hi = kPositive - 1;
+      while (lo < kPositive && hist[lo + 1] == 0) ++lo;
+      while (hi > lo && hist[hi + 1] == 0) --hi;
       double count = 0, weight = 0;
-      counts[0] = mass[0] = 0;
-      for (int j = 0; j < kPositive; ++j) {
+      std::fill(counts.begin(), counts.begin() + lo + 1, 0.0);
+      std::fill(mass.begin(), mass.begin() + lo + 1, 0.0);
+      for (int j = lo; j <= hi && lo < kPositive; ++j) {
         count += hist[j + 1];
         weight += hist[j + 1] * q[j];
         counts[j + 1] = count;
         mass[j + 1] = weight;
       }
+      std::fill(counts.begin() + std::min(hi + 1, kPositive) + 1, counts.end(), count);
+      std::fill(mass.begin() + std::min(hi + 1, kPositive) + 1, mass.end(), weight);
       const double n_zero = hist[0], n_pos = counts[kPositive], n = n_zero + n_pos;
       const double k = k_ratio * n;
       // f at breakpoint e (ascending x): with min_prob = 0, e is bin i = kPositive - 1 - e at x = 1/q_i
