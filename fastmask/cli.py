@@ -55,6 +55,9 @@ def _demo(args: argparse.Namespace) -> int:
     result = demo.run(args.dataset, args.views, methods, args.seeds, args.epochs, args.out, hparams)
     print(f"\n{args.dataset}{' ' + '+'.join(args.views) if args.views else ''}: mean ± std over {args.seeds} seeds\n")
     print(demo.format_table(result))
+    if any("update_fraction" in s for s in result["summary"].values()):
+        print("\nmasked methods, per modality: mean ratio asked for -> fraction of units updated\n")
+        print(demo.format_fractions(result))
     print(f"\nwrote {args.out}/results.json and {args.out}/results.png")
     return 0
 

@@ -202,7 +202,16 @@ def train(dataset: datasets.MultiModalData, method: str, seed: int, epochs: int,
         "method": method, "seed": seed, "hparams": hp, "best_epoch": best[2], "val_acc": best[0],
         "test_acc": test_acc, "unimodal_acc": uni, "probe_acc": linear_probe(model, dataset, seed),
         "seconds_per_epoch": statistics.mean(epoch_times), "trace": trace,
+        "update_fraction": _update_fraction(opt, trace, model.order) if isinstance(opt, fastmask.AMSS) else None,
     }
+
+
+def _update_fraction(opt: fastmask.AMSS, trace: list[dict[str, float]], order: list[str]) -> dict[str, dict]:
+    """Per modality, over the whole run: the mean of the per-epoch mean ratios, and the expected
+    (sum pi / N) and realised (selected / N) fractions of the optimizer's stats."""
+    stats = opt.stats()
+    return {m: {"ratio": statistics.mean(epoch[m] for epoch in trace), "expected": stats[m]["expected_fraction"],
+                "realised": stats[m]["realised_fraction"]} for m in order}
 
 
 def _discrepancy(model: FusionNet, feats, y) -> dict[str, float]:
@@ -262,7 +271,24 @@ def summarise(runs: list[dict], methods) -> dict:
             "unimodal_acc": {m: mean_std([r["unimodal_acc"][m] for r in rs]) for m in modalities},
             "seconds_per_epoch": statistics.mean(r["seconds_per_epoch"] for r in rs),
         }
+        if rs[0].get("update_fraction"):
+            summary[method]["update_fraction"] = {
+                m: {k: mean_std([r["update_fraction"][m][k] for r in rs]) for k in ("ratio", "expected", "realised")}
+                for m in modalities
+            }
     return summary
+
+
+def format_fractions(result: dict) -> str:
+    """The masked methods' mean ratio and realised update fraction per modality (mean over seeds)."""
+    rows = ["| method | " + " | ".join(f"{m}: ratio -> realised" for m in _modalities(result)) + " |",
+            "|" + "---|" * (1 + len(_modalities(result)))]
+    for method, s in result["summary"].items():
+        if "update_fraction" in s:
+            cells = [f"{s['update_fraction'][m]['ratio'][0]:.3f} -> {s['update_fraction'][m]['realised'][0]:.3f}"
+                     for m in _modalities(result)]
+            rows.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def format_table(result: dict) -> str:

@@ -27,6 +27,11 @@ def test_run_writes_results_and_figure(tmp_path):
     assert saved["summary"].keys() == {"joint", "amss+"} and len(saved["runs"]) == 4
     assert (tmp_path / "results.png").stat().st_size > 10_000
     assert "| amss+ |" in demo.format_table(result)
+    assert "| amss+ |" in demo.format_fractions(result) and "| joint |" not in demo.format_fractions(result)
+    for fraction in saved["summary"]["amss+"]["update_fraction"].values():
+        # water-filling: the expected fraction is the ratio asked for (means over the same steps)
+        assert abs(fraction["expected"][0] - fraction["ratio"][0]) < 1e-4
+        assert abs(fraction["realised"][0] - fraction["expected"][0]) < 0.05
 
 
 def test_bad_method():
