@@ -107,10 +107,12 @@ inline void atomic_add(double* x, double v) {
 }
 
 // Pass 1 of a chunk of elements with water-filling: its partial sums, and its counts per
-// importance bin added to `hist` (the tensor's kBins histogram columns of the sums).
+// importance bin added to `hist` (the tensor's kBins histogram columns of the sums); `sole`:
+// the chunk is its tensor's only one, so no other thread adds to `hist`.
 template <typename G>
 Partial chunk_partial_histogram(const G* __restrict g, const float* __restrict fisher, int64_t begin, int64_t end,
-                                float grad_scale, float fisher_beta, float one_minus_fisher_beta, double* hist) {
+                                float grad_scale, float fisher_beta, float one_minus_fisher_beta, double* hist,
+                                bool sole) {
   static_assert(kChunk <= (1 << 16), "bins and counts of one chunk fit in 16 and 32 bits");
   uint16_t bins[kChunk];
   const Partial p = chunk_partial<G, true>(g, fisher, begin, end, grad_scale, fisher_beta, one_minus_fisher_beta, bins);
@@ -134,7 +136,10 @@ Partial chunk_partial_histogram(const G* __restrict g, const float* __restrict f
   }
   for (uint32_t b = lo; b <= hi && n > 0; ++b) {
     const uint32_t c = counts[0][b] + counts[1][b];
-    if (c) atomic_add(hist + b, static_cast<double>(c));
+    if (c && sole)
+      hist[b] += static_cast<double>(c);
+    else if (c)
+      atomic_add(hist + b, static_cast<double>(c));
     counts[0][b] = counts[1][b] = 0;
   }
   return p;
@@ -516,8 +521,9 @@ std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::
       const float* f = c.ema ? fishers[it.tensor].data_ptr<float>() : nullptr;
       double* tensor_hist = hist ? out + width * it.tensor + fastmask::kSumCols : nullptr;
       if (!L.by_rows[it.tensor]) {
+        const bool sole = L.first_item1[it.tensor + 1] - L.first_item1[it.tensor] == 1;
         partials[k] = hist ? chunk_partial_histogram(g, f, it.begin, it.end, gs, fisher_beta, one_minus_fisher_beta,
-                                                     tensor_hist)
+                                                     tensor_hist, sole)
                            : chunk_partial(g, f, it.begin, it.end, gs, fisher_beta, one_minus_fisher_beta);
         continue;
       }
@@ -765,9 +771,11 @@ at::Tensor water_levels(at::Tensor sums, double ratio, double min_prob, at::Tens
   at::Tensor out = at::empty({n_tensors, 2}, in.options());
   const double* hist_all = in.data_ptr<double>();
   double* level = out.data_ptr<double>();
-  std::vector<double> q(kPositive);
-  for (int j = 0; j < kPositive; ++j) q[j] = static_cast<double>(fastmask::bits_float(static_cast<uint32_t>(j + 1)
-                                                                                    << fastmask::kBinShift));
+  std::vector<double> q(kPositive), inv_q(kPositive);
+  for (int j = 0; j < kPositive; ++j) {
+    q[j] = static_cast<double>(fastmask::bits_float(static_cast<uint32_t>(j + 1) << fastmask::kBinShift));
+    inv_q[j] = 1.0 / q[j];
+  }
   const bool general = events_x.numel() > 0;
   const int64_t n_events = general ? events_x.numel() : kPositive;
   const double* ex = general ? events_x.data_ptr<double>() : nullptr;
@@ -784,31 +792,50 @@ at::Tensor water_levels(at::Tensor sums, double ratio, double min_prob, at::Tens
       while (lo < kPositive && hist[lo + 1] == 0) ++lo;
       while (hi > lo && hist[hi + 1] == 0) --hi;
       double count = 0, weight = 0;
-      std::fill(counts.begin(), counts.begin() + lo + 1, 0.0);
-      std::fill(mass.begin(), mass.begin() + lo + 1, 0.0);
       for (int j = lo; j <= hi && lo < kPositive; ++j) {
         count += hist[j + 1];
         weight += hist[j + 1] * q[j];
         counts[j + 1] = count;
         mass[j + 1] = weight;
       }
-      std::fill(counts.begin() + std::min(hi + 1, kPositive) + 1, counts.end(), count);
-      std::fill(mass.begin() + std::min(hi + 1, kPositive) + 1, mass.end(), weight);
-      const double n_zero = hist[0], n_pos = counts[kPositive], n = n_zero + n_pos;
+      // prefix sum number i: 0 up to the first occupied bin, the total after the last
+      auto prefix = [&](const std::vector<double>& values, double total, int64_t i) {
+        return i <= lo ? 0.0 : (i > hi + 1 ? total : values[i]);
+      };
+      const double n_zero = hist[0], n_pos = count, n = n_zero + n_pos;
       const double k = k_ratio * n;
       // f at breakpoint e (ascending x): with min_prob = 0, e is bin i = kPositive - 1 - e at x = 1/q_i
-      auto event_x = [&](int64_t e) { return general ? ex[e] : 1.0 / q[kPositive - 1 - e]; };
+      auto event_x = [&](int64_t e) { return general ? ex[e] : inv_q[kPositive - 1 - e]; };
       auto f_at = [&](int64_t e) {
         if (!general) {
           const int64_t i = kPositive - 1 - e;
-          return event_x(e) * mass[i] + (n_pos - counts[i]);
+          return event_x(e) * prefix(mass, weight, i) + (n_pos - prefix(counts, count, i));
         }
         const int64_t a = ea[e], c = ec[e];
-        return min_prob * (n_zero + counts[a]) + ex[e] * (mass[c] - mass[a]) + (n_pos - counts[c]);
+        return min_prob * (n_zero + prefix(counts, count, a)) +
+               ex[e] * (prefix(mass, weight, c) - prefix(mass, weight, a)) + (n_pos - prefix(counts, count, c));
       };
-      int64_t first = -1;
+      int64_t first = -1, e0 = 0;
       double f_hi = 0;
-      for (int64_t e = 0; e < n_events; ++e) {
+      if (!general && hi + 2 < kPositive) {
+        // above the occupied bins f = x * mass, non-increasing in the bin: skip the bins where it is
+        // below k, or find the last one where it reaches k by bisection (as the scan would)
+        const int64_t top = kPositive - 1 - (hi + 2);  // the event of bin hi + 2
+        if (f_at(top) < k) {
+          e0 = top + 1;
+        } else {
+          int64_t lo_e = 0, hi_e = top;  // the first event in [0, top] with f >= k
+          while (lo_e < hi_e) {
+            const int64_t mid = (lo_e + hi_e) / 2;
+            if (f_at(mid) >= k)
+              hi_e = mid;
+            else
+              lo_e = mid + 1;
+          }
+          e0 = lo_e;
+        }
+      }
+      for (int64_t e = e0; e < n_events; ++e) {
         f_hi = f_at(e);
         if (f_hi >= k) {
           first = e;
