@@ -120,20 +120,17 @@ Partial chunk_partial_histogram(const G* __restrict g, const float* __restrict f
   // increment; kept per thread and zeroed again only where this chunk wrote
   thread_local uint32_t counts[2][kBins] = {};
   const int64_t n = end - begin;
-  uint32_t lo = kBins - 1, hi = 0;
+  uint16_t lo = kBins - 1, hi = 0;
+  for (int64_t i = 0; i < n; ++i) {  // a vectorised min / max
+    lo = std::min(lo, bins[i]);
+    hi = std::max(hi, bins[i]);
+  }
   int64_t i = 0;
   for (; i + 1 < n; i += 2) {
-    const uint32_t a = bins[i], b = bins[i + 1];
-    ++counts[0][a];
-    ++counts[1][b];
-    lo = std::min(lo, std::min(a, b));
-    hi = std::max(hi, std::max(a, b));
-  }
-  if (i < n) {
     ++counts[0][bins[i]];
-    lo = std::min<uint32_t>(lo, bins[i]);
-    hi = std::max<uint32_t>(hi, bins[i]);
+    ++counts[1][bins[i + 1]];
   }
+  if (i < n) ++counts[0][bins[i]];
   for (uint32_t b = lo; b <= hi && n > 0; ++b) {
     const uint32_t c = counts[0][b] + counts[1][b];
     if (c && sole)
