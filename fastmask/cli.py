@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--json", help="write the records to this file")
     bench.set_defaults(run=_bench)
     demo = sub.add_parser("demo", help="train balanced multi-modal models on real data with every method")
-    demo.add_argument("--dataset", choices=["segment", "mfeat"], default="segment")
+    demo.add_argument("--dataset", choices=["segment", "mfeat", "avdigits"], default="segment")
     demo.add_argument("--views", nargs="+", help="mfeat views (default fou zer)")
     demo.add_argument("--methods", nargs="+", help="default: joint uniform amss amss+ ogm-ge opm mimo")
     demo.add_argument("--seeds", type=int, default=5)

