@@ -174,10 +174,11 @@ def train(dataset: datasets.MultiModalData, method: str, seed: int, epochs: int,
     gen = torch.Generator().manual_seed(seed)
     best = (-1.0, None, 0)
     trace: list[dict[str, float]] = []
-    epoch_times = []
+    epoch_times, step_times = [], []
     for epoch in range(epochs):
         model.train()
         start = time.perf_counter()
+        step_time = 0.0
         knob_sum: dict[str, float] = {}
         steps = 0
         for idx in _batches(len(y_train), COMMON["batch"], gen):
@@ -196,7 +197,9 @@ def train(dataset: datasets.MultiModalData, method: str, seed: int, epochs: int,
             loss.backward()
             if balancer is not None:
                 balancer.observe(y)
+            step_start = time.perf_counter()
             opt.step()  # with a balancer: this batch's ratios / coefficients
+            step_time += time.perf_counter() - step_start
             if balancer is not None:
                 setting = opt.ratio if isinstance(opt, fastmask.AMSS) else opt.coefficient
                 knobs = {m: float(setting(m)) for m in model.order}
@@ -204,6 +207,7 @@ def train(dataset: datasets.MultiModalData, method: str, seed: int, epochs: int,
                 knob_sum[m] = knob_sum.get(m, 0.0) + value
             steps += 1
         epoch_times.append(time.perf_counter() - start)
+        step_times.append(step_time)
         trace.append({m: v / steps for m, v in knob_sum.items()})
         val_acc, _ = evaluate(model, dataset.val)
         if val_acc > best[0]:
@@ -215,7 +219,8 @@ def train(dataset: datasets.MultiModalData, method: str, seed: int, epochs: int,
     return {
         "method": method, "seed": seed, "hparams": hp, "best_epoch": best[2], "val_acc": best[0],
         "test_acc": test_acc, "unimodal_acc": uni, "probe_acc": linear_probe(model, dataset, seed),
-        "seconds_per_epoch": statistics.mean(epoch_times), "trace": trace,
+        "seconds_per_epoch": statistics.mean(epoch_times), "step_share": sum(step_times) / sum(epoch_times),
+        "trace": trace,
         "update_fraction": _update_fraction(opt, trace, model.order) if isinstance(opt, fastmask.AMSS) else None,
     }
 
@@ -284,6 +289,7 @@ def summarise(runs: list[dict], methods) -> dict:
             "probe_acc": {m: mean_std([r["probe_acc"][m] for r in rs]) for m in modalities},
             "unimodal_acc": {m: mean_std([r["unimodal_acc"][m] for r in rs]) for m in modalities},
             "seconds_per_epoch": statistics.mean(r["seconds_per_epoch"] for r in rs),
+            "step_share": statistics.mean(r["step_share"] for r in rs),
         }
         if rs[0].get("update_fraction"):
             summary[method]["update_fraction"] = {
