@@ -48,13 +48,16 @@ def _demo(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in demo.METHODS]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {list(demo.METHODS)}")
-    hparams = dict(demo.DEFAULT_HPARAMS)
+    hparams = dict(demo.HPARAMS.get(args.dataset, demo.DEFAULT_HPARAMS))
+    epochs = args.epochs or demo.EPOCHS[args.dataset]
     if args.tune:
-        hparams.update(demo.tune(args.dataset, args.views, args.epochs, methods))
-        print("chosen hyper-parameters:", hparams)
-    result = demo.run(args.dataset, args.views, methods, args.seeds, args.epochs, args.out, hparams)
+        hparams.update(demo.tune(args.dataset, args.views, epochs, methods))
+        print("chosen hyper-parameters:", hparams, flush=True)
+    result = demo.run(args.dataset, args.views, methods, args.seeds, epochs, args.out, hparams)
     print(f"\n{args.dataset}{' ' + '+'.join(args.views) if args.views else ''}: mean ± std over {args.seeds} seeds\n")
     print(demo.format_table(result))
+    print("\none optimizer step on this model, median ms: " + ", ".join(
+        f"{name} {ms:.3f}" for name, ms in result["step_ms"].items()))
     if any("update_fraction" in s for s in result["summary"].values()):
         print("\nmasked methods, per modality: mean ratio asked for -> fraction of units updated\n")
         print(demo.format_fractions(result))
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--views", nargs="+", help="mfeat views (default fou zer)")
     demo.add_argument("--methods", nargs="+", help="default: joint uniform amss amss+ ogm-ge opm mimo")
     demo.add_argument("--seeds", type=int, default=5)
-    demo.add_argument("--epochs", type=int, default=60, help="at most; early stopping on validation accuracy")
+    demo.add_argument("--epochs", type=int, help="at most (default: 60, avdigits 30); early stopping on validation "
+                                                 "accuracy")
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--tune", action="store_true", help="choose hyper-parameters by the grid on validation first")
     demo.set_defaults(run=_demo)

@@ -116,3 +116,12 @@ def test_load_avdigits_standardises_and_feeds_the_cnn_encoders(cache):
     logits = model.fuse(model.features(d.test[0]))
     assert logits.shape == (len(d.test[1]), 10)
     assert isinstance(model.encoders["image"][0], torch.nn.Conv2d)
+
+
+@pytest.mark.parametrize("method", ["joint", "amss+", "ogm-ge"])
+def test_demo_trains_the_cnn_model_on_avdigits(cache, method):
+    d = data.load_avdigits(per_class=3, image_energy_removed=0.5, snr_db=-5.0)
+    r = demo.train(d, method, seed=0, epochs=2, hp={**demo.DEFAULT_HPARAMS[method]})
+    assert 0.0 <= r["test_acc"] <= 1.0 and set(r["probe_acc"]) == {"image", "audio"}
+    assert 0.0 < r["step_share"] < 1.0
+    assert (r["update_fraction"] is not None) == (method == "amss+")
