@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--views", nargs="+", help="mfeat views (default fou zer)")
     demo.add_argument("--methods", nargs="+", help="default: joint uniform amss amss+ ogm-ge opm mimo")
     demo.add_argument("--seeds", type=int, default=5)
-    demo.add_argument("--epochs", type=int, help="at most (default: 60, avdigits 30); early stopping on validation "
+    demo.add_argument("--epochs", type=int, help="at most (default: 60, avdigits 20); early stopping on validation "
                                                  "accuracy")
     demo.add_argument("--out", default="demo_out")
     demo.add_argument("--tune", action="store_true", help="choose hyper-parameters by the grid on validation first")
