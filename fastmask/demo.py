@@ -365,7 +365,8 @@ def format_table(result: dict) -> str:
     for method, s in result["summary"].items():
         cells = [f"{100 * s['test_acc'][0]:.1f} ± {100 * s['test_acc'][1]:.1f}"]
         cells += [f"{100 * s['probe_acc'][m][0]:.1f} ± {100 * s['probe_acc'][m][1]:.1f}" for m in _modalities(result)]
-        cells += [f"{100 * s['unimodal_acc'][m][0]:.1f}" for m in _modalities(result)]
+        cells += [f"{100 * s['unimodal_acc'][m][0]:.1f} ± {100 * s['unimodal_acc'][m][1]:.1f}"
+                  for m in _modalities(result)]
         cells += [f"{s['seconds_per_epoch']:.3f}", f"{100 * s['step_share']:.0f}%"]
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
