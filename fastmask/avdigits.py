@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .ops.checks import check_int, check_real
+from .ops.checks import check_int, check_real, check_tensor
 
 __all__ = ["ACCENTS", "BuildSpec", "VARIANTS", "WORDS", "build", "cache_dir", "cached", "load_images", "log_mel",
            "spectrograms", "synthesise"]
@@ -73,6 +73,19 @@ class BuildSpec:
     speed: tuple[int, int] = (120, 200)
     split_fractions: tuple[float, float] = (0.6, 0.2)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("per_class", self.per_class, 1, 501)
+        if self.snr_db is not None:
+            check_real("snr_db", self.snr_db, -40.0, 60.0)
+        for name, (low, high), (lo, hi) in (("pitch", self.pitch, (0, 100)), ("speed", self.speed, (80, 451))):
+            if check_int(f"{name}[0]", low, lo, hi) > check_int(f"{name}[1]", high, lo, hi):
+                raise ValueError(f"{name} must be a range (low, high) with low <= high, got {(low, high)}")
+        train, val = (check_real(f"split_fractions[{i}]", f, 0.0, 1.0, low_open=True, high_open=True)
+                      for i, f in enumerate(self.split_fractions))
+        if train + val >= 1.0:
+            raise ValueError(f"split_fractions must leave a test split (train + val < 1), got {self.split_fractions}")
+        check_int("seed", self.seed, 0, 2**63)
 
     def key(self) -> str:
         text = json.dumps({"version": FORMAT_VERSION, **asdict(self)}, sort_keys=True)
@@ -135,7 +148,11 @@ def _mel_filters(n_mels: int = N_MELS, n_fft: int = N_FFT, rate: int = SAMPLE_RA
 
 
 def log_mel(clips: torch.Tensor) -> torch.Tensor:
-    """Log-mel spectrograms [N, N_MELS, N_FRAMES] of clips [N, samples] (frames averaged in pairs)."""
+    """Log-mel spectrograms [N, N_MELS, N_FRAMES] of clips fp32 [N, samples] at SAMPLE_RATE (frames
+    averaged in pairs)."""
+    check_tensor("clips", clips, dtypes=(torch.float32,))
+    if clips.dim() != 2 or clips.shape[1] < N_FFT:
+        raise ValueError(f"clips must be [N, samples] with at least {N_FFT} samples, got {tuple(clips.shape)}")
     spec = torch.stft(clips, N_FFT, HOP, window=torch.hann_window(N_FFT), return_complex=True).abs() ** 2
     mels = torch.log(_mel_filters() @ spec + 1e-6)
     frames = 2 * N_FRAMES
@@ -177,7 +194,6 @@ def synthesise(spec: BuildSpec = BuildSpec(), workers: int | None = None, progre
     """The clean clips of ``spec`` (float32 [N, samples] at SAMPLE_RATE, no noise) and what they
     pair with: images uint8 [N, 28, 28], labels, split (0/1/2), each clip's speaker (index into
     ``speakers``), pitch and speed. ``progress(done, total)`` is called as clips finish."""
-    check_int("per_class", spec.per_class, 1, 501)
     espeak = _espeak()
     images, labels = load_images(spec.per_class)
     gen = torch.Generator().manual_seed(spec.seed)
@@ -203,7 +219,7 @@ def synthesise(spec: BuildSpec = BuildSpec(), workers: int | None = None, progre
 
 
 def spectrograms(audio: torch.Tensor, snr_db: float | None, seed: int) -> torch.Tensor:
-    """Log-mel spectrograms of clean clips, after white noise at ``snr_db`` (None: none), the
+    """Log-mel spectrograms of clean clips (``log_mel``'s input), after white noise at ``snr_db`` (None: none), the
     noise drawn from a generator seeded by ``seed`` (the same clips and seed: the same noise)."""
     if snr_db is None:
         return log_mel(audio)
@@ -214,8 +230,6 @@ def spectrograms(audio: torch.Tensor, snr_db: float | None, seed: int) -> torch.
 def build(spec: BuildSpec = BuildSpec(), workers: int | None = None, progress=None) -> dict[str, torch.Tensor | list]:
     """The set of ``spec``: ``synthesise``'s pairing and the log-mel spectrograms of its clips
     with the noise of ``spec.snr_db``, float32 [N, N_MELS, N_FRAMES] ("mel")."""
-    if spec.snr_db is not None:
-        check_real("snr_db", spec.snr_db, -40.0, 60.0)
     meta, audio = synthesise(spec, workers, progress)
     return {**meta, "mel": spectrograms(audio, spec.snr_db, spec.seed)}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .ops.checks import check_int, check_real
+from .ops.checks import check_int, check_real, check_tensor
 
 __all__ = ["AVDIGITS_DEGRADATION", "MFEAT_VIEWS", "MultiModalData", "SEGMENT_MODALITIES", "load", "load_avdigits",
            "load_mfeat", "load_segment"]
@@ -132,6 +132,11 @@ def remove_energy(x: torch.Tensor, fit: torch.Tensor, fraction: float) -> torch.
     """``x`` [N, D] with the leading principal components of ``fit`` (the training rows) that
     together hold ``fraction`` of its variance projected out (AV-MNIST's image degradation)."""
     check_real("image_energy_removed", fraction, 0.0, 1.0, high_open=True)
+    for name, value in (("x", x), ("fit", fit)):
+        check_tensor(name, value, dtypes=(torch.float32, torch.float64))
+        if value.dim() != 2 or value.shape[1] != x.shape[-1]:
+            raise ValueError(f"x and fit must be [rows, features] with the same features, got {name} of shape "
+                             f"{tuple(value.shape)}")
     if fraction == 0.0:
         return x
     mean = fit.mean(0)

@@ -125,3 +125,22 @@ def test_demo_trains_the_cnn_model_on_avdigits(cache, method):
     assert 0.0 <= r["test_acc"] <= 1.0 and set(r["probe_acc"]) == {"image", "audio"}
     assert 0.0 < r["step_share"] < 1.0
     assert (r["update_fraction"] is not None) == (method == "amss+")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("per_class", 0, "per_class"), ("per_class", 501, "per_class"), ("snr_db", 100.0, "snr_db"),
+    ("pitch", (60, 20), "pitch"), ("speed", (50, 100), "speed"), ("split_fractions", (0.7, 0.3), "split_fractions"),
+    ("seed", -1, "seed"),
+])
+def test_bad_build_spec_names_the_argument(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        avdigits.BuildSpec(**{field: value})
+
+
+def test_bad_spectrogram_and_projection_inputs_name_the_argument():
+    with pytest.raises(ValueError, match="clips"):
+        avdigits.log_mel(torch.zeros(4))
+    with pytest.raises(TypeError, match="clips"):
+        avdigits.log_mel(torch.zeros(2, 1000, dtype=torch.int16))
+    with pytest.raises(ValueError, match="fit"):
+        data.remove_energy(torch.zeros(3, 4), torch.zeros(3, 5), 0.5)

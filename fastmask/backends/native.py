@@ -266,12 +266,11 @@ def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConf
     ``settings_in_memory``: the extension reads the ratio and coefficients from a device tensor
     (cuda, its argument after ``stats``); otherwise tensor settings are read on the host first
     (cpp: CPU tensors, no sync)."""
-    native_cfg, kcfg, work, write_back, config = _native_inputs(extension, group, cfg, settings_in_memory)
-    if native_cfg.water_filling and sums is None:
-        sums, unit_importance = native_masked_step_sums(extension, group, cfg, grad_scale, settings_in_memory,
-                                                        handed_out=False)
-    levels = (solve_levels or water_levels)(sums, native_cfg) if native_cfg.water_filling else None
-    cfg = native_cfg
+    cfg, kcfg, work, write_back, config = _native_inputs(extension, group, cfg, settings_in_memory)
+    if cfg.water_filling and sums is None:
+        sums, unit_importance = _pass1(extension, group, cfg, work, config, grad_scale, settings_in_memory,
+                                       handed_out=False)
+    levels = (solve_levels or water_levels)(sums, cfg) if cfg.water_filling else None
     unit_weight, offsets = None, []
     if kcfg.exact:
         unit_weight, offsets = exact_unit_weights(work, group, cfg, grad_scale, select)
@@ -309,6 +308,12 @@ def native_masked_step_sums(extension: ModuleType, group: TensorGroup, cfg: Step
     ``handed_out=False``: the unit importances go straight to the extension's finish (cpp: the
     entries no row fills are left unwritten, a pass saved for 1-D tensors in row mode)."""
     cfg, _, work, _, config = _native_inputs(extension, group, cfg, settings_in_memory)
+    return _pass1(extension, group, cfg, work, config, grad_scale, settings_in_memory, handed_out)
+
+
+def _pass1(extension: ModuleType, group: TensorGroup, cfg: StepConfig, work: dict, config: object, grad_scale,
+           settings_in_memory: bool, handed_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The extension's pass-1 call on ``_native_inputs``'s working copies and config."""
     if settings_in_memory:
         return extension.masked_step_sums(
             work["params"], work["grads"], group.steps, work["exp_avgs"], work["exp_avg_sqs"],

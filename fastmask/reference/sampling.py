@@ -114,6 +114,9 @@ def water_level(histograms: torch.Tensor, ratio: float | torch.Tensor, min_prob:
       (k - n+) / N0). No unit with q > 0 (every unit in bin 0): p0 = ratio.
     The caller handles ratio >= 1 (every unit at 1) and S = 0 or not finite (pi = ratio).
     """
+    if histograms.dim() != 2 or histograms.shape[1] != HIST_BINS:
+        raise ValueError(f"histograms must be [tensors, {HIST_BINS}] (unit_histogram's), got "
+                         f"{tuple(histograms.shape)}")
     hist = histograms.to(torch.float64)
     q, x_events, a, c = level_events(float(min_prob), hist.device)
     positive = hist[:, 1:FINITE_BINS]

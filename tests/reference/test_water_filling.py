@@ -212,3 +212,8 @@ def test_cpp_levels_are_the_reference_bit_for_bit(ratio, min_prob):
     cfg = StepConfig(ratio=ratio, min_prob=min_prob)
     expected = sampling.water_level(hist, ratio, min_prob)
     assert torch.equal(cpp.water_levels(sums, cfg), expected)
+
+
+def test_water_level_rejects_a_histogram_of_the_wrong_shape():
+    with pytest.raises(ValueError, match="histograms"):
+        sampling.water_level(torch.zeros(3, 100, dtype=torch.float64), 0.5, 0.0)
