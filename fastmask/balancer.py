@@ -22,6 +22,7 @@ Usage (the bare loop; Lightning and the Hugging Face Trainer need nothing more):
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -69,6 +70,24 @@ class Balancer:
             v_t = smoothing * v_{t-1} + (1 - smoothing) * value_t (0: none).
         process_group: the group to all-reduce the statistics over (default: the world,
             when ``torch.distributed`` is initialised).
+        check_head: verify at the head's input (a forward pre-hook) that the captured features
+            are what the head receives, in that order (a concat head: their concatenation);
+            a mismatch (encoder order, pooling, a transform in between, a missing or extra
+            modality) raises. ``False`` turns the check off, e.g. when dropout or OPM between
+            the encoders and the head changes the features on purpose.
+
+    What is captured: the encoders' outputs of a training-mode forward with gradients
+    enabled, outside backward. Forwards in eval mode, under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` (a metric or logging pass), and activation checkpointing's
+    recomputation are not captured. Each captured forward must be paired with its labels by
+    ``observe()`` before the next one: micro-batches of gradient accumulation are pooled by
+    observing each; a second captured forward before ``observe()`` raises.
+
+    A batch whose statistics are not finite (a NaN or inf in a modality's features or
+    logits) is dropped with a warning (once; later ones are counted in ``stats()``); a step
+    with no good batch, or whose values are not finite, hands the optimizer the last good
+    values (the rule's fallback before any: ``fallback`` for ratios, 1 for coefficients)
+    and changes neither ``steps`` nor the smoothed values.
 
     The functions of ``fastmask.significance`` compute the same quantities from one batch
     (the manual path); here the statistics of every micro-batch and rank since the last
@@ -94,6 +113,7 @@ class Balancer:
         end: int | None = None,
         smoothing: float = 0.0,
         process_group: Any = None,
+        check_head: bool = True,
     ) -> None:
         if not isinstance(encoders, Mapping) or len(encoders) < 2:
             raise TypeError("encoders must be a dict of at least two modality -> nn.Module")
@@ -126,15 +146,30 @@ class Balancer:
         self.end = None if end is None else check_int("end", end, self.start, 2**62)
         self.smoothing = check_real("smoothing", smoothing, 0.0, 1.0, high_open=True)
         self.process_group = process_group
+        if not isinstance(check_head, bool):
+            raise TypeError(f"check_head must be a bool, got {type(check_head).__name__}")
 
-        self.steps = 0  # values taken so far (the window's t)
+        # Counters and values live on the statistics' device (moved there at the first observe), so
+        # that a step never reads them on the host: steps taken with good values (the window's t),
+        # per kind the smoothed values (NaN: none yet) and the last good values handed out.
+        self._steps = torch.zeros((), dtype=torch.int64)
+        self._smoothed: dict[str, torch.Tensor] = {}
+        self._last: dict[str, torch.Tensor] = {}
+        # float64 [M + 2]: batches dropped for a non-finite statistic of each modality, batches
+        # dropped, steps that handed out the last good values; read on the host only when asked.
+        self._counts = torch.zeros(len(self.modalities) + 2, dtype=torch.float64)
+        self._warned = False
+        self._pending_counts: tuple[torch.Tensor, Any] | None = None  # a non-blocking copy of _counts
         self._features: dict[str, torch.Tensor] = {}  # captured since the last observe
+        self._head_ever_checked = False
+        self._head_checked = False  # whether the head's input was checked against _features
         self._sums: torch.Tensor | None = None  # float64 [1 + C + 3M], pooled since the last step
         self._observed = 0  # observe() calls since the last step
-        self._smoothed: dict[str, torch.Tensor] = {}
         self._labels: torch.Tensor | None = None
         self._owner: weakref.ref | None = None
         self._hooks = [module.register_forward_hook(self._capture_hook(m)) for m, module in encoders.items()]
+        if check_head:
+            self._hooks += self._head_check_hooks()
         if labels_from is not None:
             if not isinstance(labels_from, nn.Module):
                 raise TypeError(f"labels_from must be an nn.Module, got {type(labels_from).__name__}")
@@ -172,7 +207,7 @@ class Balancer:
         pool = self._pool.get(modality)
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if not module.training:
+            if not _captures(module):
                 return
             if pool is not None:
                 output = pool(output)
@@ -183,9 +218,103 @@ class Balancer:
                     f"[batch, dim]: pool inside the encoder (e.g. mean over time or space, or take the [CLS] "
                     f"token), pass the module that does, or give Balancer(pool={{{modality!r}: callable}})"
                 )
+            if modality in self._features:
+                raise RuntimeError(
+                    f"Balancer: the encoder of {modality!r} ran a second training forward pass before "
+                    f"observe(labels) paired the first one with its labels. Call balancer.observe(labels) after "
+                    f"each training forward (micro-batches of gradient accumulation are pooled that way), and "
+                    f"run extra passes (metrics, logging) under torch.no_grad() or in eval mode"
+                )
+            if not self._features:
+                self._head_checked = False
             self._features[modality] = output.detach()
 
         return hook
+
+    def _head_check_hooks(self) -> list[Any]:
+        """Forward pre-hooks that check the head's input against the captured features."""
+        if self._fusion is not None:
+            return []  # an arbitrary callable: nothing to hook
+        if self._heads is None:
+            return [self._head.register_forward_pre_hook(self._check_concat_input)]
+        return [head.register_forward_pre_hook(self._per_modality_check(m)) for m, head in self._heads.items()]
+
+    def _head_input(self, module: nn.Module, args: Any) -> torch.Tensor | None:
+        """The head's input to check, or None when this call is not one to check."""
+        if not _captures(module) or not self._features or self._head_checked:
+            return None  # not a training forward, nothing captured, or a later head call in this forward
+        missing = [m for m in self.modalities if m not in self._features]
+        if missing:
+            raise RuntimeError(
+                f"Balancer: the head ran, but the encoder of {', '.join(map(repr, missing))} did not run in this "
+                f"training forward (the captured modalities: {list(self._features)})"
+            )
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"Balancer: the head receives {shape}; the balancer's features are [batch, dim]")
+        return x
+
+    def _check_concat_input(self, module: nn.Module, args: Any) -> None:
+        x = self._head_input(module, args)
+        if x is None:
+            return
+        widths = {m: self._features[m].shape[1] for m in self.modalities}
+        if x.shape[1] != sum(widths.values()) or x.shape[0] != self._features[self.modalities[0]].shape[0]:
+            raise ValueError(
+                f"Balancer: the head receives {tuple(x.shape)}, but the captured features {widths} concatenate to "
+                f"({self._features[self.modalities[0]].shape[0]}, {sum(widths.values())}): a modality is missing "
+                f"or extra, or an encoder's output is not what the head receives"
+            )
+        slices, start = {}, 0
+        for m in self.modalities:
+            slices[m] = x[:, start:start + widths[m]]
+            start += widths[m]
+        self._check_equal(slices, "the head's input columns of")
+        self._head_checked = True
+
+    def _per_modality_check(self, modality: str) -> Callable:
+        def hook(module: nn.Module, args: Any) -> None:
+            x = self._head_input(module, args)
+            if x is not None:
+                self._check_equal({modality: x}, "the input of the head of")
+                if modality == self.modalities[-1]:
+                    self._head_checked = True
+
+        return hook
+
+    def _check_equal(self, seen: dict[str, torch.Tensor], what: str) -> None:
+        """Raise unless ``seen[m]`` equals the captured features of each m (NaN equal to NaN).
+
+        On the CPU the comparison is read at once. On an accelerator it is a device-side assert,
+        except for the first check of this balancer, which reads it to give the full message."""
+        same = {m: _same(x, self._features[m]) for m, x in seen.items()}
+        on_host = next(iter(seen.values())).device.type == "cpu" or not self._head_ever_checked
+        if torch.compiler.is_compiling() or not on_host:
+            for m, ok in same.items():
+                torch._assert_async(ok, f"Balancer: {what} {m!r} differ from its encoder's output")
+            return
+        self._head_ever_checked = True
+        wrong = [m for m, ok in same.items() if not bool(ok)]
+        if not wrong:
+            return
+        if len(seen) > 1:  # a concat head: which modality's features does each slice hold?
+            holds = {m: [n for n in self.modalities if self._features[n].shape == x.shape and bool(
+                _same(x, self._features[n]))] for m, x in seen.items()}
+            if all(len(v) == 1 for v in holds.values()) and sorted(v[0] for v in holds.values()) == sorted(seen):
+                order = [holds[m][0] for m in self.modalities]
+                raise ValueError(
+                    f"Balancer: the head concatenates the features in the order {order}, but the encoders are "
+                    f"listed as {list(self.modalities)}: list them in the head's order, "
+                    f"Balancer({{{', '.join(f'{m!r}: ...' for m in order)}}}, head)"
+                )
+        raise ValueError(
+            f"Balancer: {what} {', '.join(map(repr, wrong))} differ from what its encoder returned (after pool=). "
+            f"The balancer computes uni-modal logits from the captured features, so they must be what the head "
+            f"receives: check the encoders' order and pool= (e.g. mean-pooling while the head takes the [CLS] "
+            f"token), hook the module whose output the head receives, or pass check_head=False when a module "
+            f"in between (dropout, OPM) changes the features on purpose"
+        )
 
     def _labels_hook(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         self._labels = kwargs.get("labels") if module.training else None
@@ -232,21 +361,31 @@ class Balancer:
         width = 1 + n_classes + PER_MODALITY * len(self.modalities)
         if self._sums is None or self._sums.device != device:
             self._sums = torch.zeros(width, dtype=torch.float64, device=device)
+            self._move_state(device)
         elif self._sums.numel() != width:
             raise ValueError(f"Balancer: the head now has {n_classes} classes, it had "
                              f"{self._sums.numel() - 1 - PER_MODALITY * len(self.modalities)}")
-        rows = [torch.full((1,), float(batch), dtype=torch.float64, device=device),
-                torch.bincount(labels, minlength=n_classes).to(torch.float64)[:n_classes]]
+        per_modality = []
         for m in self.modalities:
             out = logits[m].double()
             log_probs = F.log_softmax(out, dim=1)
             z = features[m].double()
             feature_entropy = -(F.softmax(z, dim=1) * F.log_softmax(z, dim=1)).sum(dim=1)
             true_log_prob = log_probs.gather(1, labels[:, None]).squeeze(1)
-            rows.append(torch.stack((true_log_prob.sum(), feature_entropy.sum(), true_log_prob.exp().sum())))
-        self._sums += torch.cat(rows)
+            per_modality.append(torch.stack((true_log_prob.sum(), feature_entropy.sum(), true_log_prob.exp().sum())))
+        per_modality = torch.stack(per_modality)  # [M, 3]
+        finite = torch.isfinite(per_modality).all(dim=1)  # [M]
+        good = finite.all()
+        row = torch.cat([torch.full((1,), float(batch), dtype=torch.float64, device=device),
+                         torch.bincount(labels, minlength=n_classes).to(torch.float64)[:n_classes],
+                         per_modality.reshape(-1)])
+        # a batch with a non-finite statistic is dropped whole, on the device (no synchronisation)
+        self._sums += torch.where(good, row, 0.0)
+        self._counts[:-2] += (~finite).double()
+        self._counts[-2] += (~good).double()
         self._features.clear()
         self._observed += 1
+        self._poll_counts()
 
     def _unimodal_logits(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self._fusion is not None:
@@ -270,8 +409,51 @@ class Balancer:
         return out
 
     # ------------------------------------------------------------------ values
-    def _take_sums(self) -> torch.Tensor:
-        """This step's pooled statistics (summed over ranks); resets the pool."""
+    def _move_state(self, device: torch.device) -> None:
+        """Keep the counters and values on the statistics' device."""
+        self._steps = self._steps.to(device)
+        self._counts = self._counts.to(device)
+        self._smoothed = {k: v.to(device) for k, v in self._smoothed.items()}
+        self._last = {k: v.to(device) for k, v in self._last.items()}
+
+    def _poll_counts(self) -> None:
+        """Warn once when a batch was dropped or a step fell back, without waiting for the
+        device: the counters are copied without blocking and read once the copy is done."""
+        if self._warned:
+            return
+        if self._pending_counts is not None:
+            host, done = self._pending_counts
+            if done is not None and not done.query():
+                return
+            self._pending_counts = None
+            self._warn_once(host)
+        if self._counts.device.type == "cpu":
+            self._warn_once(self._counts)
+        elif not self._warned and self._counts.device.type == "cuda":
+            host = torch.empty(self._counts.shape, dtype=self._counts.dtype, pin_memory=True)
+            host.copy_(self._counts, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._pending_counts = (host, done)
+
+    def _warn_once(self, counts: torch.Tensor) -> None:
+        counts = counts.tolist()
+        per_modality, dropped, fallback_steps = counts[:-2], counts[-2], counts[-1]
+        if not (dropped or fallback_steps):
+            return
+        self._warned = True
+        if dropped:
+            bad = [m for m, n in zip(self.modalities, per_modality) if n]
+            why = (f"a batch's statistics of {', '.join(map(repr, bad))} are not finite (a NaN or inf in its "
+                   f"features or the head's logits, e.g. from a non-finite input); the batch was dropped")
+        else:
+            why = "a step's values were not finite (e.g. a modality whose features have zero entropy)"
+        warnings.warn(f"Balancer: {why}, and the step used the last good values (the rule's fallback before any); "
+                      f"the step count and smoothed values did not change. Further cases are counted in "
+                      f"balancer.stats() without a warning.", RuntimeWarning, stacklevel=3)
+
+    def _pooled_sums(self) -> torch.Tensor:
+        """This step's pooled statistics (summed over ranks); the pool itself is left as it is."""
         if self._observed == 0:
             if self._features:
                 raise RuntimeError(
@@ -285,28 +467,68 @@ class Balancer:
         sums = self._sums.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums, group=self.process_group)
-        self._sums.zero_()
-        self._observed = 0
         return sums
 
     @torch.no_grad()
+    def prepare(self, kind: str) -> tuple[dict[str, torch.Tensor], Callable[[], None]]:
+        """This step's values (as ``take``) and a function that commits them: until it is
+        called, nothing in the balancer changes (the optimizer commits after its step ran, so
+        that a step that raises leaves the balancer as it was)."""
+        check_choice("kind", kind, ("ratios", "coefficients"))
+        sums = self._pooled_sums()
+        new = self._ratios(sums) if kind == "ratios" else self._coefficients(sums)
+        device = new.device
+        ok = (sums[0] > 0) & torch.isfinite(new).all()
+        in_window = self._steps >= self.start
+        if self.end is not None:
+            in_window &= self._steps < self.end
+        previous = self._smoothed.get(kind)
+        if self.smoothing and previous is not None:
+            blended = torch.where(torch.isnan(previous), new,
+                                  self.smoothing * previous + (1.0 - self.smoothing) * new)
+        else:
+            blended = new
+        fallback = self.fallback if kind == "ratios" else 1.0
+        last = self._last.get(kind, torch.full_like(new, fallback))
+        good = ok & in_window
+        values = torch.where(in_window, torch.where(ok, blended, last), torch.ones_like(new))
+        smoothed = torch.where(good, blended, previous if previous is not None else torch.full_like(new, math.nan))
+        new_last = torch.where(good, blended, last)
+
+        def commit() -> None:
+            self._sums.zero_()
+            self._observed = 0
+            self._smoothed[kind] = smoothed
+            self._last[kind] = new_last
+            self._steps = self._steps.to(device) + ok.to(torch.int64)
+            self._counts = self._counts.to(device)
+            self._counts[-1] += (~ok).double()
+            self._poll_counts()
+
+        out = values.to(torch.float32)
+        return {m: out[i] for i, m in enumerate(self.modalities)}, commit
+
     def take(self, kind: str) -> dict[str, torch.Tensor]:
         """This step's values, as 0-d fp32 tensors on the statistics' device: ``"ratios"``
-        (AMSS) or ``"coefficients"`` (OGM). Called by the attached optimizer's ``step()``
-        once per step; raises if nothing was observed since the previous one."""
-        check_choice("kind", kind, ("ratios", "coefficients"))
-        sums = self._take_sums()
-        values = self._ratios(sums) if kind == "ratios" else self._coefficients(sums)
-        in_window = self.steps >= self.start and (self.end is None or self.steps < self.end)
-        if not in_window:
-            values = torch.ones_like(values)
-        elif self.smoothing and kind in self._smoothed:
-            values = self.smoothing * self._smoothed[kind].to(values.device) + (1.0 - self.smoothing) * values
-        if in_window:
-            self._smoothed[kind] = values
-        self.steps += 1
-        out = values.to(torch.float32)
-        return {m: out[i] for i, m in enumerate(self.modalities)}
+        (AMSS) or ``"coefficients"`` (OGM); pools are reset. Called by the attached optimizer's
+        ``step()`` once per step; raises if nothing was observed since the previous one."""
+        values, commit = self.prepare(kind)
+        commit()
+        return values
+
+    @property
+    def steps(self) -> int:
+        """Steps that took values from good statistics (the window's t). Reading it synchronises."""
+        return int(self._steps)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since construction (reading them synchronises): ``steps``, ``dropped_batches``
+        (batches with a non-finite statistic), ``non_finite`` (modality -> batches in which its
+        statistics were not finite), ``fallback_steps`` (steps that handed out the last good values)."""
+        counts = self._counts.tolist()
+        return {"steps": self.steps, "dropped_batches": int(counts[-2]),
+                "non_finite": {m: int(n) for m, n in zip(self.modalities, counts[:-2])},
+                "fallback_steps": int(counts[-1])}
 
     def _split(self, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n_classes = sums.numel() - 1 - PER_MODALITY * len(self.modalities)
@@ -324,7 +546,7 @@ class Balancer:
         mir = self._mutual_information_rates(sums)
         weights = torch.softmax(mir / self.temperature, dim=0)
         rho = (1.0 - weights + self.bias).clamp(*self.bounds)
-        return torch.where(torch.isfinite(mir).all(), rho, torch.full_like(rho, self.fallback))
+        return torch.where(torch.isfinite(mir).all(), rho, math.nan)  # not finite: prepare() falls back
 
     def _discrepancy(self, sums: torch.Tensor) -> torch.Tensor:
         """The OGM discrepancy ratio rho_m (float64 [M]) from pooled sums."""
@@ -350,38 +572,56 @@ class Balancer:
         self._owner = weakref.ref(optimizer)
 
     def state_dict(self) -> dict[str, Any]:
-        """The step counter (the window's t) and the smoothed values."""
-        return {"steps": self.steps, "smoothed": {k: v.cpu() for k, v in self._smoothed.items()}}
+        """The step counter (the window's t), the smoothed values and the last good values
+        (reading them synchronises)."""
+        smoothed = {k: v.cpu() for k, v in self._smoothed.items() if not bool(torch.isnan(v).all())}
+        return {"steps": self.steps, "smoothed": smoothed, "last": {k: v.cpu() for k, v in self._last.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict()``'s values (validated first: nothing changes on an error)."""
         self._apply(self.validated_state(state))
 
-    def validated_state(self, state: object) -> tuple[int, dict[str, torch.Tensor]]:
-        """(steps, smoothed values) of a ``state_dict()``, checked; raises ValueError."""
-        if not isinstance(state, Mapping) or set(state) != {"steps", "smoothed"}:
-            raise ValueError("a Balancer state must be a mapping with keys 'steps' and 'smoothed'")
+    def validated_state(self, state: object) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(steps, smoothed values, last good values) of a ``state_dict()``, checked; raises
+        ValueError. A state without ``"last"`` (written before it existed) has none."""
+        if not isinstance(state, Mapping) or not {"steps", "smoothed"} <= set(state) <= {"steps", "smoothed", "last"}:
+            raise ValueError("a Balancer state must be a mapping with keys 'steps', 'smoothed' and 'last'")
         steps = check_int("balancer state['steps']", state["steps"], 0, 2**62)
-        smoothed = state["smoothed"]
-        if not isinstance(smoothed, Mapping):
-            raise ValueError("balancer state['smoothed'] must be a mapping")
-        for kind, value in smoothed.items():
-            if kind not in ("ratios", "coefficients") or not isinstance(value, torch.Tensor) or tuple(
-                    value.shape) != (len(self.modalities),):
-                raise ValueError(f"balancer state['smoothed'][{kind!r}] must be a tensor of "
-                                 f"{len(self.modalities)} values")
-        return steps, {k: v.detach().clone().double() for k, v in smoothed.items()}
+        values = []
+        for key in ("smoothed", "last"):
+            entry = state.get(key, {})
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"balancer state[{key!r}] must be a mapping")
+            for kind, value in entry.items():
+                if kind not in ("ratios", "coefficients") or not isinstance(value, torch.Tensor) or tuple(
+                        value.shape) != (len(self.modalities),) or not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"balancer state[{key!r}][{kind!r}] must be a tensor of "
+                                     f"{len(self.modalities)} finite values")
+            values.append({k: v.detach().clone().double() for k, v in entry.items()})
+        return steps, values[0], values[1]
 
-    def _apply(self, validated: tuple[int, dict[str, torch.Tensor]]) -> None:
-        self.steps, smoothed = validated
-        device = self._sums.device if self._sums is not None else None
-        self._smoothed = {k: v.to(device) if device is not None else v for k, v in smoothed.items()}
+    def _apply(self, validated: tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]) -> None:
+        steps, self._smoothed, self._last = validated
+        self._steps = torch.tensor(steps, dtype=torch.int64)
+        self._move_state(self._sums.device if self._sums is not None else torch.device("cpu"))
 
     def remove(self) -> None:
         """Remove the forward hooks."""
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+
+
+def _captures(module: nn.Module) -> bool:
+    """Whether a call of ``module`` is a training forward the balancer measures: training mode,
+    gradients enabled (not a no_grad / inference_mode pass), not a recomputation in backward."""
+    return module.training and torch.is_grad_enabled() and torch._C._current_autograd_node() is None
+
+
+def _same(x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor: ``x`` equals ``features`` (in ``x``'s dtype), NaN equal to NaN."""
+    z = features.to(x.dtype)
+    return ((x == z) | (torch.isnan(x) & torch.isnan(z))).all()
 
 
 def _dtype(module: nn.Module) -> torch.dtype:

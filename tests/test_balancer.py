@@ -13,8 +13,9 @@ from fastmask import significance as sig
 from tests.optim.models import TwoTower, batches, make_model
 
 
+@torch.no_grad()  # an extra forward pass, which the balancer does not capture
 def _features(model: TwoTower, a: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"audio": model.audio(a).detach(), "visual": model.visual(v).detach()}
+    return {"audio": model.audio(a), "visual": model.visual(v)}
 
 
 def _expected(model: TwoTower, batch, kind: str, **rule) -> dict[str, float]:
@@ -62,18 +63,14 @@ def test_one_batch_gives_what_significance_gives(kind, rule):
 
 
 def test_micro_batches_pool_like_one_batch():
-    model = make_model()
+    model, twin = make_model(), make_model()  # one balancer per model: each forward is observed
     a, v, y = batches(1, seed=4)[0]
     whole = fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head)
-    _observe(whole, model, (a, v, y))
-    halves = fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head)
-    _observe(halves, model, (a[:3], v[:3], y[:3]))
-    _observe(halves, model, (a[3:], v[3:], y[3:]))
+    halves = fastmask.Balancer({"audio": twin.audio, "visual": twin.visual}, twin.head)
     for kind in ("ratios", "coefficients"):
-        if kind == "coefficients":
-            _observe(whole, model, (a, v, y))
-            _observe(halves, model, (a[:3], v[:3], y[:3]))
-            _observe(halves, model, (a[3:], v[3:], y[3:]))
+        _observe(whole, model, (a, v, y))
+        _observe(halves, twin, (a[:3], v[:3], y[:3]))
+        _observe(halves, twin, (a[3:], v[3:], y[3:]))
         w, h = whole.take(kind), halves.take(kind)
         assert all(w[m].item() == pytest.approx(h[m].item(), abs=1e-6) for m in w)
 
@@ -164,15 +161,15 @@ def test_labels_from_the_model_keyword():
 
 
 def test_window_and_smoothing():
-    model = make_model()
+    model, twin = make_model(), make_model()
     data = batches(4, seed=8)
     plain = fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head)
-    smooth = fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head, start=1, end=3,
+    smooth = fastmask.Balancer({"audio": twin.audio, "visual": twin.visual}, twin.head, start=1, end=3,
                                smoothing=0.5)
     raw, got = [], []
     for batch in data:
         _observe(plain, model, batch)
-        _observe(smooth, model, batch)
+        _observe(smooth, twin, batch)
         raw.append(plain.take("ratios")["audio"].item())
         got.append(smooth.take("ratios")["audio"].item())
     assert got[0] == 1.0 and got[3] == 1.0  # outside [start, end): dense
@@ -388,3 +385,226 @@ def test_amp_scaler_unscales_in_the_step_or_before_it():
     assert not all(torch.equal(a, b) for a, b in zip(results[1], results[2]))  # clipping changed the steps
     with pytest.raises(TypeError, match="unscale_in_step"):
         fastmask.AMSSPlus(make_model().groups(), unscale_in_step=1)
+
+
+# ---------------------------------------------------------------- never silently wrong (as a user hits it)
+class Swapped(TwoTower):
+    """Concatenates [visual, audio]: the reverse of the order the balancers below list."""
+
+    def forward(self, a, v):
+        return self.head(torch.cat([self.visual(v), self.audio(a)], dim=1))
+
+
+def test_encoders_listed_out_of_the_heads_order_are_an_error():
+    torch.manual_seed(0)
+    model = Swapped()
+    balancer = fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head)
+    a, v, y = batches(1, seed=20)[0]
+    with pytest.raises(ValueError, match=r"order \['visual', 'audio'\].*listed as \['audio', 'visual'\]"):
+        model(a, v)
+    balancer.remove()
+    right = fastmask.Balancer({"visual": model.visual, "audio": model.audio}, model.head)
+    model(a, v)
+    right.observe(y)
+    logits = sig.unimodal_logits(model.head, _features(model, a, v), ["visual", "audio"])
+    expected = sig.amss_ratios(sig.mutual_information_rate(logits, y, _features(model, a, v)))
+    got = right.take("ratios")
+    assert all(got[m].item() == pytest.approx(expected[m], abs=1e-6) for m in expected)
+
+
+def test_pooling_that_differs_from_what_the_head_receives_is_an_error():
+    class Text(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.proj(x)  # [batch, tokens, 3]
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.text, self.image, self.head = Text(), nn.Linear(5, 2), nn.Linear(5, 3)
+
+        def forward(self, x, img):
+            return self.head(torch.cat([self.text(x)[:, 0], self.image(img)], dim=1))  # the [CLS] token
+
+    torch.manual_seed(0)
+    model = Model()
+    x, img = torch.randn(6, 7, 4), torch.randn(6, 5)
+    mean = fastmask.Balancer({"text": model.text, "image": model.image}, model.head,
+                             pool={"text": lambda out: out.mean(dim=1)})
+    with pytest.raises(ValueError, match=r"columns of 'text' differ from what its encoder returned.*\[CLS\]"):
+        model(x, img)
+    mean.remove()
+    cls = fastmask.Balancer({"text": model.text, "image": model.image}, model.head,
+                            pool={"text": lambda out: out[:, 0]})
+    model(x, img)
+    cls.observe(torch.randint(0, 3, (6,)))
+    cls.take("ratios")
+
+
+def test_a_missing_or_extra_modality_at_the_head_is_an_error():
+    class Extra(TwoTower):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(20, 5)
+
+        def forward(self, a, v):
+            return self.head(torch.cat([self.audio(a), self.visual(v), torch.ones(a.shape[0], 4)], dim=1))
+
+    model = Extra()
+    fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head)
+    a, v, _ = batches(1)[0]
+    with pytest.raises(ValueError, match=r"receives \(6, 20\).*concatenate to \(6, 16\)"):
+        model(a, v)
+    model = make_model()
+    fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head)
+    model.audio(a)
+    with pytest.raises(RuntimeError, match="the head ran, but the encoder of 'visual' did not run"):
+        model.head(torch.zeros(6, 16))
+
+
+def test_per_modality_heads_are_checked_and_the_check_can_be_turned_off():
+    torch.manual_seed(0)
+    encoders = {"a": nn.Linear(4, 3), "b": nn.Linear(5, 3)}
+    heads = fastmask.nn.AuxiliaryHeads({"a": 3, "b": 3}, 4)
+    x = {"a": torch.randn(8, 4), "b": torch.randn(8, 5)}
+    balancer = fastmask.Balancer(encoders, heads)
+    feats = {m: encoders[m](x[m]) for m in encoders}
+    with pytest.raises(ValueError, match="the input of the head of 'a' differ"):
+        heads({m: z * 2 for m, z in feats.items()})
+    balancer.remove()
+    # dropout between the encoders and a concat head changes the features on purpose
+    model = make_model()
+    drop = nn.Dropout(0.5)
+    a, v, y = batches(1)[0]
+    checked = fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head)
+    with pytest.raises(ValueError, match="check_head=False"):
+        model.head(drop(torch.cat([model.audio(a), model.visual(v)], dim=1)))
+    checked.remove()
+    unchecked = fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head, check_head=False)
+    model.head(drop(torch.cat([model.audio(a), model.visual(v)], dim=1)))
+    unchecked.observe(y)
+    with pytest.raises(TypeError, match="check_head must be a bool"):
+        fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head, check_head=1)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_an_extra_forward_without_gradients_is_not_captured(mode):
+    """A metric or logging pass (another batch, even of another size) between the training forward
+    and observe(y) leaves the pairing of the labels with their features as it was."""
+    model, twin = make_model(), make_model()
+    clean = fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head)
+    logged = fastmask.Balancer({"audio": twin.audio, "visual": twin.visual}, twin.head)
+    batch = batches(1, seed=21)[0]
+    other = batches(1, seed=22)[0]
+    _observe(clean, model, batch)
+    a, v, y = batch
+    twin(a, v)
+    with mode():
+        twin(other[0][:4], other[1][:4])  # train mode, another batch of another size
+    logged.observe(y)
+    want, got = clean.take("ratios"), logged.take("ratios")
+    assert all(got[m].item() == want[m].item() for m in want)
+
+
+def test_a_second_training_forward_before_observe_is_an_error():
+    model = make_model()
+    balancer = fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head)
+    (a, v, y), (a2, v2, _) = batches(2, seed=23)
+    model(a, v)
+    with pytest.raises(RuntimeError, match="second training forward pass before observe"):
+        model(a2, v2)
+
+
+def test_activation_checkpointing_recomputation_is_not_a_second_forward():
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(TwoTower):
+        def forward(self, a, v):
+            feats = [checkpoint(self.audio, a, use_reentrant=False), checkpoint(self.visual, v, use_reentrant=False)]
+            return self.head(torch.cat(feats, dim=1))
+
+    torch.manual_seed(0)
+    model = Checkpointed()
+    balancer = fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head)
+    opt = fastmask.AMSSPlus(model.groups(), lr=1e-2, balancer=balancer, seed=0)
+    _train(model, balancer, opt, batches(3, seed=24))
+    assert balancer.steps == 3
+
+
+def _nan_batch(batch):
+    a, v, y = batch
+    a = a.clone()
+    a[0, 0, 0, 0] = float("nan")
+    return a, v, y
+
+
+@pytest.mark.parametrize("method", ["ogm", "amss+"])
+def test_a_non_finite_batch_leaves_no_trace(method):
+    """One batch whose audio input holds a NaN: a warning naming 'audio' (once), the last good
+    values for that step, the step count and smoothed values unchanged, clean steps after it as
+    if it had not happened, and finite values in the checkpoint."""
+    data = batches(5, seed=25)
+    runs = {}
+    for with_nan in (False, True):
+        model = make_model()
+        balancer = fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head, smoothing=0.9)
+        groups = model.groups()
+        opt = (fastmask.OGM(groups, base="sgd", lr=0.05, balancer=balancer, seed=0) if method == "ogm"
+               else fastmask.AMSSPlus(groups, lr=1e-2, balancer=balancer, seed=0))
+        values = []
+        for i, batch in enumerate(data):
+            if with_nan and i == 2:
+                with pytest.warns(RuntimeWarning, match=r"statistics of 'audio' are not finite.*dropped"):
+                    _train(model, balancer, opt, [_nan_batch(batch)])
+                assert balancer.steps == 2
+                assert opt.param_groups[0][opt.SETTING_LABEL].item() == values[-1]  # the last good value
+                continue
+            _train(model, balancer, opt, [batch])
+            values.append(opt.param_groups[0][opt.SETTING_LABEL].item())
+        runs[with_nan] = (values, balancer)
+    (clean, _), (values, balancer) = runs[False], runs[True]
+    assert values[:2] == clean[:2] and len(values) == 4 and all(v == v for v in values)
+    assert balancer.stats() == {"steps": 4, "dropped_batches": 1, "non_finite": {"audio": 1, "visual": 0},
+                                "fallback_steps": 1}
+    state = balancer.state_dict()
+    assert state["steps"] == 4 and all(bool(torch.isfinite(t).all()) for t in state["smoothed"].values())
+
+
+def test_later_non_finite_batches_are_counted_without_a_warning_and_the_fallback_comes_first():
+    import warnings
+
+    model = make_model()
+    balancer = fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head, fallback=0.7)
+    opt = fastmask.AMSSPlus(model.groups(), lr=1e-2, balancer=balancer, seed=0)
+    first, second = batches(2, seed=26)
+    with pytest.warns(RuntimeWarning, match="'audio'"):
+        _train(model, balancer, opt, [_nan_batch(first)])
+    assert opt.ratio("audio").item() == pytest.approx(0.7) and balancer.steps == 0  # the rule's fallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(model, balancer, opt, [_nan_batch(second)])
+    assert balancer.stats()["dropped_batches"] == 2 and balancer.stats()["fallback_steps"] == 2
+
+
+def test_a_step_that_raises_after_taking_the_values_changes_nothing_in_the_balancer(monkeypatch):
+    model = make_model()
+    balancer = fastmask.Balancer({"audio": model.audio, "visual": model.visual}, model.head, smoothing=0.5)
+    opt = fastmask.AMSSPlus(model.groups(), lr=1e-2, balancer=balancer, seed=0)
+    batch = batches(1, seed=27)[0]
+    expected = _expected(model, batch, "ratios")
+    _observe(balancer, model, batch)
+    F.cross_entropy(model(*batch[:2]), batch[2]).backward()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(fastmask.ops, "masked_step_", broken)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        opt.step()
+    assert balancer.steps == 0 and balancer.state_dict()["smoothed"] == {} and balancer._observed == 1
+    monkeypatch.undo()
+    opt.step()
+    assert balancer.steps == 1 and opt.ratio("audio").item() == pytest.approx(expected["audio"], abs=1e-6)

@@ -308,7 +308,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             return value
         return check_real(label, value, 0.0, 1.0, low_open=self.SETTING_LOW_OPEN)
 
-    def _checked_settings(self, values: Mapping[str, float], known: set[str] | None = None) -> dict[str, float]:
+    def _checked_settings(self, values: Mapping[str, float], known: set[str] | None = None,
+                          source: str = "") -> dict[str, float]:
+        """``values`` checked by modality; ``source`` prefixes the names in errors (e.g. "the balancer's ")."""
         if not isinstance(values, Mapping):
             raise TypeError(f"{self.SETTING} must be a dict of modality -> float, got {type(values).__name__}")
         known = set(self.modalities()) if known is None else known
@@ -318,7 +320,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"{self.SETTING} names modality {name!r}, which no param group has (known: {sorted(known)})"
                 )
-            checked[name] = self._check_setting(f"{self.SETTING}[{name!r}]", value)
+            checked[name] = self._check_setting(f"{source}{self.SETTING}[{name!r}]", value)
         return checked
 
     def _apply_settings(self, checked: Mapping[str, float]) -> None:
@@ -419,10 +421,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             group["lr"] = _checked_lr(group["lr"], f" (param group {gi})")
             with_grads.append(self._params_with_grads(group, gi))
+        commit_balancer = None
         if settings is None and self._balancer is not None:
-            # after the closure (its forward pass counts) and the checks (a step that raises
-            # leaves the balancer's observations for the next one)
-            checked = self._checked_settings(self._balancer.take(self.SETTING))
+            # after the closure (its forward pass counts) and the checks; committed once the step
+            # has run, so that a step that raises leaves the balancer as it was
+            values, commit_balancer = self._balancer.prepare(self.SETTING)
+            checked = self._checked_settings(values, source="the balancer's ")
         self._apply_settings(checked)
 
         slot = 0
@@ -446,6 +450,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 sharding.all_reduce_sums(sums, process_groups)
                 ops.masked_step_finish(batch, config, sums, unit_importance, grad_scale=gs, found_inf=fi,
                                        backend=backend)
+        if commit_balancer is not None:
+            commit_balancer()
         return loss
 
     def _params_with_grads(self, group: dict[str, Any], gi: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:

@@ -4,9 +4,13 @@ Per step each modality m has a coefficient k_m (``fastmask.significance.
 ogm_coefficients`` computes the papers' k = 1 - tanh(alpha * rho) from the
 discrepancy ratio). Every tensor of a group with ``"modality": m`` gets
 
-- ``modulate="grad"`` (the papers): g <- k_m * g (+ GE noise), then the base step;
+- ``modulate="grad"`` (the papers, with SGD): g <- k_m * g (+ GE noise), then the base step;
 - ``modulate="update"``: the base step's parameter change is scaled by k_m. Adam
   normalises a scaled gradient away (ALGORITHMS §4.8); scaling the update survives it.
+
+The default (``modulate=None``) is "grad" for ``base="sgd"`` and "update" for Adam and
+AdamW. ``modulate="grad"`` with an Adam-family base and no GE noise would change nothing
+(Adam's update is invariant to a constant scale of the gradient) and is refused.
 
 With ``ge=True`` (OGM-GE) noise N(0, std(g)^2) is added to the gradient of every
 modality tensor (also where k = 1, as the official code does), std over the
@@ -36,14 +40,15 @@ class OGM(FusedOptimizer):
             eps, weight_decay, maximize, seed, backend, unscale_in_step: as in :class:`fastmask.AMSS`.
         balancer: a :class:`fastmask.Balancer`; a ``step()`` without ``coefficients`` then
             takes its values for this step.
-        ge: add the generalisation-enhancement noise N(0, std(g)^2).
-        modulate: "grad" (scale the gradient, the papers) or "update" (scale the step).
+        ge: add the generalisation-enhancement noise N(0, std(g)^2) (OGM-GE).
+        modulate: "grad" (scale the gradient, the papers) or "update" (scale the step);
+            None (default): "grad" for base="sgd", "update" for "adam" / "adamw".
 
     ``step(closure=None, *, coefficients=None, grad_scale=None, found_inf=None)``;
     coefficients are in [0, 1] (1: unmodulated) and persist until changed.
     """
 
-    METHOD_DEFAULTS: dict[str, Any] = {"ge": False, "modulate": "grad"}
+    METHOD_DEFAULTS: dict[str, Any] = {"ge": False, "modulate": None}
     SETTING = "coefficients"
     SETTING_LABEL = "coefficient"
     SETTING_LOW_OPEN = False  # OGM only slows a modality down: k = 1 - tanh(...) is in [0, 1]
@@ -54,7 +59,15 @@ class OGM(FusedOptimizer):
 
     def _validate_method(self, group: dict[str, Any], where: str) -> None:
         _check_bool(f"ge{where}", group["ge"])
+        if group["modulate"] is None:
+            group["modulate"] = "grad" if group["base"] == "sgd" else "update"
         check_choice(f"modulate{where}", group["modulate"], MODULATE_MODES)
+        if group["modulate"] == "grad" and group["base"] != "sgd" and not group["ge"]:
+            raise ValueError(
+                f"modulate='grad' with base={group['base']!r} and ge=False does nothing{where}: Adam's update is "
+                f"invariant to a constant scale of the gradient, so a coefficient of 0.3 moves the params as much "
+                f"as 1.0. Use modulate='update' (the default for Adam and AdamW), or base='sgd' as the papers do"
+            )
 
     def step(
         self,
