@@ -123,7 +123,7 @@ def load_mfeat(views: list[str] | None = None, seed: int = 0) -> MultiModalData:
 # AV digits' degradation (AV-MNIST's recipe): the fraction of the images' energy removed by
 # projecting out their leading principal components, and the audio's signal-to-noise ratio in dB.
 # Chosen from each modality's own test accuracy alone, before any balancing method was run
-# (examples/avdigits_degradation.py, whose measurements README.md lists): the image's at 76.7%
+# (examples/avdigits_degradation.py, whose measurements docs/demo.md lists): the image's at 76.7%
 # and the audio's at 55.4%, both well above chance (10%) and neither near perfect.
 AVDIGITS_DEGRADATION = {"image_energy_removed": 0.98, "snr_db": -15.0}
 

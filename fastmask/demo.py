@@ -58,7 +58,7 @@ GRID: dict[str, dict[str, list]] = {
 EPOCHS = {"segment": 60, "mfeat": 60, "avdigits": 20}
 PATIENCE = {"segment": COMMON["patience"], "mfeat": COMMON["patience"], "avdigits": 5}
 # Chosen by `fastmask demo --tune --dataset segment` (mean validation accuracy of seeds 0
-# and 1 over GRID; the scores are in README.md).
+# and 1 over GRID; the scores are in docs/demo.md).
 DEFAULT_HPARAMS: dict[str, dict] = {
     "joint": {"lr": 0.05},
     "uniform": {"lr": 0.05, "temperature": 0.2},
@@ -71,7 +71,7 @@ DEFAULT_HPARAMS: dict[str, dict] = {
 
 
 # Per dataset; a dataset without its own (mfeat) uses DEFAULT_HPARAMS. AV digits': chosen by
-# `fastmask demo --tune --dataset avdigits` over GRID (the scores are in README.md).
+# `fastmask demo --tune --dataset avdigits` over GRID (the scores are in docs/demo.md).
 HPARAMS: dict[str, dict[str, dict]] = {
     "segment": DEFAULT_HPARAMS,
     "avdigits": {
