@@ -633,6 +633,8 @@ def _dtype(module: nn.Module) -> torch.dtype:
 def modality_groups(
     model: nn.Module,
     prefixes: Mapping[str, str | Sequence[str]],
+    *,
+    named: bool = False,
     **options: Mapping[str, Any],
 ) -> list[dict[str, Any]]:
     """Param groups from module-name prefixes: ``{"audio": "audio_net", "visual": ["visual_net",
@@ -641,12 +643,17 @@ def modality_groups(
     "audio_net2.weight") in that modality's group; everything unmatched forms one dense group
     (no modality), omitted when empty. Frozen parameters (``requires_grad=False``) are left out.
 
+    ``named=True`` lists ``(name, param)`` pairs, as ``model.named_parameters()`` does, so that the
+    optimizer keeps each group's ``param_names`` (torch.optim's named parameters).
+
     ``options``: extra keys per group, by modality name or ``"dense"``, e.g.
     ``dense={"weight_decay": 0.0}``. A parameter matched by two modalities, or a prefix that
     matches nothing, is an error.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(named, bool):
+        raise TypeError(f"named must be a bool, got {type(named).__name__}")
     if not isinstance(prefixes, Mapping) or not prefixes:
         raise TypeError("prefixes must be a non-empty dict of modality -> prefix or list of prefixes")
     table: dict[str, list[str]] = {}
@@ -660,8 +667,8 @@ def modality_groups(
             raise ValueError(f"options for {key!r}: not a modality of prefixes ({sorted(table)}) nor 'dense'")
         if not isinstance(options[key], Mapping):
             raise TypeError(f"options[{key!r}] must be a dict of group keys")
-    groups: dict[str, list[torch.Tensor]] = {m: [] for m in table}
-    dense: list[torch.Tensor] = []
+    groups: dict[str, list[Any]] = {m: [] for m in table}
+    dense: list[Any] = []
     used = {(m, prefix): False for m, names in table.items() for prefix in names}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -673,7 +680,7 @@ def modality_groups(
                              f"each parameter belongs to one modality")
         for key in owners:
             used[key] = True
-        (groups[owners[0][0]] if owners else dense).append(p)
+        (groups[owners[0][0]] if owners else dense).append((name, p) if named else p)
     unused = [f"{m}: {prefix!r}" for (m, prefix), hit in used.items() if not hit]
     if unused:
         raise ValueError(f"these prefixes match no trainable parameter of the model: {', '.join(unused)}")

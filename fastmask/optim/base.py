@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -80,14 +81,25 @@ def _checked_lr(lr: object, where: str) -> float | torch.Tensor:
     """A float >= 0, or a one-element float tensor (checked for >= 0 on the CPU only: no sync;
     under torch.compile by an assert in the graph)."""
     if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point():
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element: lr has shape {tuple(lr.shape)}{where}")
+        if not lr.is_floating_point():
             raise TypeError(f"lr must be a float or a one-element float tensor{where}")
         if lr.device.type == "cpu" and torch.compiler.is_compiling():  # traced: an assert, no float()
             torch._assert_async(lr >= 0, f"lr must be >= 0{where}")
         elif lr.device.type == "cpu" and float(lr) < 0:
-            raise ValueError(f"lr must be >= 0, got {float(lr)}{where}")
+            raise ValueError(f"Invalid learning rate: {float(lr)} (lr must be >= 0{where})")
         return lr
-    return check_real(f"lr{where}", lr, 0.0, math.inf)
+    return _torch_checked("Invalid learning rate", f"lr{where}", lr, 0.0, math.inf)
+
+
+def _torch_checked(torch_words: str, name: str, value: object, low: float, high: float, **openness: bool) -> float:
+    """``check_real``, with torch.optim's message (e.g. "Invalid momentum value: -0.5") in front
+    of ours, so that code matching torch's errors keeps working."""
+    try:
+        return check_real(name, value, low, high, **openness)
+    except ValueError as error:
+        raise ValueError(f"{torch_words}: {value} ({error})") from None
 
 
 def _nearest(key: str, valid: Iterable[str]) -> str:
@@ -111,6 +123,53 @@ def torch_group_base(group: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _without_torch_flags(saved: Mapping[str, Any], base: str, where: str) -> dict[str, Any]:
+    """``saved`` without torch.optim's implementation flags, once they are checked to ask for
+    nothing fastmask does not do: ``foreach``, ``fused`` and ``capturable`` choose an
+    implementation (any value); ``amsgrad``, ``differentiable`` and a ``decoupled_weight_decay``
+    that contradicts ``base`` change the math, and are refused."""
+    if saved.get("amsgrad"):
+        raise ValueError(f"{where} has amsgrad=True (a torch group); fastmask has no AMSGrad")
+    if saved.get("differentiable"):
+        raise ValueError(f"{where} has differentiable=True (a torch group); fastmask steps are not differentiable")
+    decoupled = saved.get("decoupled_weight_decay")
+    if decoupled is not None and base != "sgd" and bool(decoupled) != (base == "adamw"):
+        raise ValueError(f"{where} has decoupled_weight_decay={decoupled}, which is base="
+                         f"{'adamw' if decoupled else 'adam'}; this optimizer's group has base={base!r}")
+    return {k: v for k, v in saved.items() if k not in TORCH_FLAGS}
+
+
+def _split_names(group: dict[str, Any], where: str) -> None:
+    """torch.optim's named parameters: (name, tensor) pairs become ``params`` and
+    ``param_names``; all or none of a group's params must be named."""
+    pairs = [p for p in group["params"] if isinstance(p, tuple)]
+    if not pairs:
+        return
+    if len(pairs) != len(group["params"]):
+        raise ValueError(f"all optimizer params should be with/without names. Some param names are missing{where}")
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2 or not isinstance(pair[0], str):
+            raise TypeError(f"params[{i}] must be a (name, tensor) pair, got a tuple of {len(pair)}{where}")
+    group["param_names"] = [name for name, _ in pairs]
+    group["params"] = [p for _, p in pairs]
+
+
+def _drop_duplicates(group: dict[str, Any], where: str) -> None:
+    """torch.optim warns about a parameter listed twice in one group; a fused step would update
+    it twice in one launch, so each is kept once (its first place), with the same warning."""
+    warnings.warn("optimizer contains a parameter group with duplicate parameters; in future, this will cause an "
+                  f"error; see github.com/pytorch/pytorch/issues/40967 for more information. fastmask steps each "
+                  f"of them once{where}", stacklevel=4)
+    keep, seen = [], set()
+    for i, p in enumerate(group["params"]):
+        if id(p) not in seen:
+            seen.add(id(p))
+            keep.append(i)
+    group["params"] = [group["params"][i] for i in keep]
+    if "param_names" in group:
+        group["param_names"] = [group["param_names"][i] for i in keep]
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class: validation, state, per-modality settings, AMP, stats and checkpoints.
 
@@ -132,7 +191,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], *, balancer: Balancer | None = None,
                  unscale_in_step: bool = True, **hyper: Any) -> None:
         if isinstance(params, (set, torch.Tensor)):
-            raise TypeError(f"params must be an ordered iterable of tensors or dicts, got {type(params).__name__}")
+            raise TypeError(f"params argument given to the optimizer should be an iterable of Tensors or dicts, but "
+                            f"got {torch.typename(params)} (params must be an ordered iterable of tensors, "
+                            f"(name, tensor) pairs or dicts)")
         base = check_choice("base", hyper.get("base", BASE_DEFAULTS["base"]), BASES)
         defaults = {**BASE_DEFAULTS, **BASE_FAMILY[base], **self.METHOD_DEFAULTS}
         for key in hyper:
@@ -205,9 +266,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError("param group has no 'params'")
         group["params"] = list(params)
         where = f" (param group {len(self.param_groups)})"
+        _split_names(group, where)
         for i, p in enumerate(group["params"]):
             if not isinstance(p, torch.Tensor):
-                raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(p).__name__}{where}")
+                raise TypeError(f"optimizer can only optimize Tensors, but one of the params is {torch.typename(p)}: "
+                                f"params[{i}] must be a torch.Tensor or a (name, tensor) pair{where}")
             if p.is_sparse or p.layout != torch.strided:
                 raise TypeError(f"params[{i}] is sparse; fastmask optimizers need dense params{where}")
             if p.dtype not in FLOAT_DTYPES:
@@ -242,9 +305,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         if balancer is not None and modality is not None and modality not in balancer.modalities:
             raise ValueError(f"modality {modality!r} is not measured by the attached balancer (its encoders: "
                              f"{sorted(balancer.modalities)}){where}")
+        for other in self.param_groups:
+            if ("param_names" in group) != ("param_names" in other):
+                raise ValueError(f"all optimizer param groups should be with/without names. cannot add param group "
+                                 f"{'with' if 'param_names' in group else 'without'} names to the optimizer{where}")
         seen = {id(p) for g in self.param_groups for p in g["params"]}
-        if any(id(p) in seen for p in group["params"]) or len({id(p) for p in group["params"]}) != len(group["params"]):
+        if any(id(p) in seen for p in group["params"]):
             raise ValueError(f"some parameters appear in more than one parameter group{where}")
+        if len({id(p) for p in group["params"]}) != len(group["params"]):
+            _drop_duplicates(group, where)
         self.param_groups.append(group)
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
@@ -255,7 +324,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"unknown param group key {unknown[0]!r}{where}{self._key_hint(unknown[0], group['base'])}")
         group["lr"] = _checked_lr(group["lr"], where)
         if group["base"] == "sgd":
-            group["momentum"] = check_real(f"momentum{where}", group["momentum"], 0.0, math.inf)
+            group["momentum"] = _torch_checked("Invalid momentum value", f"momentum{where}", group["momentum"], 0.0,
+                                               math.inf)
             group["dampening"] = check_real(f"dampening{where}", group["dampening"], -math.inf, math.inf)
             _check_bool(f"nesterov{where}", group["nesterov"])
             if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
@@ -264,13 +334,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             betas = group["betas"]
             if not isinstance(betas, (tuple, list)) or len(betas) != 2:
                 raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}{where}")
+            if isinstance(betas[0], torch.Tensor) != isinstance(betas[1], torch.Tensor):
+                raise ValueError(f"betas must be either both floats or both Tensors, got {betas!r}{where}")
             group["betas"] = tuple(
-                check_real(f"betas[{i}]{where}", b, 0.0, 1.0, high_open=True) for i, b in enumerate(betas)
+                _torch_checked(f"Invalid beta parameter at index {i}", f"betas[{i}]{where}", b, 0.0, 1.0,
+                               high_open=True) for i, b in enumerate(betas)
             )
-            group["eps"] = check_real(f"eps{where}", group["eps"], 0.0, math.inf)
+            group["eps"] = _torch_checked("Invalid epsilon value", f"eps{where}", group["eps"], 0.0, math.inf)
         if group["weight_decay"] is None:
             group["weight_decay"] = 0.01 if group["base"] == "adamw" else 0.0
-        group["weight_decay"] = check_real(f"weight_decay{where}", group["weight_decay"], 0.0, math.inf)
+        group["weight_decay"] = _torch_checked("Invalid weight_decay value", f"weight_decay{where}",
+                                               group["weight_decay"], 0.0, math.inf)
         _check_bool(f"maximize{where}", group["maximize"])
         group["seed"] = check_int(f"seed{where}", group["seed"], 0, 2**64)
         if group["backend"] is not None:
@@ -587,18 +661,18 @@ class FusedOptimizer(torch.optim.Optimizer):
             if new["base"] != group["base"]:
                 raise ValueError(f"{where} has base={new['base']!r}; this optimizer's param group {gi} has "
                                  f"base={group['base']!r}")
+            # a fastmask group that went through a torch optimizer carries torch's flags too
+            new = _without_torch_flags(new, group["base"], where)
             return {**current, **new, "params": group["params"]}, False
         torch_base = torch_group_base(saved)
         if torch_base is None:
             raise ValueError(f"{where} is neither a fastmask group (it has no 'base') nor a torch.optim SGD, Adam "
                              f"or AdamW group (it has neither 'betas' nor 'momentum' and 'dampening')")
-        if saved.get("amsgrad"):
-            raise ValueError(f"{where} is a torch group with amsgrad=True; fastmask has no AMSGrad")
         if torch_base != group["base"] and not (torch_base == "adam*" and group["base"] != "sgd"):
             kind = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "adam*": "Adam/AdamW"}[torch_base]
             raise ValueError(f"{where} is a torch.optim.{kind} group; this optimizer's param group {gi} has "
                              f"base={group['base']!r}")
-        new = {k: v for k, v in saved.items() if k not in TORCH_FLAGS}
+        new = _without_torch_flags(saved, group["base"], where)
         return {**current, **new, "params": group["params"]}, True
 
     @torch._disable_dynamo
