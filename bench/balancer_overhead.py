@@ -1,8 +1,8 @@
 """What the balancer and the op's dispatch cost per step, on the host (CPU), at the demo's sizes.
 
-    python -m fastmask.bench.balancer_overhead [--batch 64] [--width 64] [--iters 500]
+    python -m fastmask.bench.balancer_overhead [--batch 64] [--width 64] [--iters 500] [--json PATH]
 
-Prints the median milliseconds of: the two encoders' forward alone; that forward plus
+Prints (and with ``--json`` writes, with the CPU and torch version) the median milliseconds of: the two encoders' forward alone; that forward plus
 ``Balancer.observe`` and ``take`` (the balancer's whole work of a step); that forward plus the
 manual path it replaces (``fastmask.significance`` on detached features); and one fused step
 of a 4-element batch called eagerly (``ops.masked_step_``), through the ``torch.library`` op,
@@ -12,6 +12,9 @@ and as the backend function alone.
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -43,13 +46,14 @@ def balancer_cases(batch: int, width: int, n_classes: int = 7) -> dict[str, Call
     encoders = {"a": nn.Sequential(nn.Linear(8, width), nn.ReLU()), "b": nn.Sequential(nn.Linear(10, width), nn.ReLU())}
     head = nn.Linear(2 * width, n_classes)
     xa, xb, y = torch.randn(batch, 8), torch.randn(batch, 10), torch.randint(0, n_classes, (batch,))
-    balancer = fastmask.Balancer(encoders, head)
+    hooked = copy.deepcopy(encoders)  # the balancer's copy: a captured forward must be observed
+    balancer = fastmask.Balancer(hooked, head)
 
-    def forward():
-        return {"a": encoders["a"](xa), "b": encoders["b"](xb)}
+    def forward(modules=encoders):
+        return {"a": modules["a"](xa), "b": modules["b"](xb)}
 
     def with_balancer():
-        forward()
+        forward(hooked)
         balancer.observe(y)
         return balancer.take("ratios")
 
@@ -79,10 +83,31 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--iters", type=int, default=500)
     parser.add_argument("--backend", default="cpp")
+    parser.add_argument("--json", help="also write the medians, the arguments and the machine to this file")
     args = parser.parse_args()
     cases = {**balancer_cases(args.batch, args.width), **dispatch_cases(args.backend)}
+    medians = {}
     for name, fn in cases.items():
-        print(f"{median_ms(fn, args.iters):8.3f} ms  {name}")
+        medians[name] = median_ms(fn, args.iters)
+        print(f"{medians[name]:8.3f} ms  {name}")
+    if args.json:
+        record = {"median_ms": medians, "args": vars(args), "torch": torch.__version__, "cpu": cpu_model(),
+                  "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+                  "date": time.strftime("%Y-%m-%d")}
+        with open(args.json, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``lscpu``'s), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 if __name__ == "__main__":

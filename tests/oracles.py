@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -30,3 +32,23 @@ def water_fill(values: torch.Tensor, k: float, min_prob: float = 0.0) -> torch.T
         else:
             hi = mid
     return (v / 2.0 ** ((lo + hi) / 2)).clamp(min=min_prob, max=1.0)
+
+
+def gumbel_top_k(importance_units: torch.Tensor, count: int, u: torch.Tensor) -> torch.Tensor:
+    """DESIGN §3's exact sampling, one unit at a time in float64: the ``count`` units with the
+    largest keys log s_u - log(-log U_u) (weight 1 for every unit when sum s is 0 or not finite;
+    key -inf for s_u = 0), ties broken by the larger noise -log(-log U_u), then the lower index.
+    ``u``: the units' uniforms U_u. Returns a bool mask."""
+    s = [float(x) for x in importance_units.double().reshape(-1)]
+    total = sum(s)
+    uniform_weights = total == 0 or not math.isfinite(total)
+    ranked = []
+    for i, (w, ui) in enumerate(zip(s, u.double().reshape(-1).tolist())):
+        w = 1.0 if uniform_weights else w
+        noise = -math.inf if ui == 0 else -math.log(-math.log(ui))
+        key = math.log(w) + noise if w > 0 else -math.inf
+        ranked.append((-key, -noise, i))
+    mask = torch.zeros(len(s), dtype=torch.bool)
+    for _, _, i in sorted(ranked)[:count]:
+        mask[i] = True
+    return mask

@@ -122,7 +122,9 @@ def test_load_avdigits_standardises_and_feeds_the_cnn_encoders(cache):
 def test_demo_trains_the_cnn_model_on_avdigits(cache, method):
     d = data.load_avdigits(per_class=5, image_energy_removed=0.5, snr_db=-5.0)  # 3 / 1 / 1 per class
     r = demo.train(d, method, seed=0, epochs=2, hp={**demo.DEFAULT_HPARAMS[method]})
-    assert 0.0 <= r["test_acc"] <= 1.0 and set(r["probe_acc"]) == {"image", "audio"}
+    n_test = len(d.test[1])  # accuracies are fractions of the 10 test clips
+    assert r["test_acc"] * n_test == pytest.approx(round(r["test_acc"] * n_test), abs=1e-6)
+    assert set(r["probe_acc"]) == {"image", "audio"}
     assert 0.0 < r["step_share"] < 1.0
     assert (r["update_fraction"] is not None) == (method == "amss+")
 

@@ -940,4 +940,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("inclusion_probs", &inclusion_probs);
   m.def("bernoulli_select", &bernoulli_select);
   m.def("unbiased_rescale", &unbiased_rescale);
+  // which Philox loop this build compiled, so that a test can tell the variants apart
+#ifdef FASTMASK_AVX512_RNG
+  m.def("rng_path", [] { return std::string("avx512"); });
+#else
+  m.def("rng_path", [] { return std::string("portable"); });
+#endif
 }

@@ -111,9 +111,13 @@ def test_low_precision_params(backend, dtype):
     if backend == "triton" and INTERPRETED:
         pytest.skip("bf16/fp16 loads are unreliable in the Triton interpreter; run on a GPU")
     cls, kwargs = CONFIGS["amss+-adamw-grad2"]
-    ref_model, _ = _run("torch", cls, kwargs, dtype=dtype)
-    model, _ = _run(backend, cls, kwargs, dtype=dtype)
+    ref_model, ref = _run("torch", cls, kwargs, dtype=dtype)
+    model, opt = _run(backend, cls, kwargs, dtype=dtype)
     torch.testing.assert_close(flat_params(model), flat_params(ref_model), rtol=tol, atol=tol)
+    # exact: every param took all 10 steps (a missing step would hide inside the tolerance)
+    steps = [opt.state[p]["step"].item() for p in model.parameters()]
+    assert steps == [ref.state[p]["step"].item() for p in ref_model.parameters()] == [10.0] * len(steps)
+    assert {m: s["units"] for m, s in opt.stats().items()} == {m: s["units"] for m, s in ref.stats().items()}
 
 
 @pytest.mark.gpu

@@ -140,10 +140,18 @@ def _corrupt(sd, how):
     return sd
 
 
-@pytest.mark.parametrize("how", [
-    "shape", "dtype", "missing_state_key", "unknown_state_key", "step_shape", "unknown_param",
-    "group_count", "group_size", "bad_hyper", "extra_top_key", "bad_ratio", "unknown_modality", "unknown_meta_key",
-])
+# each corruption -> what its error must name
+CORRUPTIONS = {
+    "shape": r"\['exp_avg'\] has shape \(3,\)", "dtype": r"\['exp_avg'\] must be floating point",
+    "missing_state_key": r"lacks \['exp_avg_sq'\]", "unknown_state_key": r"unknown keys \['max_exp_avg_sq'\]",
+    "step_shape": r"\['step'\] must have one element", "unknown_param": "param id 999",
+    "group_count": "has 2 param groups; this optimizer has 3", "group_size": r"param_groups\[0\] has \d+ params",
+    "bad_hyper": "sampling", "extra_top_key": r"unexpected keys \['extra'\]", "bad_ratio": "ratio",
+    "unknown_modality": "'radar'", "unknown_meta_key": "ratios",
+}
+
+
+@pytest.mark.parametrize("how", list(CORRUPTIONS))
 def test_bad_state_dict_is_rejected_and_nothing_loads(how):
     model, opt = _opt(lr=1e-2)
     train(model, opt, batches(3), ratios={"audio": 0.5})
@@ -151,7 +159,7 @@ def test_bad_state_dict_is_rejected_and_nothing_loads(how):
     fresh_model, fresh = _opt(lr=5e-3)
     train(fresh_model, fresh, batches(1))
     before = copy.deepcopy(fresh.state_dict())
-    with pytest.raises((ValueError, TypeError)):
+    with pytest.raises((ValueError, TypeError), match=CORRUPTIONS[how]):
         fresh.load_state_dict(_corrupt(good, how))
     after = fresh.state_dict()
     assert after["param_groups"] == before["param_groups"] and after["fastmask"] == before["fastmask"]

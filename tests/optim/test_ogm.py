@@ -86,7 +86,22 @@ def test_ge_noise_mean_std_and_stream():
     torch.testing.assert_close(noise, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_ge_applies_to_modality_groups_only_and_resumes():
+def test_ge_noise_reaches_modality_groups_only():
+    """One step from the same model and gradients with and without GE: every modality tensor
+    moves differently (also visual's, at coefficient 1, as the official code adds noise to
+    every modality), the dense group (the head) exactly alike."""
+    after = {}
+    for ge in (False, True):
+        model = make_model()
+        opt = fastmask.OGM(model.groups(), base="sgd", lr=0.05, ge=ge, seed=7)
+        _step(model, opt, batches(1)[0], coefficients={"audio": 0.4, "visual": 1.0})
+        after[ge] = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for name in after[False]:
+        same = torch.equal(after[False][name], after[True][name])
+        assert same == name.startswith("head."), name
+
+
+def test_ge_run_resumes_bit_identically():
     data = batches(8)
     full = make_model()
     opt = fastmask.OGM(full.groups(), lr=1e-2, ge=True, seed=7)

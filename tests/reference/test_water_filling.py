@@ -81,10 +81,13 @@ def test_pi_is_water_filling_of_the_rounded_importance(case, ratio, min_prob):
     s = _case(case)
     q = quantized(s)
     k = _k(ratio, s.numel())
-    if k >= int((q > 0).sum()) + min_prob * int((q == 0).sum()):
-        pytest.skip("saturated: no finite tau (test_saturated_level)")
-    expected = water_fill(q, k, min_prob)
     pi = ops.inclusion_probs(s, ratio, min_prob=min_prob, backend="torch")
+    n_pos, n_zero = int((q > 0).sum()), int((q == 0).sum())
+    if k >= n_pos + min_prob * n_zero:  # saturated (no finite tau): DESIGN §3's edge case
+        p0 = min(max((k - n_pos) / n_zero, min_prob), 1.0) if n_zero else 1.0
+        expected = torch.where(q > 0, 1.0, p0).double()
+    else:
+        expected = water_fill(q, k, min_prob)
     torch.testing.assert_close(pi.double(), expected, rtol=1e-6, atol=1e-9)
 
 
