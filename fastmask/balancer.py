@@ -429,7 +429,7 @@ class Balancer:
             self._warn_once(host)
         if self._counts.device.type == "cpu":
             self._warn_once(self._counts)
-        elif not self._warned and self._counts.device.type == "cuda":
+        elif self._counts.device.type == "cuda":
             host = torch.empty(self._counts.shape, dtype=self._counts.dtype, pin_memory=True)
             host.copy_(self._counts, non_blocking=True)
             done = torch.cuda.Event()
@@ -477,7 +477,6 @@ class Balancer:
         check_choice("kind", kind, ("ratios", "coefficients"))
         sums = self._pooled_sums()
         new = self._ratios(sums) if kind == "ratios" else self._coefficients(sums)
-        device = new.device
         ok = (sums[0] > 0) & torch.isfinite(new).all()
         in_window = self._steps >= self.start
         if self.end is not None:
@@ -500,8 +499,7 @@ class Balancer:
             self._observed = 0
             self._smoothed[kind] = smoothed
             self._last[kind] = new_last
-            self._steps = self._steps.to(device) + ok.to(torch.int64)
-            self._counts = self._counts.to(device)
+            self._steps = self._steps + ok.to(torch.int64)  # on the statistics' device since observe()
             self._counts[-1] += (~ok).double()
             self._poll_counts()
 
