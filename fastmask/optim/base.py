@@ -139,6 +139,20 @@ def _without_torch_flags(saved: Mapping[str, Any], base: str, where: str) -> dic
     return {k: v for k, v in saved.items() if k not in TORCH_FLAGS}
 
 
+def _check_complex_group(p: torch.Tensor, group: Mapping[str, Any], label: str) -> None:
+    """Complex params step as their real view in dense groups only: a masked group's units
+    (rows, elements) are defined on real tensors, and a complex number is not split."""
+    if p.is_complex() and group.get("modality") is not None:
+        raise TypeError(f"{label} is complex, in a group of modality {group['modality']!r}: masked groups take "
+                        f"real params only; put complex params in a group without modality (stepped as their "
+                        f"view_as_real, as torch.optim does)")
+
+
+def _state_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype of a param's state tensors: fp32, complex64 for a complex param (as torch's)."""
+    return torch.complex64 if p.is_complex() else torch.float32
+
+
 def _split_names(group: dict[str, Any], where: str) -> None:
     """torch.optim's named parameters: (name, tensor) pairs become ``params`` and
     ``param_names``; all or none of a group's params must be named."""
@@ -273,10 +287,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                                 f"params[{i}] must be a torch.Tensor or a (name, tensor) pair{where}")
             if p.is_sparse or p.layout != torch.strided:
                 raise TypeError(f"params[{i}] is sparse; fastmask optimizers need dense params{where}")
-            if p.dtype not in FLOAT_DTYPES:
-                raise TypeError(
-                    f"params[{i}] has dtype {p.dtype}; fastmask needs float32, bfloat16 or float16 params{where}"
-                )
+            _check_complex_group(p, group, f"params[{i}]{where}")
+            if p.dtype == torch.complex64 and sharding.is_dtensor(p):
+                raise TypeError(f"params[{i}] is a complex DTensor; fastmask steps complex params only as plain "
+                                f"tensors{where}")
+            if p.dtype not in FLOAT_DTYPES and p.dtype != torch.complex64:
+                raise TypeError(f"params[{i}] has dtype {p.dtype}; fastmask needs float32, bfloat16, float16 or "
+                                f"(in groups without modality) complex64 params{where}")
             if not (p.is_leaf or p.retains_grad):
                 raise ValueError(f"params[{i}] is a non-leaf tensor; optimizers step leaf tensors such as "
                                  f"nn.Parameter{where}")
@@ -451,7 +468,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if key == "step":  # a plain tensor, also for DTensor params (as torch's optimizers)
                     state[key] = torch.zeros((), dtype=torch.float32, device=p.device)
                 else:
-                    state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                    state[key] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
         return state
 
     @staticmethod
@@ -541,6 +558,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                    f"dense (strided) gradients only")
             if self._dtensors:
                 sharding.check_steppable(p, group, f"param group {gi}, params[{i}]")
+            _check_complex_group(p, group, f"param group {gi}, params[{i}]")
             present.append((i, p, g))
         return present
 
@@ -571,6 +589,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 p, grad, entry, shard, process_group = sharding.local_tensors(p, entry)
                 batch.shards.append(shard)
                 shard_groups.setdefault(key, []).append(process_group)
+            if p.is_complex():  # stepped as its real view, as torch.optim steps complex params
+                p, grad = torch.view_as_real(p), torch.view_as_real(grad)
+                entry = {name: torch.view_as_real(entry[name]) for name, _ in appenders} | {"step": entry["step"]}
             batch.params.append(p)
             batch.grads.append(grad)
             batch.steps.append(entry["step"])
@@ -801,10 +822,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                 value = torch.tensor(check_real(f"state[{pid!r}]['step']", value, 0.0, 2.0**24), dtype=torch.float32)
             if not isinstance(value, torch.Tensor):
                 raise TypeError(f"state[{pid!r}][{key!r}] must be a tensor, got {type(value).__name__}")
-            if value.device.type == "meta" or value.is_sparse or value.is_complex():
+            if value.device.type == "meta" or value.is_sparse or (
+                    value.is_complex() and (key == "step" or not p.is_complex())):
                 raise ValueError(f"state[{pid!r}][{key!r}] must be a dense real tensor with data, got {value.device} "
                                  f"{value.layout} {value.dtype}")
-            if not value.is_floating_point() and not (key == "step" and value.dtype in (torch.int64, torch.int32)):
+            if key != "step" and p.is_complex() and not value.is_complex():
+                raise TypeError(f"state[{pid!r}][{key!r}] must be complex, as its param, got {value.dtype}")
+            if not (value.is_floating_point() or value.is_complex()) and not (
+                    key == "step" and value.dtype in (torch.int64, torch.int32)):
                 raise TypeError(f"state[{pid!r}][{key!r}] must be floating point, got {value.dtype}")
             if key == "step":
                 if value.numel() != 1:
@@ -820,6 +845,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                     continue
                 if sharding.is_dtensor(value):
                     raise ValueError(f"state[{pid!r}][{key!r}] is a DTensor; its param is a plain tensor")
-                moved = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                moved = torch.empty_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
                 out[key] = moved.copy_(value.detach())
         return out

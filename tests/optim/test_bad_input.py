@@ -60,7 +60,9 @@ def test_bad_params():
     with pytest.raises(TypeError, match="dtype"):
         fastmask.AMSS([torch.zeros(3, dtype=torch.float64, requires_grad=True)])
     with pytest.raises(TypeError, match="dtype"):
-        fastmask.AMSS([torch.zeros(3, dtype=torch.complex64, requires_grad=True)])
+        fastmask.AMSS([torch.zeros(3, dtype=torch.complex128, requires_grad=True)])
+    with pytest.raises(TypeError, match="complex, in a group of modality 'a': masked groups take real params only"):
+        fastmask.AMSS([{"params": [torch.zeros(3, dtype=torch.complex64, requires_grad=True)], "modality": "a"}])
     with pytest.raises(TypeError, match="set"):
         fastmask.AMSS({torch.zeros(3, requires_grad=True)})
     with pytest.raises(ValueError, match="non-leaf"):

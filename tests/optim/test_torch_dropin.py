@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import fastmask
+from tests.config import TOLERANCE
+from tests.conftest import DEVICE, FAST_BACKENDS
 from tests.optim.models import batches, flat_params, make_model, train
 
 OPTIMIZERS = [
@@ -155,3 +157,40 @@ def test_duplicates_in_a_group_warn_as_torch_and_step_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fastmask.AMSS([p], base="sgd")
+
+
+@pytest.mark.parametrize("backend", ["torch", *FAST_BACKENDS])
+@pytest.mark.parametrize("cls, kwargs, torch_cls", OPTIMIZERS)
+def test_complex_params_step_as_torch_steps_them(cls, kwargs, torch_cls, backend):
+    """In a group without modality a complex param steps as its view_as_real on every backend
+    (bit for bit), as torch's optimizer steps it (to rounding), with complex states as torch's."""
+    torch.manual_seed(0)
+    start = torch.randn(4, 3, dtype=torch.complex64, device=DEVICE)
+    complex_param, real_param, torch_param = (torch.nn.Parameter(t) for t in
+                                              (start.clone(), torch.view_as_real(start).clone(), start.clone()))
+    opts = [cls([complex_param], seed=1, backend=backend, **kwargs), cls([real_param], seed=1, backend=backend, **kwargs),
+            torch_cls([torch_param], **{k: v for k, v in kwargs.items() if k != "base"})]
+    for _ in range(3):
+        grad = torch.randn_like(start)
+        complex_param.grad, real_param.grad, torch_param.grad = grad.clone(), torch.view_as_real(grad).clone(), grad.clone()
+        for opt in opts:
+            opt.step()
+    assert torch.equal(torch.view_as_real(complex_param.detach()), real_param.detach())
+    torch.testing.assert_close(complex_param.detach(), torch_param.detach(), rtol=TOLERANCE["vs_torch"],
+                               atol=TOLERANCE["vs_torch"])
+    state, torch_state = opts[0].state[complex_param], opts[2].state[torch_param]
+    for key, value in state.items():
+        if key != "step":
+            assert value.dtype == torch_state[key].dtype == torch.complex64
+
+
+def test_complex_param_moved_into_a_masked_group_is_refused_at_the_step():
+    complex_param = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+    real_param = torch.nn.Parameter(torch.randn(3))
+    opt = fastmask.AMSSPlus([{"params": [real_param, complex_param]}])
+    opt.param_groups[0]["modality"] = "audio"
+    real_param.grad, complex_param.grad = torch.ones(3), torch.ones(3, dtype=torch.complex64)
+    before = real_param.detach().clone()
+    with pytest.raises(TypeError, match=r"param group 0, params\[1\] is complex, in a group of modality 'audio'"):
+        opt.step()
+    assert torch.equal(real_param.detach(), before) and not opt.state
