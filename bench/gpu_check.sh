@@ -11,9 +11,11 @@
 #      (bf16/fp16 included), the >2^31-element tests, torch.compile of the ops;
 #   3. `fastmask bench --device cuda` on large (2^26, 2^28), av-resnet18 and small, one JSON per
 #      set (each with its own copy bandwidth and fused AdamW measured in the same run);
-#   4. the report of the targets (bench/gpu_report.py);
+#   3b. the traffic model (`fastmask bench --traffic`: bytes and launches counted in Triton's
+#      interpreter, and the GPU time they model), to set beside the measured step;
+#   4. the report of the targets (bench/gpu_report.py), with the model beside the measurements;
 #   5. the rest of the test suite, with what time is left.
-# Results land in $OUT (default ./gpu_out): gpu-check.log, bench-<set>.json, targets.md.
+# Results land in $OUT (default ./gpu_out): gpu-check.log, bench-<set>.json, traffic.json, targets.md.
 # Without a GPU it is a dry run (GPU_CHECK_DRY_RUN=1 is implied): the same phases on the CPU,
 # small and quick, to check the script itself.
 set -uo pipefail
@@ -111,8 +113,13 @@ else
   done
 fi
 
-# 4. The targets, from whatever the benchmarks wrote.
-run report 30 "$PYTHON" bench/gpu_report.py "$OUT"/bench-*.json --out "$OUT/targets.md"
+# 3b. The traffic model (counted in Triton's interpreter, on the CPU), to set beside the measurements.
+run traffic 120 env TRITON_INTERPRET=1 "$PYTHON" -m fastmask bench --traffic --variants dense grad2 ema row sgd \
+  --json "$OUT/traffic.json"
+
+# 4. The targets, from whatever the benchmarks wrote, and the model beside them.
+run report 30 "$PYTHON" bench/gpu_report.py "$OUT"/bench-*.json --traffic "$OUT/traffic.json" \
+  --out "$OUT/targets.md"
 
 # 5. The rest of the suite with the time left (CPU-side tests CI already runs, now beside a GPU).
 if [ "$DRY" = 0 ]; then

@@ -82,6 +82,28 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# traffic variant (bench/traffic.py) -> the bench variant that runs the same step
+MODELLED = {"dense": "amss+-adamw-dense", "grad2": "amss+-adamw-grad2", "ema": "amss+-adamw-ema",
+            "row": "amss+-adamw-grad2-row", "sgd": "amss-sgd-grad2"}
+
+
+def model_vs_measured(traffic_rows: list[dict], records: list[dict]) -> str:
+    """The traffic model's av-resnet18 time (fp32) beside the triton step measured on that set,
+    each as a ratio to fused AdamW (modelled / measured in the same run): the first GPU run
+    checks the model."""
+    lines = ["| variant | model ms | measured ms (triton) | model x fused AdamW | measured x fused AdamW |",
+             "|---|---|---|---|---|"]
+    for row in traffic_rows:
+        if row["dtype"] != "float32" or row["variant"] not in MODELLED:
+            continue
+        measured = _find(records, variant=MODELLED[row["variant"]], backend="triton", shape_set="av-resnet18")
+        ms = f"{measured[0]['median_ms']:.3f}" if measured else "not measured"
+        ratio = f"{measured[0]['ratio_vs_torch_fused_adamw']:.2f}" if measured else "not measured"
+        lines.append(f"| {row['variant']} | {row['model_ms']:.3f} | {ms} | {row['model_ratio_vs_fused_adamw']:.2f} "
+                     f"| {ratio} |")
+    return "\n".join(lines)
+
+
 def report(records: list[dict]) -> str:
     devices = sorted({r["device"] for r in records}) or ["(no records)"]
     out = [f"Device: {', '.join(devices)}. Runs: {', '.join(sorted({r['run'] for r in records})) or 'none'}.", "",
@@ -95,8 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json", nargs="*", help="bench JSON files (fastmask bench --json)")
     parser.add_argument("--out", help="write the markdown here (default: print it)")
+    parser.add_argument("--traffic", help="fastmask bench --traffic's JSON: its model beside the measurements")
     args = parser.parse_args(argv)
-    text = report(load(args.json))
+    records = load(args.json)
+    text = report(records)
+    if args.traffic:
+        rows = json.loads(Path(args.traffic).read_text())["rows"]
+        text += ("\nThe traffic MODEL (counted bytes and launches, bench/traffic.py) beside the measured step, "
+                 "av-resnet18, fp32:\n\n" + model_vs_measured(rows, records) + "\n")
     if args.out:
         Path(args.out).write_text(text)
     print(text)

@@ -48,7 +48,7 @@ VARIANTS = {
 RATIO = 0.5  # every modality's update fraction, except in the dense variant (1: what balancing-off costs)
 
 
-def _resnet18_shapes(in_channels: int) -> list[tuple[int, ...]]:
+def resnet18_shapes(in_channels: int) -> list[tuple[int, ...]]:
     """Parameter shapes of a torchvision-style ResNet-18 encoder without its fc layer."""
     shapes = [(64, in_channels, 7, 7), (64,), (64,)]
     c_in = 64
@@ -74,7 +74,7 @@ def shape_sets(device: torch.device, names: list[str] | None = None) -> list[tup
     """
     large = (2**26, 2**28) if device.type == "cuda" else (2**22, 2**24)
     cases = [("large", {"m": [(n,)]}) for n in large] + [
-        ("av-resnet18", {"audio": _resnet18_shapes(1), "visual": _resnet18_shapes(3), "dense": [(31, 1024), (31,)]}),
+        ("av-resnet18", {"audio": resnet18_shapes(1), "visual": resnet18_shapes(3), "dense": [(31, 1024), (31,)]}),
         ("small", {"m": [(4096,)] * 2000}),
     ]
     return [case for case in cases if names is None or case[0] in names]

@@ -25,7 +25,37 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
+def _traffic(args: argparse.Namespace) -> int:
+    """The Triton step's counted traffic and launches, and the GPU time they model."""
+    import os
+
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--traffic runs the kernels in Triton's interpreter, and triton is already imported "
+                         "without TRITON_INTERPRET=1: run `TRITON_INTERPRET=1 fastmask bench --traffic`")
+    os.environ["TRITON_INTERPRET"] = "1"
+    from .bench import traffic
+
+    unknown = [v for v in args.variants or [] if v not in traffic.VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown} with --traffic; choose from {list(traffic.VARIANTS)}")
+    bandwidth = args.bandwidth_tbps or traffic.H200_COPY_TBPS
+    launch_us = args.launch_us if args.launch_us is not None else traffic.LAUNCH_US
+    rows = traffic.run(args.variants, bandwidth_tbps=bandwidth, launch_us=launch_us)
+    print(traffic.table(rows, bandwidth, launch_us))
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"note": "bytes and launches counted in Triton's interpreter; model_* are a model, not "
+                               "measurements", "bandwidth_tbps": bandwidth, "launch_us": launch_us,
+                       "rows": [traffic.asdict(r) for r in rows]}, f, indent=1)
+        print(f"wrote {len(rows)} rows to {args.json}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.traffic:
+        return _traffic(args)
     from .bench import suites
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -82,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="include torch.compile of the reference step (default: on GPU only)")
     bench.add_argument("--quick", action="store_true", help="fewer iterations")
     bench.add_argument("--json", help="write the records to this file")
+    bench.add_argument("--traffic", action="store_true",
+                       help="count the Triton step's bytes per element, launches and device ops in Triton's "
+                            "interpreter (no GPU needed) and model its GPU time")
+    bench.add_argument("--bandwidth-tbps", type=float,
+                       help="--traffic: the model's memory bandwidth (default 4.3, an H200's measured copy)")
+    bench.add_argument("--launch-us", type=float,
+                       help="--traffic: the model's cost of a launch or device op in us (default 5)")
     bench.set_defaults(run=_bench)
     demo = sub.add_parser("demo", help="train balanced multi-modal models on real data with every method")
     demo.add_argument("--dataset", choices=["segment", "mfeat", "avdigits"], default="segment")

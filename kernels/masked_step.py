@@ -3,13 +3,18 @@
 - ``pass1_blocks`` / ``pass1_rows`` read g (and F for "ema" importance) and write
   fixed-order partials [sum s, sum g, sum g^2, non-finite count] per block of
   elements or per row (plus each row's importance). No float atomics.
+- between them, with water-filling, ``sampling.water_level`` solves each tensor's level from
+  the histograms pass 1 added up (torch ops on the device, no host sync).
 - ``reduce_tensors`` (one program per tensor) sums its partials in a fixed order,
   decides ok = finite and not found_inf, advances ``step`` on device, computes the
   per-tensor scalars (k/S, GE std, Adam bias corrections in fp64) and, for row
   units, samples the rows into a per-unit weight table (0 = not selected).
 - ``pass2`` is one read-modify-write of every element: importance, inclusion
   probability, selection by the counter RNG, rescale, OGM terms and the base
-  update; the mask lives in registers and unselected units are not even written.
+  update; the mask lives in registers and unselected units are not even written. With
+  ``masked="freeze"`` an unselected unit's param and states are not read either: for row
+  units (and exact selection) the unit table is read first, so an unselected row costs no
+  traffic in pass 2 beyond its g and Fisher EMA when the importance is an EMA.
 
 Sharded tensors (FSDP2): ``launch_sums`` runs pass 1 and ``sum_partials`` (per-tensor
 sums), the caller all-reduces them, and ``launch`` with those sums runs ``reduce_tensors``
@@ -23,6 +28,7 @@ of small tensors cost three launches, not thousands. Semantics: DESIGN §3.
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -349,7 +355,17 @@ def pass2(
     lr = tl.load(sc + S_LR)
     prow = ptr_table + t * PTR_COLS
 
-    g = _grad(grad_table, t, offs, inb, grad_scale_ptr, HAS_SCALE, G_DTYPE)
+    live = tl.where(ok, inb, False)  # the elements whose param and states are read
+    g_mask = inb
+    if MASK_MODE == 2:
+        # the unit table is known before any element is read: with "freeze", an unselected unit
+        # (a whole row) is neither read nor written, but for its Fisher EMA (which reads g)
+        w = tl.load(unit_weight + tl.load(mrow + M_UNIT_OFFSET) + offs // tl.load(mrow + M_ROW), mask=inb, other=0.0)
+        if FREEZE:
+            live = live & (w != 0)
+            if not EMA:
+                g_mask = live
+    g = _grad(grad_table, t, offs, g_mask, grad_scale_ptr, HAS_SCALE, G_DTYPE)
     if MAXIMIZE:
         g = -g
     s, fisher = _importance(g, ptr_table, t, offs, inb, fisher_beta, one_minus_fisher_beta, EMA)
@@ -373,6 +389,8 @@ def pass2(
         else:
             u = uniform_at(first_global + tl.arange(0, BLOCK), new_step.to(tl.int64), s_hi, seed_lo, seed_hi)
         selected = inb & (u < pi)
+        if FREEZE:
+            live = live & selected
         w = tl.where(dense_ratio, 1.0, _weight(pi, s, tl.load(sc + S_TOTAL), degenerate, tl.load(mrow + M_FULL_UNITS),
                                               RESCALE))
         g_mod = tl.where(selected, g_mod * w, 0.0)
@@ -380,18 +398,16 @@ def pass2(
         tl.store(block_stats + pid.to(tl.int64) * 2 + 0, tl.where(ok, tl.sum(tl.where(inb, pi, 0.0), axis=0), 0.0))
         tl.store(block_stats + pid.to(tl.int64) * 2 + 1, tl.where(ok, tl.sum(selected.to(tl.float32), axis=0), 0.0))
     elif MASK_MODE == 2:
-        unit = tl.load(mrow + M_UNIT_OFFSET) + offs // tl.load(mrow + M_ROW)
-        w = tl.load(unit_weight + unit, mask=inb, other=0.0)
         selected = inb & (w != 0)
         g_mod = tl.where(selected, g_mod * w, 0.0)
 
     pp = tl.load(prow + P_PARAM).to(tl.pointer_type(P_DTYPE))
-    p = tl.load(pp + offs, mask=inb, other=0.0).to(tl.float32)
+    p = tl.load(pp + offs, mask=live, other=0.0).to(tl.float32)
     if BASE == 0:
         d = g_mod + weight_decay * p
         if HAS_MOMENTUM:
             bp = tl.load(prow + P_MOMENTUM).to(tl.pointer_type(tl.float32))
-            buf = tl.load(bp + offs, mask=inb, other=0.0)
+            buf = tl.load(bp + offs, mask=live, other=0.0)
             buf = tl.where(new_step == 1.0, d, buf * momentum + d * one_minus_dampening)
             if NESTEROV:
                 d = d + momentum * buf
@@ -406,8 +422,8 @@ def pass2(
             g_mod = g_mod + weight_decay * p
         mp = tl.load(prow + P_EXP_AVG).to(tl.pointer_type(tl.float32))
         vp = tl.load(prow + P_EXP_AVG_SQ).to(tl.pointer_type(tl.float32))
-        m = tl.load(mp + offs, mask=inb, other=0.0)
-        v = tl.load(vp + offs, mask=inb, other=0.0)
+        m = tl.load(mp + offs, mask=live, other=0.0)
+        v = tl.load(vp + offs, mask=live, other=0.0)
         # IEEE-rounded sqrt and division (Triton's defaults are approximate on GPU)
         m = m + (g_mod - m) * one_minus_beta1
         v = v * beta2 + g_mod * g_mod * one_minus_beta2
@@ -529,8 +545,8 @@ def _grad_table(grads: list[torch.Tensor]) -> torch.Tensor:
 
 def _split_f64(value: float) -> tuple[float, float]:
     """A double as fp32 hi + lo (kernel args are fp32): ~48 bits of the value survive."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
-    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+    hi = float(np.float32(value))  # host arithmetic: no torch op, no device work
+    return hi, float(np.float32(value - hi))
 
 
 def _check_batch(group: TensorGroup) -> torch.device:
@@ -594,11 +610,10 @@ def launch(
     slots, shards and stats. ``exact_weights``: for sampling="exact", the per-unit weight table
     of the units chosen on the host (0 = not selected), else None. ``sums`` and
     ``unit_importance``: ``launch_sums``'s results (the sums all-reduced over shards); pass 1 is
-    then not run again. Water-filling runs ``launch_sums`` first if they are not given, then
-    ``sampling.water_level`` on the sums (a few torch ops on the device, no sync).
+    then not run again. Water-filling: pass 1 adds the histograms to a [T, cfg.sums_width]
+    buffer, ``sampling.water_level`` solves each tensor's level from them (torch ops on the
+    device, no sync), then ``reduce_tensors`` sums the partials itself: three launches.
     """
-    if cfg.water_filling and sums is None:
-        sums, unit_importance = launch_sums(group, work, cfg, grad_scale)
     params = group.params
     device = _check_batch(group)
     p_dtype, g_dtype = params[0].dtype, group.grads[0].dtype
@@ -626,11 +641,13 @@ def launch(
         )
 
     if sums is None:
-        partials, row_importance = _pass1(layout, grads, work, k, grad_scale, device, dummy)
+        histograms = (torch.zeros((n_tensors, cfg.sums_width), dtype=torch.float64, device=device)
+                      if cfg.water_filling else dummy)
+        partials, row_importance = _pass1(layout, grads, work, k, grad_scale, device, histograms)
     else:
-        partials = sums.to(device=device, dtype=torch.float64).contiguous()
+        partials = histograms = sums.to(device=device, dtype=torch.float64).contiguous()
         row_importance = unit_importance if k.row and layout.n_units else dummy
-    levels = (sampling.water_level(partials[:, PART_COLS.value:], cfg.ratio, cfg.min_prob).contiguous()
+    levels = (sampling.water_level(histograms[:, PART_COLS.value:], cfg.ratio, cfg.min_prob).contiguous()
               if cfg.water_filling else dummy)
 
     lr_is_tensor = isinstance(cfg.lr, torch.Tensor)

@@ -241,8 +241,22 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
     uint32_t words[4] = {0, 0, 0, 0};
     if (sample_here && aligned)
       fastmask::philox_call(static_cast<uint64_t>(first + i0) >> 2, sc.step_word, sc.mask_hi, c.k0, c.k1, words);
+    // With a unit table (rows, exact) and "freeze", the thread's units are known before any
+    // element is read: one with no selected element reads and writes nothing but its Fisher EMA.
+    const bool from_table = c.masked && (c.row || c.exact);
+    float table_w[kVec] = {1.0f, 1.0f, 1.0f, 1.0f};
+    bool any_selected = true;
+    if (from_table) {
+      any_selected = false;
+      for (int j = 0; j < kVec && i0 + j < n; ++j) {
+        table_w[j] = unit_weight[mrow[kUnitOffset] + (i0 + j) / mrow[kRowSize]];
+        any_selected = any_selected || table_w[j] != 0.0f;
+      }
+    }
+    const bool skip_frozen = from_table && c.freeze;  // unselected elements: no p, m, v, buffer traffic
     // 16-byte loads and stores of the fp32 arrays when all four elements are in bounds and aligned
-    const bool vec = i0 + kVec <= n && (!m || reinterpret_cast<uintptr_t>(m + i0) % 16 == 0);
+    const bool vec = i0 + kVec <= n && (!m || reinterpret_cast<uintptr_t>(m + i0) % 16 == 0) &&
+                     (any_selected || !skip_frozen);
     float mv[kVec], vv[kVec];
     if (vec && m) {
       *reinterpret_cast<float4*>(mv) = *reinterpret_cast<const float4*>(m + i0);
@@ -251,6 +265,13 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
     for (int j = 0; j < kVec; ++j) {
       const int64_t i = i0 + j;
       if (i >= n) break;
+      if (skip_frozen && table_w[j] == 0.0f) {
+        if (c.ema) {
+          const float x = to_float(g[i]) / gs;  // the sign does not reach x * x
+          fisher[i] = fisher[i] * c.fisher_beta + x * x * c.one_minus_fisher_beta;
+        }
+        continue;
+      }
       const float x = (to_float(g[i]) / gs) * (c.maximize ? -1.0f : 1.0f);
       float gm = x * grad_coefficient;  // x * 1 is x exactly
       if (c.ge)
@@ -272,7 +293,7 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
         pi_sum += pi;
         sel_sum += selected ? 1.0 : 0.0;
       } else if (c.masked) {
-        const float w = unit_weight[mrow[kUnitOffset] + i / mrow[kRowSize]];
+        const float w = table_w[j];
         selected = w != 0.0f;
         if (c.rescale != fastmask::kNoRescale) gm = gm * w;
         gm = selected ? gm : 0.0f;

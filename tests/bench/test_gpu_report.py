@@ -63,3 +63,13 @@ def test_cli_writes_the_report(tmp_path):
 
 def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")], check=True)
+
+
+def test_traffic_model_beside_the_measured_step():
+    rows = [dict(variant="grad2", dtype="float32", model_ms=0.84, model_ratio_vs_fused_adamw=5.38),
+            dict(variant="grad2", dtype="bfloat16", model_ms=0.8, model_ratio_vs_fused_adamw=6.4),
+            dict(variant="row", dtype="float32", model_ms=0.73, model_ratio_vs_fused_adamw=4.7)]
+    records = [_rec("amss+-adamw-grad2", "triton", 0.9, shape_set="av-resnet18", numel=10, ratio=5.1)]
+    lines = gpu_report.model_vs_measured(rows, records).splitlines()
+    assert lines[2:] == ["| grad2 | 0.840 | 0.900 | 5.38 | 5.10 |",
+                         "| row | 0.730 | not measured | 4.70 | not measured |"]
