@@ -32,12 +32,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops.checks import check_choice, check_int, check_real
+from .trace import BalanceTrace
 
 __all__ = ["Balancer", "modality_groups"]
 
 # Sufficient statistics per modality, after the sample count and the C label counts.
-LOG_Q, FEATURE_ENTROPY, TRUE_PROB = range(3)
-PER_MODALITY = 3
+LOG_Q, FEATURE_ENTROPY, TRUE_PROB, CORRECT = range(4)
+PER_MODALITY = 4
 
 
 class Balancer:
@@ -70,6 +71,8 @@ class Balancer:
             v_t = smoothing * v_{t-1} + (1 - smoothing) * value_t (0: none).
         process_group: the group to all-reduce the statistics over (default: the world,
             when ``torch.distributed`` is initialised).
+        history_size: buckets of ``history()`` (even, >= 2): when full, neighbours merge, so a
+            long run keeps its whole span at half the resolution.
         check_head: verify at the head's input (a forward pre-hook) that the captured features
             are what the head receives, in that order (a concat head: their concatenation);
             a mismatch (encoder order, pooling, a transform in between, a missing or extra
@@ -114,6 +117,7 @@ class Balancer:
         smoothing: float = 0.0,
         process_group: Any = None,
         check_head: bool = True,
+        history_size: int = 256,
     ) -> None:
         if not isinstance(encoders, Mapping) or len(encoders) < 2:
             raise TypeError("encoders must be a dict of at least two modality -> nn.Module")
@@ -146,6 +150,10 @@ class Balancer:
         self.end = None if end is None else check_int("end", end, self.start, 2**62)
         self.smoothing = check_real("smoothing", smoothing, 0.0, 1.0, high_open=True)
         self.process_group = process_group
+        history_size = check_int("history_size", history_size, 2, 2**20)
+        if history_size % 2:
+            raise ValueError(f"history_size must be even (buckets merge in pairs), got {history_size}")
+        self._trace = BalanceTrace(self.modalities, history_size)
         if not isinstance(check_head, bool):
             raise TypeError(f"check_head must be a bool, got {type(check_head).__name__}")
 
@@ -372,7 +380,9 @@ class Balancer:
             z = features[m].double()
             feature_entropy = -(F.softmax(z, dim=1) * F.log_softmax(z, dim=1)).sum(dim=1)
             true_log_prob = log_probs.gather(1, labels[:, None]).squeeze(1)
-            per_modality.append(torch.stack((true_log_prob.sum(), feature_entropy.sum(), true_log_prob.exp().sum())))
+            correct = (out.argmax(dim=1) == labels).sum().double()
+            per_modality.append(torch.stack((true_log_prob.sum(), feature_entropy.sum(), true_log_prob.exp().sum(),
+                                             correct)))
         per_modality = torch.stack(per_modality)  # [M, 3]
         finite = torch.isfinite(per_modality).all(dim=1)  # [M]
         good = finite.all()
@@ -491,6 +501,9 @@ class Balancer:
         last = self._last.get(kind, torch.full_like(new, fallback))
         good = ok & in_window
         values = torch.where(in_window, torch.where(ok, blended, last), torch.ones_like(new))
+        count, _, per = self._split(sums)
+        measured = torch.stack((per[:, CORRECT] / count, per[:, TRUE_PROB] / count,
+                                self._mutual_information_rates(sums), values), 1)  # [M, 4]: the trace's row
         smoothed = torch.where(good, blended, previous if previous is not None else torch.full_like(new, math.nan))
         new_last = torch.where(good, blended, last)
 
@@ -501,6 +514,7 @@ class Balancer:
             self._last[kind] = new_last
             self._steps = self._steps + ok.to(torch.int64)  # on the statistics' device since observe()
             self._counts[-1] += (~ok).double()
+            self._trace.record(kind, measured, ok & torch.isfinite(measured).all())
             self._poll_counts()
 
         out = values.to(torch.float32)
@@ -527,6 +541,24 @@ class Balancer:
         return {"steps": self.steps, "dropped_batches": int(counts[-2]),
                 "non_finite": {m: int(n) for m, n in zip(self.modalities, counts[:-2])},
                 "fallback_steps": int(counts[-1])}
+
+    def history(self, modality: str | None = None) -> dict[str, Any]:
+        """What this balancer measured and handed out, step by step (reading it synchronises).
+
+        Returns ``{"step": [first step of each bucket], "good_steps": [steps with good
+        statistics in it], "value": "ratio" or "coefficient", modality: {"accuracy",
+        "true_class_prob", "mi_rate", value: [bucket means]}}``, or with ``modality`` only that
+        modality's dict. ``accuracy`` is the head slice's (the uni-modal logits'), ``mi_rate``
+        the mutual-information rate the AMSS ratios come from, the value what the optimizer was
+        handed. A bucket holds ``history_size``-bounded spans of steps (see ``__init__``); a
+        bucket without a good step is NaN. ``fastmask.plot_balance`` draws it. Not checkpointed:
+        it is a diagnostic of this process's run.
+        """
+        if modality is not None and modality not in self.modalities:
+            raise ValueError(f"history: modality {modality!r} is not measured by this balancer (its encoders: "
+                             f"{list(self.modalities)})")
+        out = self._trace.history()
+        return out if modality is None else out[modality]
 
     def _split(self, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n_classes = sums.numel() - 1 - PER_MODALITY * len(self.modalities)
