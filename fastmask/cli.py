@@ -74,7 +74,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from . import demo
 
-    methods = args.methods or list(demo.METHODS)
+    methods = args.methods or list(demo.DEFAULT_METHODS)
     unknown = [m for m in methods if m not in demo.METHODS]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {list(demo.METHODS)}")
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="train balanced multi-modal models on real data with every method")
     demo.add_argument("--dataset", choices=["segment", "mfeat", "avdigits"], default="segment")
     demo.add_argument("--views", nargs="+", help="mfeat views (default fou zer)")
-    demo.add_argument("--methods", nargs="+", help="default: joint uniform amss amss+ ogm-ge opm mimo")
+    demo.add_argument("--methods", nargs="+", help="default: joint uniform amss amss+ ogm-ge opm mimo; also amss+-official")
     demo.add_argument("--seeds", type=int, default=5)
     demo.add_argument("--epochs", type=int, help="at most (default: 60, avdigits 20); early stopping on validation "
                                                  "accuracy")

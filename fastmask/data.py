@@ -20,8 +20,8 @@ import torch
 
 from .ops.checks import check_int, check_real, check_tensor
 
-__all__ = ["AVDIGITS_DEGRADATION", "MFEAT_VIEWS", "MultiModalData", "SEGMENT_MODALITIES", "load", "load_avdigits",
-           "load_mfeat", "load_segment"]
+__all__ = ["AVDIGITS_DEGRADATION", "MFEAT_VIEWS", "MultiModalData", "SEGMENT_MODALITIES", "avdigits_data", "load",
+           "load_avdigits", "load_mfeat", "load_segment"]
 
 SEGMENT_MODALITIES = {
     "shape": ["region-centroid-col", "region-centroid-row", "short-line-density-5", "short-line-density-2",
@@ -50,6 +50,13 @@ class MultiModalData:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Each modality's per-sample shape: (d,) for feature vectors, (1, H, W) for images."""
         return {m: tuple(x.shape[1:]) for m, x in self.train[0].items()}
+
+    def only(self, modality: str) -> MultiModalData:
+        """The same splits with one modality: what that modality's encoder learns on its own."""
+        if modality not in self.modalities:
+            raise ValueError(f"modality {modality!r} is not one of {self.modalities}")
+        pick = lambda split: ({modality: split[0][modality]}, split[1])  # noqa: E731
+        return MultiModalData(self.name, [modality], self.n_classes, pick(self.train), pick(self.val), pick(self.test))
 
 
 def _package_dir(module: str, pip_command: str) -> Path:
@@ -158,7 +165,13 @@ def load_avdigits(seed: int = 0, image_energy_removed: float | None = None, snr_
     check_int("seed", seed, 0, 2**63)
     fraction = AVDIGITS_DEGRADATION["image_energy_removed"] if image_energy_removed is None else image_energy_removed
     snr = AVDIGITS_DEGRADATION["snr_db"] if snr_db is None else snr_db
-    raw = avdigits.cached(avdigits.BuildSpec(per_class=per_class, snr_db=snr))
+    return avdigits_data(avdigits.cached(avdigits.BuildSpec(per_class=per_class, snr_db=snr)), fraction)
+
+
+def avdigits_data(raw: dict, image_energy_removed: float) -> MultiModalData:
+    """AV digits from a build's ``images`` (uint8), ``mel``, ``labels`` and ``split``, with
+    ``image_energy_removed`` of the images' energy removed (``remove_energy``), standardised."""
+    fraction = image_energy_removed
     split, labels = raw["split"], raw["labels"]
     images = raw["images"].to(torch.float32).reshape(len(labels), -1) / 255.0
     images = remove_energy(images, images[split == 0], fraction).reshape(-1, 1, 28, 28)

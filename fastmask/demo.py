@@ -8,6 +8,10 @@ One MLP encoder per modality and a concat-fusion linear head, trained with SGD
   uniform-subnetwork baseline);
 - ``amss`` / ``amss+``: ``fastmask.AMSS`` / ``fastmask.AMSSPlus`` with ratios from the
   mutual-information rates of each batch, through ``fastmask.Balancer``;
+- ``amss+-official``: AMSS+ as its authors' code runs it: each filter (row) a unit, exactly
+  ceil(ratio x rows) of them drawn by importance without replacement, the official rescale
+  g / (p + 1/N) (``rescale="legacy"``: bounded, not unbiased), the gradient masked while momentum
+  and weight decay still act (``masked="zero_grad"``), temperature 0.2; not in the default set;
 - ``ogm-ge``: ``fastmask.OGM(ge=True)`` with coefficients from the discrepancy ratio, through
   ``fastmask.Balancer``;
 - ``opm``: ``fastmask.nn.PredictionModulation`` on the features (the discrepancy ratio of
@@ -40,7 +44,10 @@ from fastmask import significance as sig
 from fastmask.losses import mimo_loss, unimodal_losses
 from fastmask.nn import AuxiliaryHeads, PredictionModulation
 
-METHODS = ("joint", "uniform", "amss", "amss+", "ogm-ge", "opm", "mimo")
+DEFAULT_METHODS = ("joint", "uniform", "amss", "amss+", "ogm-ge", "opm", "mimo")  # `make demo` runs these
+METHODS = DEFAULT_METHODS + ("amss+-official",)
+# AMSS+ as the official code runs it (ALGORITHMS.md §2.5-2.9)
+OFFICIAL_AMSS_PLUS = dict(granularity="row", sampling="exact", rescale="legacy", masked="zero_grad")
 COMMON = dict(hidden=64, batch=64, patience=10)
 
 # The grid searched by --tune, per method (lr is searched for every method).
@@ -49,6 +56,7 @@ GRID: dict[str, dict[str, list]] = {
     "uniform": {"lr": [0.01, 0.05], "temperature": [0.2, 1.0]},
     "amss": {"lr": [0.01, 0.05], "temperature": [0.2, 1.0]},
     "amss+": {"lr": [0.01, 0.05], "temperature": [0.2, 1.0]},
+    "amss+-official": {"lr": [0.01, 0.05], "temperature": [0.2]},  # the authors' temperature
     "ogm-ge": {"lr": [0.01, 0.05], "alpha": [0.1, 0.8]},
     "opm": {"lr": [0.01, 0.05], "q_base": [0.3, 0.5]},
     "mimo": {"lr": [0.01, 0.05], "gamma": [0.5, 2.0]},
@@ -64,6 +72,7 @@ DEFAULT_HPARAMS: dict[str, dict] = {
     "uniform": {"lr": 0.05, "temperature": 0.2},
     "amss": {"lr": 0.05, "temperature": 0.2},
     "amss+": {"lr": 0.05, "temperature": 1.0},
+    "amss+-official": {"lr": 0.05, "temperature": 0.2},  # not tuned: amss+'s lr, the authors' temperature
     "ogm-ge": {"lr": 0.05, "alpha": 0.8},
     "opm": {"lr": 0.05, "q_base": 0.3},
     "mimo": {"lr": 0.05, "gamma": 2.0},
@@ -79,6 +88,7 @@ HPARAMS: dict[str, dict[str, dict]] = {
         "uniform": {"lr": 0.05, "temperature": 0.2},
         "amss": {"lr": 0.05, "temperature": 1.0},
         "amss+": {"lr": 0.01, "temperature": 0.2},
+        "amss+-official": {"lr": 0.01, "temperature": 0.2},  # not tuned: amss+'s
         "ogm-ge": {"lr": 0.01, "alpha": 0.1},
         "opm": {"lr": 0.01, "q_base": 0.3},
         "mimo": {"lr": 0.05, "gamma": 0.5},
@@ -138,12 +148,17 @@ def evaluate(model: FusionNet, split) -> tuple[float, dict[str, float]]:
     return _accuracy(model.fuse(feats), y), {m: _accuracy(out, y) for m, out in uni.items()}
 
 
-def linear_probe(model: FusionNet, dataset: datasets.MultiModalData, seed: int) -> dict[str, float]:
-    """Test accuracy of a logistic regression trained on each frozen encoder's train features."""
+def linear_probe(model: FusionNet, dataset: datasets.MultiModalData, seed: int, split: str = "test"
+                 ) -> dict[str, float]:
+    """Accuracy on ``split`` ("test" or "val") of a logistic regression trained on each frozen
+    encoder's train features."""
+    if split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    scored = dataset.test if split == "test" else dataset.val
     out = {}
     with torch.no_grad():
         train_feats = model.features(dataset.train[0])
-        test_feats = model.features(dataset.test[0])
+        test_feats = model.features(scored[0])
     for m in model.order:
         gen = torch.Generator().manual_seed(seed)
         probe = nn.Linear(train_feats[m].shape[1], dataset.n_classes)
@@ -156,7 +171,7 @@ def linear_probe(model: FusionNet, dataset: datasets.MultiModalData, seed: int) 
             F.cross_entropy(probe(train_feats[m]), dataset.train[1]).backward()
             opt.step()
         with torch.no_grad():
-            out[m] = _accuracy(probe(test_feats[m]), dataset.test[1])
+            out[m] = _accuracy(probe(test_feats[m]), scored[1])
     return out
 
 
@@ -166,8 +181,12 @@ def _batches(n: int, batch: int, gen: torch.Generator):
         yield order[i : i + batch]
 
 
-def train(dataset: datasets.MultiModalData, method: str, seed: int, epochs: int, hp: dict) -> dict:
-    """Train one model; returns its metrics, traces and timing."""
+def train(dataset: datasets.MultiModalData, method: str, seed: int, epochs: int, hp: dict,
+          patience: int | None = None, probe_split: str = "test") -> dict:
+    """Train one model (early stopping on validation after ``patience`` epochs without a better
+    accuracy, default the dataset's); returns its metrics (the probes scored on
+    ``probe_split``), traces and timing."""
+    patience = PATIENCE[dataset.name] if patience is None else patience
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     torch.manual_seed(seed)
@@ -176,13 +195,13 @@ def train(dataset: datasets.MultiModalData, method: str, seed: int, epochs: int,
     aux = AuxiliaryHeads({m: COMMON["hidden"] for m in model.order}, dataset.n_classes) if method == "mimo" else None
     opm = PredictionModulation(q_base=hp.get("q_base", 0.5), lam=0.5, p_exe=0.7, seed=seed) if method == "opm" else None
     balancer = None
-    if method in ("uniform", "amss", "amss+", "ogm-ge"):
+    if method in ("uniform", "amss", "amss+", "amss+-official", "ogm-ge"):
         # the balancer measures each batch's significance from the forward pass (hooks on the encoders)
         rule = {"temperature": hp["temperature"]} if "temperature" in hp else {"alpha": hp["alpha"]}
         balancer = fastmask.Balancer({m: model.encoders[m] for m in model.order}, model.head, **rule)
-    if method in ("uniform", "amss", "amss+"):
-        cls = fastmask.AMSSPlus if method == "amss+" else fastmask.AMSS
-        kwargs = {"sampling": "uniform"} if method == "uniform" else {}
+    if method in ("uniform", "amss", "amss+", "amss+-official"):
+        cls = fastmask.AMSSPlus if method.startswith("amss+") else fastmask.AMSS
+        kwargs = {"uniform": {"sampling": "uniform"}, "amss+-official": OFFICIAL_AMSS_PLUS}.get(method, {})
         opt = cls(model.groups(), base="sgd", seed=seed, balancer=balancer, **sgd, **kwargs)
     elif method == "ogm-ge":
         opt = fastmask.OGM(model.groups(), base="sgd", ge=True, seed=seed, balancer=balancer, **sgd)
@@ -232,13 +251,13 @@ def train(dataset: datasets.MultiModalData, method: str, seed: int, epochs: int,
         val_acc, _ = evaluate(model, dataset.val)
         if val_acc > best[0]:
             best = (val_acc, copy.deepcopy(model.state_dict()), epoch)
-        elif epoch - best[2] >= PATIENCE[dataset.name]:
+        elif epoch - best[2] >= patience:
             break
     model.load_state_dict(best[1])
     test_acc, uni = evaluate(model, dataset.test)
     return {
         "method": method, "seed": seed, "hparams": hp, "best_epoch": best[2], "val_acc": best[0],
-        "test_acc": test_acc, "unimodal_acc": uni, "probe_acc": linear_probe(model, dataset, seed),
+        "test_acc": test_acc, "unimodal_acc": uni, "probe_acc": linear_probe(model, dataset, seed, probe_split),
         "seconds_per_epoch": statistics.mean(epoch_times), "step_share": sum(step_times) / sum(epoch_times),
         "trace": trace,
         "update_fraction": _update_fraction(opt, trace, model.order) if isinstance(opt, fastmask.AMSS) else None,
@@ -276,7 +295,7 @@ def tune(dataset_name: str, views, epochs: int, methods, log: Callable[..., None
     return chosen
 
 
-def run(dataset_name: str = "segment", views=None, methods=METHODS, seeds: int = 5, epochs: int = 60,
+def run(dataset_name: str = "segment", views=None, methods=DEFAULT_METHODS, seeds: int = 5, epochs: int = 60,
         out: str | Path = "demo_out", hparams: dict | None = None, progress: bool = True) -> dict:
     """Train every method on every seed; write results.json and results.png to ``out``."""
     hparams = hparams or DEFAULT_HPARAMS

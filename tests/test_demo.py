@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("river")
 
@@ -37,3 +38,18 @@ def test_run_writes_results_and_figure(tmp_path):
 def test_bad_method():
     with pytest.raises(ValueError, match="method"):
         demo.train(data.load_segment(0), "gradnorm", 0, 1, {})
+
+
+def test_one_modality_alone_with_validation_probes_and_patience():
+    """What the symptom search trains: an encoder on its own modality, probed on validation."""
+    d = data.load_segment(seed=0)
+    alone = d.only("colour")
+    assert alone.modalities == ["colour"] and torch.equal(alone.val[0]["colour"], d.val[0]["colour"])
+    r = demo.train(alone, "joint", seed=0, epochs=4, hp={"lr": 0.05}, patience=1, probe_split="val")
+    assert set(r["probe_acc"]) == {"colour"} and 0.3 < r["probe_acc"]["colour"] <= 1.0
+    model = demo.FusionNet(d.shapes(), d.n_classes, 8)
+    assert demo.linear_probe(model, d, 0, "val").keys() == {"shape", "colour"}
+    with pytest.raises(ValueError, match="split must be 'test' or 'val'"):
+        demo.linear_probe(model, d, 0, "train")
+    with pytest.raises(ValueError, match="modality 'audio' is not one of"):
+        d.only("audio")
