@@ -21,6 +21,10 @@ sums), the caller all-reduces them, and ``launch`` with those sums runs ``reduce
 on them and ``pass2``; N, the GE element count and the RNG index are the full tensor's
 (metadata columns below).
 
+The stats (sum pi, selected, units, skipped) are one fp64 row per pass-2 block and per tensor,
+written by the kernels and summed once on the host side: with no buffer to zero-fill, a batch
+without water-filling costs three launches and two other device ops.
+
 All tensors of a batch are reached through int64 pointer tables, so thousands
 of small tensors cost three launches, not thousands. Semantics: DESIGN §3.
 """
@@ -77,7 +81,9 @@ S_LR = tl.constexpr(8)
 SCALAR_COLS = tl.constexpr(9)
 
 PART_COLS = tl.constexpr(4)  # partials: sum s, sum g, sum g^2, non-finite count
-STAT_COLS = tl.constexpr(4)  # sum pi, selected units, units, skipped tensors
+# fp64 rows [sum pi, selected units, units, skipped tensors]: one per pass-2 block, then one per
+# tensor (written by reduce_tensors); the batch's stats are their column sums
+STAT_COLS = tl.constexpr(4)
 
 
 @triton.jit
@@ -225,13 +231,13 @@ def sum_partials(meta, partials, sums_out, sums_width, RBLOCK: tl.constexpr):
 
 @triton.jit
 def reduce_tensors(
-    ptr_table, meta, partials, sums_width, levels, row_importance, unit_weight, scalars, tensor_stats, found_inf_ptr,
-    lr_ptr,
+    ptr_table, meta, partials, sums_width, levels, row_importance, unit_weight, scalars, stat_rows, n_blocks,
+    exact_counts, found_inf_ptr, lr_ptr,
     lr_hi, lr_lo, decay_value, weight_decay, settings_ptr, min_prob, seed_lo, seed_hi,
     beta1_hi, beta1_lo, beta2_hi, beta2_lo,
-    HAS_FOUND_INF: tl.constexpr, LR_IS_TENSOR: tl.constexpr, ROW_SAMPLING: tl.constexpr,
-    SAMPLING: tl.constexpr, RESCALE: tl.constexpr, PRE_SUMMED: tl.constexpr, ALIGNED: tl.constexpr,
-    RBLOCK: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, LR_IS_TENSOR: tl.constexpr, MASK_MODE: tl.constexpr, ROW_SAMPLING: tl.constexpr,
+    EXACT: tl.constexpr, SAMPLING: tl.constexpr, RESCALE: tl.constexpr, PRE_SUMMED: tl.constexpr,
+    ALIGNED: tl.constexpr, RBLOCK: tl.constexpr,
 ):
     """PRE_SUMMED: ``partials`` holds the per-tensor sums [T, sums_width] (from sum_partials,
     reduced). ``levels``: each tensor's water level (x, p0) fp64 [T, 2] (water-filling).
@@ -291,8 +297,20 @@ def reduce_tensors(
     tl.store(out + S_DECAY, decay)
     tl.store(out + S_LR, lr.to(tl.float32))
 
-    okf = ok.to(tl.float32)
-    stats = tensor_stats + t * STAT_COLS
+    units_done = tl.where(ok, units.to(tl.float64), 0.0)
+    stats = stat_rows + (n_blocks + t) * STAT_COLS
+    # columns 0 and 1: the selected units and their expected number (pass 2's block rows hold them
+    # when it samples elements); a dense step updates every unit of a good tensor
+    if MASK_MODE == 0:
+        tl.store(stats + 0, units_done)
+        tl.store(stats + 1, units_done)
+    elif EXACT:
+        chosen = tl.where(ok, tl.load(exact_counts + t), 0.0)
+        tl.store(stats + 0, chosen)
+        tl.store(stats + 1, chosen)
+    elif not ROW_SAMPLING:
+        tl.store(stats + 0, tl.full([], 0.0, tl.float64))
+        tl.store(stats + 1, tl.full([], 0.0, tl.float64))
     if ROW_SAMPLING:
         # rows are few: sample them here, once, into the unit weight table
         offset = tl.load(mrow + M_UNIT_OFFSET)
@@ -316,15 +334,15 @@ def reduce_tensors(
             tl.store(unit_weight + offset + r, tl.where(sel, w, 0.0), mask=inb)
             sum_pi += tl.where(inb, pi, 0.0)
             n_sel += sel.to(tl.float32)
-        tl.store(stats + 0, tl.where(ok, tl.sum(sum_pi, axis=0), 0.0))
-        tl.store(stats + 1, tl.where(ok, tl.sum(n_sel, axis=0), 0.0))
-    tl.store(stats + 2, units.to(tl.float32) * okf)
-    tl.store(stats + 3, skipped.to(tl.float32))
+        tl.store(stats + 0, tl.where(ok, tl.sum(sum_pi, axis=0), 0.0).to(tl.float64))
+        tl.store(stats + 1, tl.where(ok, tl.sum(n_sel, axis=0), 0.0).to(tl.float64))
+    tl.store(stats + 2, units_done)
+    tl.store(stats + 3, skipped.to(tl.float64))
 
 
 @triton.jit
 def pass2(
-    grad_table, ptr_table, meta, block_tensor, scalars, levels, unit_weight, block_stats, grad_scale_ptr,
+    grad_table, ptr_table, meta, block_tensor, scalars, levels, unit_weight, stat_rows, grad_scale_ptr,
     seed_lo, seed_hi, settings_ptr, min_prob,
     one_minus_beta1, beta2, one_minus_beta2, eps, momentum, one_minus_dampening, weight_decay,
     fisher_beta, one_minus_fisher_beta,
@@ -380,6 +398,8 @@ def pass2(
         g_mod += tl.load(sc + S_STD) * z
 
     selected = inb
+    pi_sum = tl.full([], 0.0, tl.float64)  # this block's row of the stats (sampled elements only)
+    selected_sum = tl.full([], 0.0, tl.float64)
     if MASK_MODE == 1:
         degenerate = tl.load(sc + S_DEGENERATE)
         level_x, level_p0 = _level(levels, t, SAMPLING)
@@ -395,8 +415,8 @@ def pass2(
                                               RESCALE))
         g_mod = tl.where(selected, g_mod * w, 0.0)
         # where, not a product: a skipped tensor's pi may be NaN
-        tl.store(block_stats + pid.to(tl.int64) * 2 + 0, tl.where(ok, tl.sum(tl.where(inb, pi, 0.0), axis=0), 0.0))
-        tl.store(block_stats + pid.to(tl.int64) * 2 + 1, tl.where(ok, tl.sum(selected.to(tl.float32), axis=0), 0.0))
+        pi_sum = tl.where(ok, tl.sum(tl.where(inb, pi, 0.0), axis=0), 0.0).to(tl.float64)
+        selected_sum = tl.where(ok, tl.sum(selected.to(tl.float32), axis=0), 0.0).to(tl.float64)
     elif MASK_MODE == 2:
         selected = inb & (w != 0)
         g_mod = tl.where(selected, g_mod * w, 0.0)
@@ -445,6 +465,12 @@ def pass2(
     if EMA:
         fp = tl.load(prow + P_FISHER).to(tl.pointer_type(tl.float32))
         tl.store(fp + offs, fisher, mask=update if not FREEZE else tl.where(ok, inb, False))
+    row = stat_rows + pid.to(tl.int64) * STAT_COLS
+    zero = tl.full([], 0.0, tl.float64)
+    tl.store(row + 0, pi_sum)
+    tl.store(row + 1, selected_sum)
+    tl.store(row + 2, zero)
+    tl.store(row + 3, zero)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -622,17 +648,17 @@ def launch(
     grads = _grad_table(work["grads"])
     n_tensors = len(params)
     f32 = dict(dtype=torch.float32, device=device)
-    unit_weight = torch.zeros(max(layout.n_units if k.masked else 1, 1), **f32)
+    # every entry read is written first (row sampling fills the whole unit table): no fills
+    unit_weight = torch.empty(max(layout.n_units if k.masked else 1, 1), **f32)
     scalars = torch.empty((n_tensors, SCALAR_COLS.value), **f32)
-    tensor_stats = torch.zeros((n_tensors, STAT_COLS.value), **f32)
-    block_stats = torch.zeros((max(layout.n_blocks, 1), 2), **f32)
+    stat_rows = torch.empty((layout.n_blocks + n_tensors, STAT_COLS.value), dtype=torch.float64, device=device)
     dummy = scalars
     settings = cfg.device_settings(device)
     grad_scale_ptr = grad_scale if grad_scale is not None else dummy
     seed = dict(seed_lo=k.seed & 0xFFFFFFFF, seed_hi=k.seed >> 32)
     importance = dict(fisher_beta=k.fisher_beta, one_minus_fisher_beta=1.0 - k.fisher_beta)
 
-    exact_counts = None
+    exact_counts = dummy
     if k.exact:
         unit_weight = exact_weights
         exact_counts = torch.tensor(
@@ -657,14 +683,14 @@ def launch(
     reduce_tensors[(n_tensors,)](
         ptr_table=layout.pointers, meta=layout.meta, partials=partials, sums_width=partials.shape[1], levels=levels,
         row_importance=row_importance,
-        unit_weight=unit_weight, scalars=scalars, tensor_stats=tensor_stats,
-        found_inf_ptr=found_inf if found_inf is not None else dummy,
+        unit_weight=unit_weight, scalars=scalars, stat_rows=stat_rows, n_blocks=layout.n_blocks,
+        exact_counts=exact_counts, found_inf_ptr=found_inf if found_inf is not None else dummy,
         lr_ptr=cfg.lr.to(device=device, dtype=torch.float32) if lr_is_tensor else dummy,
         lr_hi=lr_hi, lr_lo=lr_lo, decay_value=1.0 if lr_is_tensor else 1.0 - k.lr * k.weight_decay,
         weight_decay=k.weight_decay, settings_ptr=settings, min_prob=k.min_prob, **seed,
         beta1_hi=beta1_hi, beta1_lo=beta1_lo, beta2_hi=beta2_hi, beta2_lo=beta2_lo,
-        HAS_FOUND_INF=found_inf is not None, LR_IS_TENSOR=lr_is_tensor,
-        ROW_SAMPLING=k.masked and k.row and not k.exact, SAMPLING=0 if k.poisson else 1, RESCALE=k.rescale,
+        HAS_FOUND_INF=found_inf is not None, LR_IS_TENSOR=lr_is_tensor, MASK_MODE=k.mask_mode,
+        ROW_SAMPLING=k.masked and k.row and not k.exact, EXACT=k.exact, SAMPLING=0 if k.poisson else 1, RESCALE=k.rescale,
         PRE_SUMMED=sums is not None, ALIGNED=layout.aligned, RBLOCK=REDUCE_BLOCK,
         enable_fp_fusion=False,
     )
@@ -672,7 +698,7 @@ def launch(
     if layout.n_blocks:
         pass2[(layout.n_blocks,)](
             grad_table=grads, ptr_table=layout.pointers, meta=layout.meta, block_tensor=layout.block_tensor,
-            scalars=scalars, levels=levels, unit_weight=unit_weight, block_stats=block_stats,
+            scalars=scalars, levels=levels, unit_weight=unit_weight, stat_rows=stat_rows,
             grad_scale_ptr=grad_scale_ptr, **seed,
             settings_ptr=settings, min_prob=k.min_prob, one_minus_beta1=1.0 - k.beta1, beta2=k.beta2,
             one_minus_beta2=1.0 - k.beta2, eps=k.eps, momentum=k.momentum, one_minus_dampening=1.0 - k.dampening,
@@ -684,20 +710,7 @@ def launch(
             enable_fp_fusion=False,  # no contraction into FMAs: every op rounds as the reference's
         )
     if group.stats is not None:
-        _accumulate_stats(group.stats, k.mask_mode, tensor_stats, block_stats, scalars, exact_counts)
-
-
-def _accumulate_stats(stats, mask_mode, tensor_stats, block_stats, scalars, exact_counts) -> None:
-    per_tensor = tensor_stats.to(torch.float64).sum(0)
-    if exact_counts is not None:
-        chosen = (exact_counts * scalars[:, S_OK.value].to(torch.float64)).sum()  # counts are finite
-        stats += torch.stack((chosen, chosen, per_tensor[2], per_tensor[3]))
-    elif mask_mode == 1:
-        stats += torch.cat((block_stats.to(torch.float64).sum(0), per_tensor[2:]))
-    elif mask_mode == 2:
-        stats += per_tensor
-    else:
-        stats += torch.stack((per_tensor[2], per_tensor[2], per_tensor[2], per_tensor[3]))
+        group.stats += stat_rows.sum(0)
 
 
 __all__ = ["launch", "launch_sums", "pass1_blocks", "pass1_rows", "pass2", "reduce_tensors", "sum_partials"]

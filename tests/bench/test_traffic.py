@@ -89,3 +89,10 @@ def test_cli_prints_the_table_and_writes_the_json(tmp_path, capsys):
     assert saved["bandwidth_tbps"] == traffic.H200_COPY_TBPS
     with pytest.raises(SystemExit, match="unknown \\['rows'\\] with --traffic"):
         main(["bench", "--traffic", "--variants", "rows"])
+
+
+@pytest.mark.parametrize("variant", ["dense", "ogm-ge"])
+def test_batches_without_water_filling_meet_the_launch_floor(variant):
+    """DESIGN §5: per batch at most 3 launches and 3 other device ops besides allocations."""
+    counted = traffic.count_step(variant, shapes=traffic.SEVERAL)
+    assert counted.launches <= 3 and sum(counted.device_ops.values()) <= 3, dict(counted.device_ops)
