@@ -20,10 +20,14 @@
 #include <tuple>
 #include <vector>
 
-// AVX-512 Philox (16 calls per vector) unless FASTMASK_PORTABLE_RNG asks for the portable
-// loop (the tests build that variant too, so both stay bit-identical to the reference)
+// Philox in vectors: AVX-512 (16 calls per vector), else AVX2 (8 calls per vector), unless
+// FASTMASK_PORTABLE_RNG asks for the portable loop (the tests build every variant, so all stay
+// bit-identical to the reference)
 #if defined(__AVX512F__) && !defined(FASTMASK_PORTABLE_RNG)
 #define FASTMASK_AVX512_RNG 1
+#include <immintrin.h>
+#elif defined(__AVX2__) && !defined(FASTMASK_PORTABLE_RNG)
+#define FASTMASK_AVX2_RNG 1
 #include <immintrin.h>
 #endif
 
@@ -253,6 +257,63 @@ inline void uniform_calls16(uint64_t first_call, uint32_t s_lo, uint32_t s_hi, u
   _mm512_storeu_ps(out + 16, _mm512_shuffle_f32x4(t0, t1, 0xDD));
   _mm512_storeu_ps(out + 32, _mm512_shuffle_f32x4(t2, t3, 0x88));
   _mm512_storeu_ps(out + 48, _mm512_shuffle_f32x4(t2, t3, 0xDD));
+}
+#elif defined(FASTMASK_AVX2_RNG)
+// (high, low) 32-bit halves of x * m in each of the 8 lanes: vpmuludq multiplies the even
+// lanes; the odd lanes are shifted down and multiplied separately.
+inline __m256i mulhilo_avx2(__m256i x, __m256i m, __m256i* lo) {
+  const __m256i even = _mm256_mul_epu32(x, m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);
+  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  return _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// uniform_calls<8> with one call per vector lane, transposed back to unit order.
+inline void uniform_calls8(uint64_t first_call, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1,
+                           float* out) {
+  const uint32_t lo = static_cast<uint32_t>(first_call), hi = static_cast<uint32_t>(first_call >> 32);
+  const __m256i lo_v = _mm256_set1_epi32(static_cast<int>(lo));
+  __m256i x0 = _mm256_add_epi32(lo_v, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  // the counter's low word wrapped where x0 < lo (unsigned: compared with the sign bits flipped)
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(lo_v, sign), _mm256_xor_si256(x0, sign));
+  __m256i x1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(hi)), carry);  // carry lanes are -1
+  __m256i x2 = _mm256_set1_epi32(static_cast<int>(s_lo)), x3 = _mm256_set1_epi32(static_cast<int>(s_hi));
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(fastmask::kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(fastmask::kPhiloxM1));
+  for (int r = 0; r < 10; ++r) {
+    __m256i lo0, lo2;
+    const __m256i hi0 = mulhilo_avx2(x0, m0, &lo0);
+    const __m256i hi2 = mulhilo_avx2(x2, m1, &lo2);
+    x0 = _mm256_xor_si256(_mm256_xor_si256(hi2, x1),
+                          _mm256_set1_epi32(static_cast<int>(k0 + r * fastmask::kPhiloxW0)));
+    x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3),
+                          _mm256_set1_epi32(static_cast<int>(k1 + r * fastmask::kPhiloxW1)));
+    x1 = lo2;
+    x3 = lo0;
+  }
+  const __m256 scale = _mm256_set1_ps(fastmask::kUnitScale);
+  auto uniform = [&](__m256i w) { return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)), scale); };
+  auto as_pd = [](__m256 x) { return _mm256_castps_pd(x); };
+  auto as_ps = [](__m256d x) { return _mm256_castpd_ps(x); };
+  const __m256 u0 = uniform(x0), u1 = uniform(x1), u2 = uniform(x2), u3 = uniform(x3);
+  // per 128-bit lane: (u0, u1) and (u2, u3) interleaved, then 64-bit pairs: calls j and j + 4
+  const __m256 a_lo = _mm256_unpacklo_ps(u0, u1), a_hi = _mm256_unpackhi_ps(u0, u1);
+  const __m256 b_lo = _mm256_unpacklo_ps(u2, u3), b_hi = _mm256_unpackhi_ps(u2, u3);
+  const __m256 r0 = as_ps(_mm256_unpacklo_pd(as_pd(a_lo), as_pd(b_lo)));  // calls 0 | 4
+  const __m256 r1 = as_ps(_mm256_unpackhi_pd(as_pd(a_lo), as_pd(b_lo)));  // calls 1 | 5
+  const __m256 r2 = as_ps(_mm256_unpacklo_pd(as_pd(a_hi), as_pd(b_hi)));  // calls 2 | 6
+  const __m256 r3 = as_ps(_mm256_unpackhi_pd(as_pd(a_hi), as_pd(b_hi)));  // calls 3 | 7
+  _mm256_storeu_ps(out, _mm256_permute2f128_ps(r0, r1, 0x20));
+  _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(r2, r3, 0x20));
+  _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(r0, r1, 0x31));
+  _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(r2, r3, 0x31));
+}
+
+inline void uniform_calls16(uint64_t first_call, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1,
+                            float* out) {
+  uniform_calls8(first_call, s_lo, s_hi, k0, k1, out);
+  uniform_calls8(first_call + 8, s_lo, s_hi, k0, k1, out + 32);
 }
 #else
 inline void uniform_calls16(uint64_t first_call, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1,
@@ -941,8 +1002,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bernoulli_select", &bernoulli_select);
   m.def("unbiased_rescale", &unbiased_rescale);
   // which Philox loop this build compiled, so that a test can tell the variants apart
-#ifdef FASTMASK_AVX512_RNG
+#if defined(FASTMASK_AVX512_RNG)
   m.def("rng_path", [] { return std::string("avx512"); });
+#elif defined(FASTMASK_AVX2_RNG)
+  m.def("rng_path", [] { return std::string("avx2"); });
 #else
   m.def("rng_path", [] { return std::string("portable"); });
 #endif

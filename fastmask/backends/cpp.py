@@ -31,6 +31,22 @@ EXTENSION = JitExtension("fastmask_cpp", "fastmask._cpp", ["cpu/masked_step.cpp"
                          extra_ldflags=["-fopenmp"])
 
 
+def rng_variant(path: str, cap_at_avx2: bool = False) -> JitExtension:
+    """The extension built with one Philox loop whatever this CPU has ("portable", "avx2" or
+    "avx512"; ``rng_path()`` says which it compiled), and with ``cap_at_avx2`` no AVX-512
+    anywhere (what an AVX2 machine compiles): for the tests that hold the loops to the same bits
+    and the bench that times them side by side. Each runs only on a CPU with its instructions."""
+    flags = {"portable": ["-DFASTMASK_PORTABLE_RNG"], "avx2": ["-mavx2", "-mno-avx512f"],
+             "avx512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"]}[path]
+    if cap_at_avx2:
+        if path == "avx512":
+            raise ValueError("the avx512 loop cannot be capped at AVX2")
+        flags = [*flags, "-mavx2", "-mno-avx512f"]
+    name = f"fastmask_cpp_{path}_rng" + ("_avx2_isa" if cap_at_avx2 and path != "avx2" else "")
+    return JitExtension(name, f"fastmask._{name.removeprefix('fastmask_')}", ["cpu/masked_step.cpp"],
+                        extra_cflags=[*BUILD_FLAGS, *flags], extra_ldflags=["-fopenmp"])
+
+
 def _probe(device: torch.device) -> str | None:
     if device.type != "cpu":
         return "the cpp backend runs CPU tensors (CUDA tensors: triton or cuda)"

@@ -1,29 +1,27 @@
-"""The cpp backend's two Philox paths agree: the AVX-512 one (16 calls per vector) and the
-portable loop (``-DFASTMASK_PORTABLE_RNG``).
+"""The cpp backend's three Philox paths agree: the AVX-512 one (16 calls per vector), the AVX2
+one (8 calls per vector) and the portable loop (``-DFASTMASK_PORTABLE_RNG``).
 
 Each variant is built explicitly as an extension of its own, and each build reports which
 loop it compiled (``rng_path()``), so that the comparison cannot pass by comparing the
 portable loop with itself: on a compiler target without AVX-512, ``-march=native`` alone
-would compile the portable loop in both. The AVX-512 build runs only on a CPU that has
-AVX-512 (skipped with that reason elsewhere); it is checked to step exactly like the portable
-one, for blocks that start at a multiple of 4 and for shards that do not.
+would compile the portable loop in both. Each vector build runs only on a CPU that has its
+instructions (skipped with that reason elsewhere); each is checked to step exactly like the
+portable one, for blocks that start at a multiple of 4 and for shards that do not.
 """
 
 import pytest
 import torch
 
 from fastmask.backends import cpp
-from fastmask.backends.native import JitExtension, native_masked_step_, reference_select
+from fastmask.backends.native import native_masked_step_, reference_select
 from fastmask.reference.spec import Shard, StepConfig, TensorGroup
 
 pytestmark = pytest.mark.skipif(cpp.EXTENSION.module() is None, reason="the cpp backend cannot be built here")
 
-PORTABLE = JitExtension("fastmask_cpp_portable_rng", "fastmask._cpp_portable_rng", ["cpu/masked_step.cpp"],
-                        extra_cflags=[*cpp.BUILD_FLAGS, "-DFASTMASK_PORTABLE_RNG"], extra_ldflags=["-fopenmp"])
-AVX512 = JitExtension("fastmask_cpp_avx512_rng", "fastmask._cpp_avx512_rng", ["cpu/masked_step.cpp"],
-                      extra_cflags=[*cpp.BUILD_FLAGS, "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"],
-                      extra_ldflags=["-fopenmp"])
+PORTABLE, AVX2, AVX512 = (cpp.rng_variant(path) for path in ("portable", "avx2", "avx512"))
+PORTABLE_AVX2_ISA = cpp.rng_variant("portable", cap_at_avx2=True)  # an AVX2 machine's portable build
 CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+CPU_HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def _run(extension, cfg: StepConfig, shard: Shard | None) -> list[torch.Tensor]:
@@ -38,17 +36,29 @@ def _run(extension, cfg: StepConfig, shard: Shard | None) -> list[torch.Tensor]:
 
 
 def test_each_variant_compiles_the_loop_it_is_named_for():
-    for extension, path in ((PORTABLE, "portable"), (AVX512, "avx512")):
+    for extension, path in ((PORTABLE, "portable"), (AVX512, "avx512"), (AVX2, "avx2"),
+                            (PORTABLE_AVX2_ISA, "portable")):
         module = extension.module()
         assert module is not None, extension.error
         assert module.rng_path() == path
     default = cpp.EXTENSION.module().rng_path()
-    assert default == ("avx512" if CPU_HAS_AVX512 else "portable"), (default, CPU_HAS_AVX512)
+    expected = "avx512" if CPU_HAS_AVX512 else "avx2" if CPU_HAS_AVX2 else "portable"
+    assert default == expected, (default, torch.backends.cpu.get_cpu_capability())
 
 
-@pytest.mark.skipif(not CPU_HAS_AVX512, reason="this CPU has no AVX-512: the AVX-512 build cannot run here")
-@pytest.mark.parametrize("shard", [None, Shard(torch.Size((300, 3)), 3 * 13)], ids=["whole", "offset-39"])
-def test_avx512_rng_steps_like_the_portable_loop(shard):
+# a shard whose Philox counter (its full-tensor index / 4) crosses 2^32 inside a vector: the
+# carry into the counter's high word; its first element is not a multiple of 4 either
+WRAPPING = Shard(torch.Size((5_726_623_050 + 300, 3)), 17_179_869_150)
+
+
+@pytest.mark.parametrize("shard", [None, Shard(torch.Size((300, 3)), 3 * 13), WRAPPING],
+                         ids=["whole", "offset-39", "counter-wraps"])
+@pytest.mark.parametrize("vector, runs_here", [(AVX512, CPU_HAS_AVX512), (AVX2, CPU_HAS_AVX2),
+                                               (PORTABLE_AVX2_ISA, CPU_HAS_AVX2)],
+                         ids=["avx512", "avx2", "portable-avx2-isa"])
+def test_vector_rng_steps_like_the_portable_loop(vector, runs_here, shard):
+    if not runs_here:
+        pytest.skip(f"this CPU lacks the instructions of {vector.name}: it cannot run here")
     cfg = StepConfig(ratio=0.3, unbiased=True, seed=2**40 + 3)
-    for a, b in zip(_run(AVX512.module(), cfg, shard), _run(PORTABLE.module(), cfg, shard)):
+    for a, b in zip(_run(vector.module(), cfg, shard), _run(PORTABLE.module(), cfg, shard)):
         assert torch.equal(a, b)
