@@ -5,8 +5,10 @@
 The cpp extension is built once per loop (``fastmask.backends.cpp.rng_variant``: see ``BUILDS``,
 each only where the CPU has its instructions) and the element-unit AMSS+-AdamW
 step (grad2 importance, ratio 0.5, water-filling) runs on one tensor of 2^22 elements and on the
-two ResNet-18 encoders of ``fastmask bench``'s av-resnet18 set. Rounds alternate the builds and
-fused AdamW, so that a shared machine's load falls on all of them alike; medians over rounds.
+two ResNet-18 encoders of ``fastmask bench``'s av-resnet18 set, whole and by phase (pass 1 and
+the level solve timed alone; pass 2, with the Philox draws, is the step less those two). Rounds
+alternate the builds and fused AdamW, so that a shared machine's load falls on all of them alike;
+medians over rounds.
 The record names the CPU (``lscpu`` model and SIMD flags): the same code runs at very different
 ratios on AVX2 and AVX-512 machines.
 """
@@ -23,7 +25,7 @@ import time
 import torch
 
 from fastmask.backends import cpp
-from fastmask.backends.native import native_masked_step_, reference_select
+from fastmask.backends.native import native_masked_step_, native_masked_step_sums, reference_select
 from fastmask.reference.spec import StepConfig, TensorGroup
 
 from .suites import _params, resnet18_shapes, torch_adamw_step
@@ -58,7 +60,8 @@ def _tensors(shapes: list[tuple[int, ...]]) -> tuple[list[torch.Tensor], ...]:
 
 
 def time_paths(shapes: list[tuple[int, ...]], rounds: int) -> dict[str, float]:
-    """Median ms per step of each runnable path and of torch's fused AdamW, alternated per round."""
+    """Median ms of each runnable build's step, of its pass 1 and its level solve alone (keys
+    "<build> pass 1", "<build> level"), and of torch's fused AdamW, alternated per round."""
     capability = torch.backends.cpu.get_cpu_capability()
     cfg = StepConfig(ratio=0.5, unbiased=True, seed=0)
     steps: dict[str, callable] = {}
@@ -71,8 +74,15 @@ def time_paths(shapes: list[tuple[int, ...]], rounds: int) -> dict[str, float]:
         params, grads, m, v = _tensors(shapes)
         group = TensorGroup(params, grads, [torch.tensor(0.0) for _ in params], list(range(len(params))),
                             exp_avgs=m, exp_avg_sqs=v)
-        steps[name] = (lambda module=module, group=group: native_masked_step_(
-            module, group, cfg, None, None, reference_select(cfg.seed), solve_levels=cpp.water_levels))
+        def levels(sums, cfg, module=module):
+            return cpp.water_levels(sums, cfg, module)
+
+        steps[name] = (lambda module=module, group=group, levels=levels: native_masked_step_(
+            module, group, cfg, None, None, reference_select(cfg.seed), solve_levels=levels))
+        steps[f"{name} pass 1"] = (lambda module=module, group=group: native_masked_step_sums(
+            module, group, cfg, None, handed_out=False))
+        sums, _ = native_masked_step_sums(module, group, cfg, None, handed_out=False)
+        steps[f"{name} level"] = lambda sums=sums, levels=levels: levels(sums, cfg)
     steps["torch fused AdamW"] = torch_adamw_step(_params({"m": shapes}, torch.device("cpu")), fused=True)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(2):  # warm-up: first touches, thread pools
@@ -98,7 +108,14 @@ def main() -> None:
         adamw = ms["torch fused AdamW"]
         record["sets"][name] = {path: {"median_ms": round(t, 3), "x_fused_adamw": round(t / adamw, 2)}
                                 for path, t in ms.items()}
-        print(f"{name}: " + ", ".join(f"{path} {t:.2f} ms ({t / adamw:.2f}x)" for path, t in ms.items()), flush=True)
+        print(f"{name}: " + ", ".join(f"{path} {t:.2f} ms ({t / adamw:.2f}x)" for path, t in ms.items()
+                                      if not path.endswith((" pass 1", " level"))), flush=True)
+        for build in BUILDS:
+            if build in ms:  # pass 2 (with Philox): the step less its pass 1 and level, each timed alone
+                pass2 = ms[build] - ms[f"{build} pass 1"] - ms[f"{build} level"]
+                record["sets"][name][build]["pass2_ms_derived"] = round(pass2, 3)
+                print(f"  {build}: pass 1 {ms[build + ' pass 1']:.2f} ms, level {ms[build + ' level']:.2f} ms, "
+                      f"pass 2 (derived) {pass2:.2f} ms", flush=True)
     print(record["cpu"])
     if args.json:
         with open(args.json, "w") as f:
