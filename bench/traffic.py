@@ -212,6 +212,8 @@ def count_step(variant: str, dtype: torch.dtype = torch.float32, shapes: list[tu
                n_groups: int = 1) -> Count:
     """The counts of one steady-state step (after a first step that creates the states and
     caches the pointer tables) of ``variant`` on ``n_groups`` groups of ``shapes``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {list(VARIANTS)}, got {variant!r}")
     cls, kwargs, setting = VARIANTS[variant]
     groups = _groups(variant, dtype, shapes or [SHAPE], n_groups)
     opt = cls(groups, backend="triton", seed=0, **kwargs)

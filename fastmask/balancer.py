@@ -486,7 +486,8 @@ class Balancer:
         that a step that raises leaves the balancer as it was)."""
         check_choice("kind", kind, ("ratios", "coefficients"))
         sums = self._pooled_sums()
-        new = self._ratios(sums) if kind == "ratios" else self._coefficients(sums)
+        mir = self._mutual_information_rates(sums)  # the ratios' rule and the trace both read it
+        new = self._ratios(mir) if kind == "ratios" else self._coefficients(sums)
         ok = (sums[0] > 0) & torch.isfinite(new).all()
         in_window = self._steps >= self.start
         if self.end is not None:
@@ -503,7 +504,7 @@ class Balancer:
         values = torch.where(in_window, torch.where(ok, blended, last), torch.ones_like(new))
         count, _, per = self._split(sums)
         measured = torch.stack((per[:, CORRECT] / count, per[:, TRUE_PROB] / count,
-                                self._mutual_information_rates(sums), values), 1)  # [M, 4]: the trace's row
+                                mir, values), 1)  # [M, 4]: the trace's row
         smoothed = torch.where(good, blended, previous if previous is not None else torch.full_like(new, math.nan))
         new_last = torch.where(good, blended, last)
 
@@ -572,8 +573,8 @@ class Balancer:
         h_y = -torch.special.xlogy(p, p).sum()
         return (h_y + per[:, LOG_Q] / count) / (per[:, FEATURE_ENTROPY] / count)
 
-    def _ratios(self, sums: torch.Tensor) -> torch.Tensor:
-        mir = self._mutual_information_rates(sums)
+    def _ratios(self, mir: torch.Tensor) -> torch.Tensor:
+        """The AMSS ratios (float64 [M]) from the mutual-information rates."""
         weights = torch.softmax(mir / self.temperature, dim=0)
         rho = (1.0 - weights + self.bias).clamp(*self.bounds)
         return torch.where(torch.isfinite(mir).all(), rho, math.nan)  # not finite: prepare() falls back

@@ -38,8 +38,12 @@ def _traffic(args: argparse.Namespace) -> int:
     unknown = [v for v in args.variants or [] if v not in traffic.VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown} with --traffic; choose from {list(traffic.VARIANTS)}")
-    bandwidth = args.bandwidth_tbps or traffic.H200_COPY_TBPS
-    launch_us = args.launch_us if args.launch_us is not None else traffic.LAUNCH_US
+    bandwidth = traffic.H200_COPY_TBPS if args.bandwidth_tbps is None else args.bandwidth_tbps
+    launch_us = traffic.LAUNCH_US if args.launch_us is None else args.launch_us
+    if not 0 < bandwidth < float("inf"):
+        raise SystemExit(f"--bandwidth-tbps must be a positive number of TB/s, got {bandwidth}")
+    if not 0 <= launch_us < float("inf"):
+        raise SystemExit(f"--launch-us must be >= 0 microseconds, got {launch_us}")
     rows = traffic.run(args.variants, bandwidth_tbps=bandwidth, launch_us=launch_us)
     print(traffic.table(rows, bandwidth, launch_us))
     if args.json:

@@ -43,6 +43,7 @@ from fastmask import data as datasets
 from fastmask import significance as sig
 from fastmask.losses import mimo_loss, unimodal_losses
 from fastmask.nn import AuxiliaryHeads, PredictionModulation
+from fastmask.ops.checks import check_int
 
 DEFAULT_METHODS = ("joint", "uniform", "amss", "amss+", "ogm-ge", "opm", "mimo")  # `make demo` runs these
 METHODS = DEFAULT_METHODS + ("amss+-official",)
@@ -148,12 +149,16 @@ def evaluate(model: FusionNet, split) -> tuple[float, dict[str, float]]:
     return _accuracy(model.fuse(feats), y), {m: _accuracy(out, y) for m, out in uni.items()}
 
 
+def _check_split(name: str, split: str) -> None:
+    if split not in ("test", "val"):
+        raise ValueError(f"{name} must be 'test' or 'val', got {split!r}")
+
+
 def linear_probe(model: FusionNet, dataset: datasets.MultiModalData, seed: int, split: str = "test"
                  ) -> dict[str, float]:
     """Accuracy on ``split`` ("test" or "val") of a logistic regression trained on each frozen
     encoder's train features."""
-    if split not in ("test", "val"):
-        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    _check_split("split", split)
     scored = dataset.test if split == "test" else dataset.val
     out = {}
     with torch.no_grad():
@@ -186,7 +191,8 @@ def train(dataset: datasets.MultiModalData, method: str, seed: int, epochs: int,
     """Train one model (early stopping on validation after ``patience`` epochs without a better
     accuracy, default the dataset's); returns its metrics (the probes scored on
     ``probe_split``), traces and timing."""
-    patience = PATIENCE[dataset.name] if patience is None else patience
+    patience = PATIENCE[dataset.name] if patience is None else check_int("patience", patience, 1, 10**6)
+    _check_split("probe_split", probe_split)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     torch.manual_seed(seed)

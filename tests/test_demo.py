@@ -53,3 +53,11 @@ def test_one_modality_alone_with_validation_probes_and_patience():
         demo.linear_probe(model, d, 0, "train")
     with pytest.raises(ValueError, match="modality 'audio' is not one of"):
         d.only("audio")
+
+
+def test_train_rejects_bad_patience_and_probe_split_before_training():
+    d = data.load_segment(seed=0)
+    with pytest.raises(ValueError, match="patience"):
+        demo.train(d, "joint", 0, 1, {"lr": 0.05}, patience=0)
+    with pytest.raises(ValueError, match="probe_split must be 'test' or 'val'"):
+        demo.train(d, "joint", 0, 1, {"lr": 0.05}, probe_split="train")

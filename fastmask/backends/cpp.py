@@ -36,8 +36,11 @@ def rng_variant(path: str, cap_at_avx2: bool = False) -> JitExtension:
     "avx512"; ``rng_path()`` says which it compiled), and with ``cap_at_avx2`` no AVX-512
     anywhere (what an AVX2 machine compiles): for the tests that hold the loops to the same bits
     and the bench that times them side by side. Each runs only on a CPU with its instructions."""
-    flags = {"portable": ["-DFASTMASK_PORTABLE_RNG"], "avx2": ["-mavx2", "-mno-avx512f"],
-             "avx512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"]}[path]
+    loops = {"portable": ["-DFASTMASK_PORTABLE_RNG"], "avx2": ["-mavx2", "-mno-avx512f"],
+             "avx512": ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"]}
+    if path not in loops:
+        raise ValueError(f"path must be one of {list(loops)}, got {path!r}")
+    flags = loops[path]
     if cap_at_avx2:
         if path == "avx512":
             raise ValueError("the avx512 loop cannot be capped at AVX2")

@@ -96,3 +96,14 @@ def test_batches_without_water_filling_meet_the_launch_floor(variant):
     """DESIGN §5: per batch at most 3 launches and 3 other device ops besides allocations."""
     counted = traffic.count_step(variant, shapes=traffic.SEVERAL)
     assert counted.launches <= 3 and sum(counted.device_ops.values()) <= 3, dict(counted.device_ops)
+
+
+def test_bad_model_arguments_and_variants_are_refused():
+    from fastmask.cli import main
+
+    with pytest.raises(SystemExit, match="--bandwidth-tbps must be a positive number"):
+        main(["bench", "--traffic", "--bandwidth-tbps", "0"])
+    with pytest.raises(SystemExit, match="--launch-us must be >= 0"):
+        main(["bench", "--traffic", "--launch-us", "-1"])
+    with pytest.raises(ValueError, match="variant must be one of"):
+        traffic.count_step("rows")

@@ -62,3 +62,10 @@ def test_vector_rng_steps_like_the_portable_loop(vector, runs_here, shard):
     cfg = StepConfig(ratio=0.3, unbiased=True, seed=2**40 + 3)
     for a, b in zip(_run(vector.module(), cfg, shard), _run(PORTABLE.module(), cfg, shard)):
         assert torch.equal(a, b)
+
+
+def test_an_unknown_loop_is_refused():
+    with pytest.raises(ValueError, match="path must be one of"):
+        cpp.rng_variant("avx1024")
+    with pytest.raises(ValueError, match="cannot be capped at AVX2"):
+        cpp.rng_variant("avx512", cap_at_avx2=True)
