@@ -487,7 +487,7 @@ class Balancer:
         check_choice("kind", kind, ("ratios", "coefficients"))
         sums = self._pooled_sums()
         mir = self._mutual_information_rates(sums)  # the ratios' rule and the trace both read it
-        new = self._ratios(mir) if kind == "ratios" else self._coefficients(sums)
+        new = self._ratios_from_rates(mir) if kind == "ratios" else self._coefficients(sums)
         ok = (sums[0] > 0) & torch.isfinite(new).all()
         in_window = self._steps >= self.start
         if self.end is not None:
@@ -573,8 +573,11 @@ class Balancer:
         h_y = -torch.special.xlogy(p, p).sum()
         return (h_y + per[:, LOG_Q] / count) / (per[:, FEATURE_ENTROPY] / count)
 
-    def _ratios(self, mir: torch.Tensor) -> torch.Tensor:
-        """The AMSS ratios (float64 [M]) from the mutual-information rates."""
+    def _ratios(self, sums: torch.Tensor) -> torch.Tensor:
+        """The AMSS ratios (float64 [M]) from pooled sums."""
+        return self._ratios_from_rates(self._mutual_information_rates(sums))
+
+    def _ratios_from_rates(self, mir: torch.Tensor) -> torch.Tensor:
         weights = torch.softmax(mir / self.temperature, dim=0)
         rho = (1.0 - weights + self.bias).clamp(*self.bounds)
         return torch.where(torch.isfinite(mir).all(), rho, math.nan)  # not finite: prepare() falls back
