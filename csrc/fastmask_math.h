@@ -114,6 +114,106 @@ FM_HD float inclusion_prob(float s, double level_x, float p0, bool degenerate, f
   return bin == 0 ? p0 : clamp(q_x, min_prob, 1.0f);
 }
 
+// ---- the water level (fastmask.reference.sampling.water_level, operation for operation)
+
+// The masses of the level's prefix sums, exact: a positive bin's n q is the integer
+// n * mantissa at bit `binade` of a fixed-point number whose unit is 2^-129, carried as
+// kMassLimbs limbs of kMassLimbBits bits (sampling.mass_limbs), so that any order of adding
+// them gives the same sum; mass_to_double rounds one by sampling.mass_to_float's rule.
+constexpr int kPositiveBins = (0x7F800000 >> kBinShift) - 1;  // bins 1 .. 2039
+constexpr int kMassLimbBits = 24;
+constexpr int kMassLimbs = 13;
+constexpr int64_t kMassLimbMask = (int64_t{1} << kMassLimbBits) - 1;
+
+struct Mass {
+  int64_t limb[kMassLimbs];
+};
+
+FM_HD Mass mass_zero() {
+  Mass m;
+  for (int i = 0; i < kMassLimbs; ++i) m.limb[i] = 0;
+  return m;
+}
+
+// m += count * q of positive bin p (bin p + 1; count < 2^44)
+FM_HD void mass_add_bin(Mass& m, int64_t count, int p) {
+  const int bin = p + 1, exponent = bin >> 3;
+  const int64_t value = count * ((exponent > 0 ? 8 : 0) + (bin & 7));  // < 2^48
+  const int binade = (exponent > 1 ? exponent : 1) - 1, shift = binade % kMassLimbBits;
+  int64_t* limb = m.limb + binade / kMassLimbBits;
+  const int64_t low = (value & kMassLimbMask) << shift, high = (value >> kMassLimbBits) << shift;
+  limb[0] += low & kMassLimbMask;
+  limb[1] += (low >> kMassLimbBits) + (high & kMassLimbMask);
+  limb[2] += high >> kMassLimbBits;
+}
+
+FM_HD double mass_to_double(Mass m) {
+  for (int i = 0; i + 1 < kMassLimbs; ++i) {  // carries up (arithmetic shifts: floor division)
+    m.limb[i + 1] += m.limb[i] >> kMassLimbBits;
+    m.limb[i] &= kMassLimbMask;
+  }
+  int top = -1;
+  for (int i = 0; i < kMassLimbs; ++i) top = m.limb[i] != 0 ? i : top;
+  if (top < 0) return 0.0;
+  const int64_t high = m.limb[top] * (int64_t{1} << kMassLimbBits) + (top >= 1 ? m.limb[top - 1] : 0);
+  const double value = static_cast<double>(high) * 16777216.0 + static_cast<double>(top >= 2 ? m.limb[top - 2] : 0);
+  const int64_t scale_bits = static_cast<int64_t>(kMassLimbBits * (top - 2) - 129 + 1023) << 52;
+  double scale;
+  memcpy(&scale, &scale_bits, sizeof scale);
+  return value * scale;
+}
+
+// One tensor's level (x, p0). `bins.range(a, c, &count_a, &count_c, &between)` gives, for
+// positive-bin indices a <= c in [0, kPositiveBins], the counts of the positive bins below a
+// and below c (exact doubles) and the exact mass of the bins [a, c); `n_pos` is the count below
+// kPositiveBins. Events (x, a, c): sampling.level_events'. Bisection for the first breakpoint
+// with f >= k (f at the two bracketing breakpoints kept from it), then the interpolation, in the
+// reference's order of operations. On a GPU every thread of a block runs it, `bins.range`
+// reducing over the block: the control flow is uniform.
+template <class Bins>
+FM_HD void water_level(const Bins& bins, double n_zero, double n_pos, float ratio, double min_prob, const double* ex,
+                       const int64_t* ea, const int64_t* ec, int64_t n_events, double* x_out, double* p0_out) {
+  const double n = n_zero + n_pos;
+  const double k = static_cast<double>(ratio) * n, f_start = min_prob * n;
+  auto f_at = [&](int64_t e) {
+    double count_a, count_c;
+    Mass between;
+    bins.range(ea[e], ec[e], &count_a, &count_c, &between);
+    return min_prob * (n_zero + count_a) + ex[e] * mass_to_double(between) + (n_pos - count_c);
+  };
+  int64_t lo = 0, hi = n_events;
+  double f_lo = f_start, f_hi = f_start;  // f at lo - 1 (before the first: f_start) and at hi, kept
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    const double f_mid = f_at(mid);
+    if (f_mid >= k) {
+      hi = mid;
+      f_hi = f_mid;
+    } else {
+      lo = mid + 1;
+      f_lo = f_mid;
+    }
+  }
+  const bool saturated = lo == n_events;
+  double x;
+  if (k <= f_start) {
+    x = 0.0;
+  } else if (saturated) {
+    x = INFINITY;
+  } else {
+    const double x_hi = ex[lo], x_lo = lo > 0 ? ex[lo - 1] : 0.0;
+    x = x_lo + (k - f_lo) * (x_hi - x_lo) / (f_hi - f_lo);
+  }
+  float p0 = static_cast<float>(min_prob);
+  if (saturated && n_zero > 0) {  // the zeros share what the capped units leave
+    const double share = (k - n_pos) / n_zero;
+    p0 = static_cast<float>(share < min_prob ? min_prob : (share > 1.0 ? 1.0 : share));
+  }
+  if (n_pos == 0) p0 = ratio;
+  *x_out = x;
+  *p0_out = p0;
+}
+
 // Gradient weight of a selected unit: 1 (AMSS), 1/pi (ht), 1/(s/S + 1/N) (legacy).
 FM_HD float rescale_weight(int mode, float pi, float s, float total, bool degenerate, float inv_n) {
   if (mode == kHT) return 1.0f / pi;

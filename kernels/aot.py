@@ -23,13 +23,14 @@ from . import ops as kops
 TYPES = {
     **dict.fromkeys(["grad_table", "ptr_table", "meta", "stream_ptr"], "*i64"),
     **dict.fromkeys(["block_tensor", "row_tensor"], "*i32"),
-    **dict.fromkeys(["partials", "sums_out", "hist", "levels", "hist_ptr", "level_ptr", "stat_rows", "exact_counts"],
-                    "*fp64"),
+    **dict.fromkeys(["partials", "sums_out", "hist", "histograms", "levels", "hist_ptr", "level_ptr", "stat_rows",
+                     "exact_counts", "min_prob_f64", "events_x"], "*fp64"),
+    **dict.fromkeys(["events_a", "events_c"], "*i64"),
     **dict.fromkeys(["row_importance", "unit_weight", "scalars", "grad_scale_ptr",
                      "found_inf_ptr", "lr_ptr", "f_ptr", "g_ptr", "s_ptr", "out_ptr", "total_ptr", "keys_ptr",
                      "noise_ptr", "pi_ptr", "x_ptr", "settings_ptr"], "*fp32"),
     "m_ptr": "*i8",
-    **dict.fromkeys(["seed_lo", "seed_hi", "n", "sums_width", "n_blocks"], "i64"),
+    **dict.fromkeys(["seed_lo", "seed_hi", "n", "sums_width", "n_blocks", "n_events", "n_halvings"], "i64"),
 }
 
 
@@ -52,15 +53,20 @@ def specialisations():
             common = dict(HAS_SCALE=True, EMA=ema, HIST=hist, G_DTYPE=dtype, BLOCK=ms.BLOCK_SIZE)
             yield f"pass1_blocks[ema={ema},hist={hist}]", ms.pass1_blocks, common
             yield f"pass1_rows[ema={ema},hist={hist}]", ms.pass1_rows, common
-    # (mask mode, rows, exact, sampling, rescale, sharded): dense, element, row and exact batches
+    # (mask mode, rows, exact, sampling, rescale, sharded): dense, element (whole and sharded), row
+    # and exact batches; poisson sampling of a masked batch solves its water levels in the reduce
     for mask_mode, rows, exact, sampling, rescale, sharded in ((0, False, False, 0, 0, False),
                                                                (1, False, False, 0, 0, False),
+                                                               (1, False, False, 0, 1, True),
                                                                (2, True, False, 0, 1, False),
                                                                (2, True, False, 1, 2, True),
                                                                (2, False, True, 0, 2, True)):
-        yield f"reduce_tensors[mask={mask_mode},rows={rows},exact={exact},sharded={sharded}]", ms.reduce_tensors, dict(
-            HAS_FOUND_INF=True, LR_IS_TENSOR=rows, MASK_MODE=mask_mode, ROW_SAMPLING=rows and not exact, EXACT=exact,
-            SAMPLING=sampling, RESCALE=rescale, PRE_SUMMED=sharded, ALIGNED=not sharded, RBLOCK=ms.REDUCE_BLOCK)
+        water = mask_mode != 0 and not exact and sampling == 0
+        yield (f"reduce_tensors[mask={mask_mode},rows={rows},exact={exact},sharded={sharded},water={water}]",
+               ms.reduce_tensors, dict(
+                   HAS_FOUND_INF=True, LR_IS_TENSOR=rows, MASK_MODE=mask_mode, ROW_SAMPLING=rows and not exact,
+                   EXACT=exact, SAMPLING=sampling, RESCALE=rescale, PRE_SUMMED=sharded, WATER_LEVEL=water,
+                   ALIGNED=not sharded, RBLOCK=ms.REDUCE_BLOCK))
     yield "sum_partials", ms.sum_partials, dict(RBLOCK=ms.REDUCE_BLOCK)
     block = dict(BLOCK=kops.BLOCK_SIZE)
     yield "fisher_update", kops._fisher_update_kernel, dict(G_DTYPE=tl.bfloat16, **block)

@@ -3,12 +3,12 @@
 - ``pass1_blocks`` / ``pass1_rows`` read g (and F for "ema" importance) and write
   fixed-order partials [sum s, sum g, sum g^2, non-finite count] per block of
   elements or per row (plus each row's importance). No float atomics.
-- between them, with water-filling, ``sampling.water_level`` solves each tensor's level from
-  the histograms pass 1 added up (torch ops on the device, no host sync).
 - ``reduce_tensors`` (one program per tensor) sums its partials in a fixed order,
   decides ok = finite and not found_inf, advances ``step`` on device, computes the
-  per-tensor scalars (k/S, GE std, Adam bias corrections in fp64) and, for row
-  units, samples the rows into a per-unit weight table (0 = not selected).
+  per-tensor scalars (k/S, GE std, Adam bias corrections in fp64), with water-filling
+  solves the tensor's level from the histogram pass 1 added up (``sampling.water_level``,
+  bit for bit: ``kernels/sampling.py``) and, for row units, samples the rows into a
+  per-unit weight table (0 = not selected).
 - ``pass2`` is one read-modify-write of every element: importance, inclusion
   probability, selection by the counter RNG, rescale, OGM terms and the base
   update; the mask lives in registers and unselected units are not even written. With
@@ -23,7 +23,8 @@ on them and ``pass2``; N, the GE element count and the RNG index are the full te
 
 The stats (sum pi, selected, units, skipped) are one fp64 row per pass-2 block and per tensor,
 written by the kernels and summed once on the host side: with no buffer to zero-fill, a batch
-without water-filling costs three launches and two other device ops.
+costs three launches and two other device ops (three with water-filling: the histograms' zero
+fill).
 
 All tensors of a batch are reached through int64 pointer tables, so thousands
 of small tensors cost three launches, not thousands. Semantics: DESIGN §3.
@@ -42,7 +43,7 @@ from fastmask.reference.spec import KernelConfig, StepConfig, TensorGroup, exact
 
 from .ops import TL_DTYPES
 from .philox import normal_at, normal_block, uniform_at, uniform_block
-from .sampling import HIST_BINS, add_histogram, importance_bins, inclusion_prob
+from .sampling import HIST_BINS, add_histogram, importance_bins, inclusion_prob, water_level
 
 # int64 metadata per tensor
 M_NUMEL = tl.constexpr(0)
@@ -231,19 +232,29 @@ def sum_partials(meta, partials, sums_out, sums_width, RBLOCK: tl.constexpr):
 
 @triton.jit
 def reduce_tensors(
-    ptr_table, meta, partials, sums_width, levels, row_importance, unit_weight, scalars, stat_rows, n_blocks,
-    exact_counts, found_inf_ptr, lr_ptr,
+    ptr_table, meta, partials, histograms, sums_width, levels, row_importance, unit_weight, scalars, stat_rows,
+    n_blocks, exact_counts, found_inf_ptr, lr_ptr,
     lr_hi, lr_lo, decay_value, weight_decay, settings_ptr, min_prob, seed_lo, seed_hi,
-    beta1_hi, beta1_lo, beta2_hi, beta2_lo,
+    beta1_hi, beta1_lo, beta2_hi, beta2_lo, min_prob_f64, events_x, events_a, events_c, n_events, n_halvings,
     HAS_FOUND_INF: tl.constexpr, LR_IS_TENSOR: tl.constexpr, MASK_MODE: tl.constexpr, ROW_SAMPLING: tl.constexpr,
     EXACT: tl.constexpr, SAMPLING: tl.constexpr, RESCALE: tl.constexpr, PRE_SUMMED: tl.constexpr,
-    ALIGNED: tl.constexpr, RBLOCK: tl.constexpr,
+    WATER_LEVEL: tl.constexpr, ALIGNED: tl.constexpr, RBLOCK: tl.constexpr,
 ):
     """PRE_SUMMED: ``partials`` holds the per-tensor sums [T, sums_width] (from sum_partials,
-    reduced). ``levels``: each tensor's water level (x, p0) fp64 [T, 2] (water-filling).
-    ``settings_ptr``: [ratio, grad coefficient, update coefficient], read from memory."""
+    reduced). WATER_LEVEL: each tensor's water level (x, p0) is solved here from its histogram
+    (the columns of ``histograms`` [T, sums_width] after the sums; ``sampling.water_level``,
+    with ``min_prob_f64`` fp64 [1] and the breakpoints ``events_*``) and written to ``levels``
+    fp64 [T, 2] for pass 2. ``settings_ptr``: [ratio, grad coefficient, update coefficient],
+    read from memory."""
     t = tl.program_id(0)
     ratio = tl.load(settings_ptr + 0)
+    if WATER_LEVEL:
+        level_x, level_p0 = water_level(histograms + t * sums_width + PART_COLS, ratio, min_prob_f64, events_x,
+                                        events_a, events_c, n_events, n_halvings)
+        tl.store(levels + 2 * t, level_x)
+        tl.store(levels + 2 * t + 1, level_p0.to(tl.float64))
+    else:
+        level_x, level_p0 = _level(levels, t, SAMPLING)
     dense_ratio = ratio >= 1.0  # a ratio of 1 (read here, on the device): the base optimizer
     mrow = meta + t * META_COLS
     cols = tl.arange(0, PART_COLS)
@@ -316,7 +327,6 @@ def reduce_tensors(
         offset = tl.load(mrow + M_UNIT_OFFSET)
         first_unit = tl.load(mrow + M_FIRST_UNIT)
         s_hi = tl.load(mrow + M_STREAM_HI)
-        level_x, level_p0 = _level(levels, t, SAMPLING)
         sum_pi = tl.zeros([RBLOCK], tl.float32)
         n_sel = tl.zeros([RBLOCK], tl.float32)
         for r0 in range(0, units, RBLOCK):
@@ -569,6 +579,19 @@ def _grad_table(grads: list[torch.Tensor]) -> torch.Tensor:
     return _cached(_GRAD_TABLES, key, lambda: _to_device([g.data_ptr() for g in grads], grads[0].device, torch.int64))
 
 
+_LEVEL_CONSTANTS: dict[tuple[float, torch.device], tuple[torch.Tensor, ...]] = {}
+
+
+def _level_constants(min_prob: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(min_prob fp64 [1], and ``sampling.level_events``' x, a, c) on ``device``, made once per
+    (min_prob, device): kernel args are fp32, the level's arithmetic is float64."""
+    key = (min_prob, device)
+    if key not in _LEVEL_CONSTANTS:
+        _, x, a, c = sampling.level_events(min_prob, device)
+        _LEVEL_CONSTANTS[key] = (torch.tensor([min_prob], dtype=torch.float64, device=device), x, a, c)
+    return _LEVEL_CONSTANTS[key]
+
+
 def _split_f64(value: float) -> tuple[float, float]:
     """A double as fp32 hi + lo (kernel args are fp32): ~48 bits of the value survive."""
     hi = float(np.float32(value))  # host arithmetic: no torch op, no device work
@@ -637,8 +660,8 @@ def launch(
     of the units chosen on the host (0 = not selected), else None. ``sums`` and
     ``unit_importance``: ``launch_sums``'s results (the sums all-reduced over shards); pass 1 is
     then not run again. Water-filling: pass 1 adds the histograms to a [T, cfg.sums_width]
-    buffer, ``sampling.water_level`` solves each tensor's level from them (torch ops on the
-    device, no sync), then ``reduce_tensors`` sums the partials itself: three launches.
+    buffer, from which ``reduce_tensors`` solves each tensor's level (no host sync): three
+    launches.
     """
     params = group.params
     device = _check_batch(group)
@@ -673,23 +696,28 @@ def launch(
     else:
         partials = histograms = sums.to(device=device, dtype=torch.float64).contiguous()
         row_importance = unit_importance if k.row and layout.n_units else dummy
-    levels = (sampling.water_level(histograms[:, PART_COLS.value:], cfg.ratio, cfg.min_prob).contiguous()
-              if cfg.water_filling else dummy)
+    if cfg.water_filling:  # solved by reduce_tensors, read by pass 2
+        levels = torch.empty((n_tensors, 2), dtype=torch.float64, device=device)
+        min_prob_f64, events_x, events_a, events_c = _level_constants(cfg.min_prob, device)
+    else:
+        levels = min_prob_f64 = events_x = events_a = events_c = dummy
 
     lr_is_tensor = isinstance(cfg.lr, torch.Tensor)
     lr_hi, lr_lo = _split_f64(k.lr)
     beta1_hi, beta1_lo = _split_f64(k.beta1)
     beta2_hi, beta2_lo = _split_f64(k.beta2)
     reduce_tensors[(n_tensors,)](
-        ptr_table=layout.pointers, meta=layout.meta, partials=partials, sums_width=partials.shape[1], levels=levels,
+        ptr_table=layout.pointers, meta=layout.meta, partials=partials, histograms=histograms,
+        sums_width=histograms.shape[1] if cfg.water_filling else partials.shape[1], levels=levels,
         row_importance=row_importance,
         unit_weight=unit_weight, scalars=scalars, stat_rows=stat_rows, n_blocks=layout.n_blocks,
         exact_counts=exact_counts, found_inf_ptr=found_inf if found_inf is not None else dummy,
         lr_ptr=cfg.lr.to(device=device, dtype=torch.float32) if lr_is_tensor else dummy,
         lr_hi=lr_hi, lr_lo=lr_lo, decay_value=1.0 if lr_is_tensor else 1.0 - k.lr * k.weight_decay,
         weight_decay=k.weight_decay, settings_ptr=settings, min_prob=k.min_prob, **seed,
-        beta1_hi=beta1_hi, beta1_lo=beta1_lo, beta2_hi=beta2_hi, beta2_lo=beta2_lo,
-        HAS_FOUND_INF=found_inf is not None, LR_IS_TENSOR=lr_is_tensor, MASK_MODE=k.mask_mode,
+        beta1_hi=beta1_hi, beta1_lo=beta1_lo, beta2_hi=beta2_hi, beta2_lo=beta2_lo, min_prob_f64=min_prob_f64,
+        events_x=events_x, events_a=events_a, events_c=events_c, n_events=events_x.numel(),
+        n_halvings=events_x.numel().bit_length(), WATER_LEVEL=cfg.water_filling, HAS_FOUND_INF=found_inf is not None, LR_IS_TENSOR=lr_is_tensor, MASK_MODE=k.mask_mode,
         ROW_SAMPLING=k.masked and k.row and not k.exact, EXACT=k.exact, SAMPLING=0 if k.poisson else 1, RESCALE=k.rescale,
         PRE_SUMMED=sums is not None, ALIGNED=layout.aligned, RBLOCK=REDUCE_BLOCK,
         enable_fp_fusion=False,

@@ -813,113 +813,60 @@ void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, 
 // ---- water levels
 
 // Each tensor's water level (x, p0), float64 [T, 2], from the histogram columns of pass 1's
-// sums: fastmask.reference.sampling.water_level, operation for operation and in its order
-// (prefix sums ascending, as torch's CPU cumsum; f at the breakpoints in ascending x; the
-// first breakpoint at or above k; the interpolation), so the two agree bit for bit on CPU.
-// It stops at that breakpoint where the reference evaluates them all. `events`: the
-// reference's breakpoints (x, a, c) for min_prob > 0; empty for min_prob = 0.
+// sums: fastmask.reference.sampling.water_level by fastmask::water_level, with the prefix sums
+// tabled over the occupied bins only (below them they are 0, above them the totals). `events`:
+// sampling.level_events' breakpoints (x, a, c).
+struct OccupiedPrefix {
+  const double* counts;  // counts[i], masses[i]: below positive bin i, for i in (lo, hi]
+  const fastmask::Mass* masses;
+  int lo, hi;
+  double count_total;
+  fastmask::Mass mass_total;
+  double count(int64_t i) const { return i <= lo ? 0.0 : (i > hi ? count_total : counts[i]); }
+  const fastmask::Mass& mass(int64_t i) const { return i <= lo ? zero : (i > hi ? mass_total : masses[i]); }
+  void range(int64_t a, int64_t c, double* count_a, double* count_c, fastmask::Mass* between) const {
+    *count_a = count(a);
+    *count_c = count(c);
+    const fastmask::Mass &low = mass(a), &high = mass(c);
+    for (int i = 0; i < fastmask::kMassLimbs; ++i) between->limb[i] = high.limb[i] - low.limb[i];
+  }
+  fastmask::Mass zero = fastmask::mass_zero();
+};
+
 at::Tensor water_levels(at::Tensor sums, double ratio, double min_prob, at::Tensor events_x, at::Tensor events_a,
                         at::Tensor events_c) {
   TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.dim() == 2 &&
                   sums.size(1) == fastmask::kSumCols + fastmask::kHistBins,
               "cpp water_levels: sums must be float64 [T, ", fastmask::kSumCols + fastmask::kHistBins, "]");
-  constexpr int kPositive = (0x7F800000 >> fastmask::kBinShift) - 1;  // bins 1 .. 2039
-  const at::Tensor in = sums.contiguous();
+  TORCH_CHECK(events_x.scalar_type() == at::kDouble && events_a.scalar_type() == at::kLong &&
+                  events_c.scalar_type() == at::kLong && events_x.numel() == events_a.numel() &&
+                  events_x.numel() == events_c.numel() && events_x.numel() > 0,
+              "cpp water_levels: events must be sampling.level_events' (x float64, a and c int64, one length)");
+  constexpr int kPositive = fastmask::kPositiveBins;
+  const at::Tensor in = sums.contiguous(), ex = events_x.contiguous(), ea = events_a.contiguous(),
+                   ec = events_c.contiguous();
   const int64_t n_tensors = in.size(0), width = in.size(1);
   at::Tensor out = at::empty({n_tensors, 2}, in.options());
   const double* hist_all = in.data_ptr<double>();
   double* level = out.data_ptr<double>();
-  std::vector<double> q(kPositive), inv_q(kPositive);
-  for (int j = 0; j < kPositive; ++j) {
-    q[j] = static_cast<double>(fastmask::bits_float(static_cast<uint32_t>(j + 1) << fastmask::kBinShift));
-    inv_q[j] = 1.0 / q[j];
-  }
-  const bool general = events_x.numel() > 0;
-  const int64_t n_events = general ? events_x.numel() : kPositive;
-  const double* ex = general ? events_x.data_ptr<double>() : nullptr;
-  const int64_t* ea = general ? events_a.data_ptr<int64_t>() : nullptr;
-  const int64_t* ec = general ? events_c.data_ptr<int64_t>() : nullptr;
-  const double k_ratio = static_cast<double>(static_cast<float>(ratio));
+  const float ratio32 = static_cast<float>(ratio);
   at::parallel_for(0, n_tensors, 16, [&](int64_t t_lo, int64_t t_hi) {
-    std::vector<double> counts(kPositive + 1), mass(kPositive + 1);  // exclusive prefix sums
+    std::vector<double> counts(kPositive + 1);
+    std::vector<fastmask::Mass> masses(kPositive + 1);
     for (int64_t t = t_lo; t < t_hi; ++t) {
-      const double* hist = hist_all + width * t + fastmask::kSumCols;
-      // sequential prefix sums; outside the occupied bins they add zeros, which leaves them as
-      // they are: only the occupied range is summed
-      int lo = 0, hi = kPositive - 1;
-      while (lo < kPositive && hist[lo + 1] == 0) ++lo;
-      while (hi > lo && hist[hi + 1] == 0) --hi;
-      double count = 0, weight = 0;
-      for (int j = lo; j <= hi && lo < kPositive; ++j) {
-        count += hist[j + 1];
-        weight += hist[j + 1] * q[j];
-        counts[j + 1] = count;
-        mass[j + 1] = weight;
+      const double* hist = hist_all + width * t + fastmask::kSumCols;  // hist[p + 1]: positive bin p
+      OccupiedPrefix prefix{counts.data(), masses.data(), 0, kPositive - 1, 0.0, fastmask::mass_zero()};
+      while (prefix.lo < kPositive && hist[prefix.lo + 1] == 0) ++prefix.lo;
+      while (prefix.hi > prefix.lo && hist[prefix.hi + 1] == 0) --prefix.hi;
+      for (int p = prefix.lo; p <= prefix.hi && prefix.lo < kPositive; ++p) {
+        prefix.count_total += hist[p + 1];
+        fastmask::mass_add_bin(prefix.mass_total, static_cast<int64_t>(hist[p + 1]), p);
+        counts[p + 1] = prefix.count_total;
+        masses[p + 1] = prefix.mass_total;
       }
-      // prefix sum number i: 0 up to the first occupied bin, the total after the last
-      auto prefix = [&](const std::vector<double>& values, double total, int64_t i) {
-        return i <= lo ? 0.0 : (i > hi + 1 ? total : values[i]);
-      };
-      const double n_zero = hist[0], n_pos = count, n = n_zero + n_pos;
-      const double k = k_ratio * n;
-      // f at breakpoint e (ascending x): with min_prob = 0, e is bin i = kPositive - 1 - e at x = 1/q_i
-      auto event_x = [&](int64_t e) { return general ? ex[e] : inv_q[kPositive - 1 - e]; };
-      auto f_at = [&](int64_t e) {
-        if (!general) {
-          const int64_t i = kPositive - 1 - e;
-          return event_x(e) * prefix(mass, weight, i) + (n_pos - prefix(counts, count, i));
-        }
-        const int64_t a = ea[e], c = ec[e];
-        return min_prob * (n_zero + prefix(counts, count, a)) +
-               ex[e] * (prefix(mass, weight, c) - prefix(mass, weight, a)) + (n_pos - prefix(counts, count, c));
-      };
-      int64_t first = -1, e0 = 0;
-      double f_hi = 0;
-      if (!general && hi + 2 < kPositive) {
-        // above the occupied bins f = x * mass, non-increasing in the bin: skip the bins where it is
-        // below k, or find the last one where it reaches k by bisection (as the scan would)
-        const int64_t top = kPositive - 1 - (hi + 2);  // the event of bin hi + 2
-        if (f_at(top) < k) {
-          e0 = top + 1;
-        } else {
-          int64_t lo_e = 0, hi_e = top;  // the first event in [0, top] with f >= k
-          while (lo_e < hi_e) {
-            const int64_t mid = (lo_e + hi_e) / 2;
-            if (f_at(mid) >= k)
-              hi_e = mid;
-            else
-              lo_e = mid + 1;
-          }
-          e0 = lo_e;
-        }
-      }
-      for (int64_t e = e0; e < n_events; ++e) {
-        f_hi = f_at(e);
-        if (f_hi >= k) {
-          first = e;
-          break;
-        }
-      }
-      const double f_start = min_prob * n;
-      double x;
-      if (k <= f_start) {
-        x = 0.0;
-      } else if (first < 0) {
-        x = std::numeric_limits<double>::infinity();
-      } else {
-        const double x_hi = event_x(first);
-        const double x_lo = first > 0 ? event_x(first - 1) : 0.0;
-        const double f_lo = first > 0 ? f_at(first - 1) : f_start;
-        x = x_lo + (k - f_lo) * (x_hi - x_lo) / (f_hi - f_lo);
-      }
-      float p0 = static_cast<float>(min_prob);
-      if (first < 0 && n_zero > 0) {  // saturated: the zeros share what the capped units leave
-        const double share = (k - n_pos) / n_zero;
-        p0 = static_cast<float>(share < min_prob ? min_prob : (share > 1.0 ? 1.0 : share));
-      }
-      if (n_pos == 0) p0 = static_cast<float>(ratio);
-      level[2 * t] = x;
-      level[2 * t + 1] = p0;
+      fastmask::water_level(prefix, hist[0], prefix.count_total, ratio32, min_prob, ex.data_ptr<double>(),
+                            ea.data_ptr<int64_t>(), ec.data_ptr<int64_t>(), ex.numel(), level + 2 * t,
+                            level + 2 * t + 1);
     }
   });
   return out;

@@ -25,6 +25,7 @@ DeviceConfig device_config(const fastmask::StepConfig& h, bool lr_is_tensor) {
   c.base = h.base;
   c.rescale = h.rescale;
   c.min_prob = static_cast<float>(h.min_prob);
+  c.level_min_prob = h.min_prob;
   c.fisher_beta = static_cast<float>(h.fisher_beta);
   c.one_minus_fisher_beta = static_cast<float>(1.0 - h.fisher_beta);
   c.maximize = h.maximize;
@@ -91,7 +92,8 @@ Tables cached_tables(const std::vector<int64_t>& meta, const std::vector<int64_t
 // kWhole: the step. kSums: pass 1 alone, into *sums_out = (sums [T, 4] float64, or
 // [T, 4 + kHistBins] with water-filling, row importance fp32 [n_units] in row mode, else
 // empty). kFinish: the reduce and pass 2, from those (the sums all-reduced over the shards in
-// between) and, with water-filling, `levels_in` (x, p0) float64 [T, 2].
+// between). Water-filling: the reduce solves the levels, from `level_events`
+// (sampling.level_events' x float64, a and c int64, on the device).
 enum class Phase { kWhole, kSums, kFinish };
 
 void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
@@ -102,7 +104,7 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
             const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& unit_weight_in,
             const c10::optional<at::Tensor>& stats, const fastmask::StepConfig& h, const at::Tensor& settings,
             Phase phase, const c10::optional<at::Tensor>& sums_in, const c10::optional<at::Tensor>& unit_importance_in,
-            const c10::optional<at::Tensor>& levels_in, std::tuple<at::Tensor, at::Tensor>* sums_out) {
+            const std::vector<at::Tensor>& level_events, std::tuple<at::Tensor, at::Tensor>* sums_out) {
   const auto device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -143,10 +145,18 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   at::Tensor lr32 = lr_tensor.has_value() ? lr_tensor->to(device, at::kFloat) : at::Tensor();
   const bool water = c.masked && c.poisson;
   const int64_t sums_width = fastmask::kSumCols + (water ? fastmask::kHistBins : 0);
-  at::Tensor levels;
-  if (water && phase == Phase::kFinish) {
-    levels = levels_in->to(device, at::kDouble).contiguous();
-    TORCH_CHECK(levels.numel() == 2 * n_tensors, "cuda masked_step: levels must be float64 [", n_tensors, ", 2]");
+  at::Tensor levels, hist;
+  if (water && phase != Phase::kSums) {
+    TORCH_CHECK(level_events.size() == 3 && level_events[0].scalar_type() == at::kDouble &&
+                    level_events[1].scalar_type() == at::kLong && level_events[2].scalar_type() == at::kLong &&
+                    level_events[0].numel() > 0 && level_events[1].numel() == level_events[0].numel() &&
+                    level_events[2].numel() == level_events[0].numel(),
+                "cuda masked_step: water-filling needs sampling.level_events' (x float64, a and c int64, one length)");
+    for (const at::Tensor& e : level_events)
+      TORCH_CHECK(e.device() == device && e.is_contiguous(), "cuda masked_step: level events must be contiguous on ",
+                  device);
+    levels = at::empty({n_tensors, 2}, f64);
+    if (phase == Phase::kWhole) hist = at::zeros({n_tensors, sums_width}, f64);
   }
 
   LaunchArgs a;
@@ -170,6 +180,10 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   a.lr = lr32.defined() ? lr32.data_ptr<float>() : nullptr;
   a.settings = settings.data_ptr<float>();
   a.levels = levels.defined() ? levels.data_ptr<double>() : nullptr;
+  a.events_x = levels.defined() ? level_events[0].data_ptr<double>() : nullptr;
+  a.events_a = levels.defined() ? level_events[1].data_ptr<int64_t>() : nullptr;
+  a.events_c = levels.defined() ? level_events[2].data_ptr<int64_t>() : nullptr;
+  a.n_events = levels.defined() ? level_events[0].numel() : 0;
   a.sums_width = sums_width;
   a.config = c;
   if (phase == Phase::kSums) {
@@ -186,7 +200,7 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
     const cudaError_t err = fastmask_cuda::masked_step_finish(a, sums.data_ptr<double>(), stream);
     TORCH_CHECK(err == cudaSuccess, "cuda masked_step: ", cudaGetErrorString(err));
   } else {
-    const cudaError_t err = fastmask_cuda::masked_step(a, stream);
+    const cudaError_t err = fastmask_cuda::masked_step(a, hist.defined() ? hist.data_ptr<double>() : nullptr, stream);
     TORCH_CHECK(err == cudaSuccess, "cuda masked_step: ", cudaGetErrorString(err));
   }
   if (stats.has_value()) {
@@ -218,7 +232,7 @@ void check_batch(const std::vector<at::Tensor>& params, const std::vector<at::Te
 
 // The whole step; with `sums` (and, in row mode, `unit_importance`) from masked_step_sums,
 // only its reduce and pass 2: the finish of a sharded step whose sums were all-reduced.
-// Water-filling needs the sums and `levels` (fastmask.reference.sampling.water_level's).
+// Water-filling needs `level_events` (sampling.level_events' x, a, c on the device; else empty).
 // The unit table (exact mode) is laid out in tensor order, as the metadata's offsets:
 // `unit_offsets` is the cpp binding's argument, unused here.
 void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
@@ -228,15 +242,13 @@ void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor>
                          c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
                          c10::optional<at::Tensor> unit_weight, std::vector<int64_t> /*unit_offsets*/,
                          c10::optional<at::Tensor> stats, at::Tensor settings, c10::optional<at::Tensor> sums,
-                         c10::optional<at::Tensor> unit_importance, c10::optional<at::Tensor> levels) {
+                         c10::optional<at::Tensor> unit_importance, std::vector<at::Tensor> level_events) {
   check_batch(params, grads, settings);
   TORCH_CHECK(!sums.has_value() || !h.row || unit_importance.has_value(),
               "cuda masked_step: row units need pass 1's unit_importance");
-  TORCH_CHECK(!(h.masked && h.poisson) || (sums.has_value() && levels.has_value()),
-              "cuda masked_step: water-filling needs pass 1's sums and the water levels");
   launch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots,
          device_config(h, lr_tensor.has_value()), lr_tensor, grad_scale, found_inf, unit_weight, stats, h, settings,
-         sums.has_value() ? Phase::kFinish : Phase::kWhole, sums, unit_importance, levels, nullptr);
+         sums.has_value() ? Phase::kFinish : Phase::kWhole, sums, unit_importance, level_events, nullptr);
 }
 
 // Pass 1 of a batch: (sums [T, 4] or [T, 4 + kHistBins] float64, unit_importance fp32 [units] in
@@ -250,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor> masked_step_sums_binding(
   std::tuple<at::Tensor, at::Tensor> out;
   launch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, device_config(h, false),
          c10::nullopt, grad_scale, c10::nullopt, c10::nullopt, c10::nullopt, h, settings, Phase::kSums, c10::nullopt,
-         c10::nullopt, c10::nullopt, &out);
+         c10::nullopt, {}, &out);
   return out;
 }
 

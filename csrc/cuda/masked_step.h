@@ -32,6 +32,7 @@ struct DeviceConfig {
   fastmask::ReduceTerms terms;
   int base, rescale;
   float min_prob, fisher_beta, one_minus_fisher_beta;
+  double level_min_prob;  // the water level's min_prob, float64 as the reference's
   bool maximize, masked, poisson, ema, row, freeze, ge, modulate_update, exact;
   uint32_t k0, k1;
 };
@@ -56,19 +57,25 @@ struct LaunchArgs {
   const float* found_inf;       // or nullptr
   const float* lr;              // or nullptr (float lr in the config)
   const float* settings;        // [ratio, grad coefficient, update coefficient] (enum Setting)
-  const double* levels;         // [n_tensors, 2] water levels (x, p0), or nullptr (no water-filling)
+  double* levels;               // [n_tensors, 2] water levels (x, p0), solved by the reduce; or nullptr
+  const double* events_x;       // water-filling: sampling.level_events' breakpoints [n_events], or nullptr
+  const int64_t* events_a;
+  const int64_t* events_c;
+  int64_t n_events;
   int64_t sums_width;           // columns of the per-tensor sums: 4, + fastmask::kHistBins (water-filling)
   DeviceConfig config;
 };
 
 // Launches pass 1, the reduce and pass 2 on `stream`; returns the launch error, if any.
-cudaError_t masked_step(const LaunchArgs& args, cudaStream_t stream);
+// Water-filling: `hist` is a zeroed [n_tensors, sums_width] buffer, to whose columns after
+// the first 4 pass 1 adds the importance histograms, and from which the reduce solves each
+// tensor's water level into `levels` for pass 2 (else nullptr).
+cudaError_t masked_step(const LaunchArgs& args, double* hist, cudaStream_t stream);
 
 // The same step in two halves, for shards of larger tensors: pass 1 and the per-tensor
 // sums [n_tensors, sums_width] into `sums` (zeroed by the caller: pass 1 adds its importance
 // histograms to the columns after the first 4); the caller all-reduces them; then the reduce
-// (reading `sums`, and `levels` computed from them) and pass 2. Water-filling always runs in
-// two halves: its levels come from the sums.
+// (reading `sums`, and solving the water levels from their histograms) and pass 2.
 cudaError_t masked_step_sums(const LaunchArgs& args, double* sums, cudaStream_t stream);
 cudaError_t masked_step_finish(const LaunchArgs& args, const double* sums, cudaStream_t stream);
 

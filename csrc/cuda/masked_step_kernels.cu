@@ -43,6 +43,62 @@ __device__ double block_sum(double value, double* shared) {
   return total;
 }
 
+// Sums of N per-thread doubles over the block, returned in every thread's `v`. For the water
+// level's counts and mass limbs, exact integers (every partial sum below 2^53): any order of
+// adding them gives the same sums. `shared`: at least (blockDim.x / 32) * N doubles.
+template <int N>
+__device__ void block_sum_exact(double (&v)[N], double* shared) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  for (int i = 0; i < N; ++i)
+    for (int offset = 16; offset > 0; offset >>= 1) v[i] += __shfl_down_sync(0xffffffffu, v[i], offset);
+  if (lane == 0)
+    for (int i = 0; i < N; ++i) shared[warp * N + i] = v[i];
+  __syncthreads();
+  for (int i = 0; i < N; ++i) {
+    double total = 0;
+    for (int w = 0; w < warps; ++w) total += shared[w * N + i];
+    v[i] = total;
+  }
+  __syncthreads();
+}
+
+// fastmask::water_level's bins for one block: a tensor's positive bins (`row[p]`: the count of
+// positive bin p, in shared memory), each range's counts and exact mass summed over the block.
+struct BlockBins {
+  const double* row;
+  double* shared;
+  __device__ void range(int64_t a, int64_t c, double* count_a, double* count_c, fastmask::Mass* between) const {
+    constexpr int kLimbs = fastmask::kMassLimbs;
+    fastmask::Mass local = fastmask::mass_zero();
+    double v[kLimbs + 2] = {};
+    for (int p = threadIdx.x; p < fastmask::kPositiveBins; p += blockDim.x) {
+      const double n = row[p];
+      v[0] += p < a ? n : 0.0;
+      v[1] += p < c ? n : 0.0;
+      if (n != 0.0 && p >= a && p < c) fastmask::mass_add_bin(local, static_cast<int64_t>(n), p);
+    }
+    for (int i = 0; i < kLimbs; ++i) v[i + 2] = static_cast<double>(local.limb[i]);  // below 2^28 per thread
+    block_sum_exact(v, shared);
+    *count_a = v[0];
+    *count_c = v[1];
+    for (int i = 0; i < kLimbs; ++i) between->limb[i] = static_cast<int64_t>(v[i + 2]);
+  }
+};
+
+// Tensor t's water level (x, p0) from its histogram row (`hist_row`: 4 sums, then
+// fastmask::kHistBins counts), solved by the whole block; every thread gets it.
+__device__ void block_water_level(const double* hist_row, float ratio, const LaunchArgs& a, double* row,
+                                 double* shared, double* x, double* p0) {
+  for (int p = threadIdx.x; p < fastmask::kPositiveBins; p += blockDim.x) row[p] = hist_row[4 + 1 + p];
+  __syncthreads();
+  double n_pos[1] = {0.0};
+  for (int p = threadIdx.x; p < fastmask::kPositiveBins; p += blockDim.x) n_pos[0] += row[p];
+  block_sum_exact(n_pos, shared);
+  const BlockBins bins{row, shared};
+  fastmask::water_level(bins, hist_row[4], n_pos[0], ratio, a.config.level_min_prob, a.events_x, a.events_a,
+                        a.events_c, a.n_events, x, p0);
+}
+
 constexpr uint32_t kLastBin = fastmask::kHistBins - 1;
 
 // `bins`: the block's shared importance histogram, or nullptr (no water-filling).
@@ -147,15 +203,18 @@ __global__ void sum_partials(const int64_t* meta, const double* partials, double
 }
 
 // One block per tensor: totals in a fixed order (or `pre_summed`, [n_tensors, sums_width]),
-// ok, step, scalars, row sampling (from `levels` with water-filling), stats.
+// ok, step, scalars, the water level (water-filling: from the histogram columns of
+// `hist` [n_tensors, sums_width], into a.levels), row sampling, stats.
 __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const double* partials,
-                               const double* pre_summed, int64_t sums_width, const double* levels,
+                               const double* pre_summed, const double* hist, LaunchArgs a,
                                const float* row_importance, float* unit_weight,
                                TensorScalars* scalars, double* tensor_stats, const float* found_inf,
                                const float* lr_ptr, const float* settings, DeviceConfig c) {
   __shared__ double shared[kThreads];
+  __shared__ double level_row[fastmask::kPositiveBins];
   __shared__ TensorScalars sc_shared;
   const int64_t t = blockIdx.x;
+  const int64_t sums_width = a.sums_width;
   const int64_t* mrow = meta + t * kMetaCols;
   double sums[4];
   if (pre_summed)
@@ -176,10 +235,17 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
   }
   __syncthreads();
   const TensorScalars sc = sc_shared;
+  double level_x = 0.0, level_p0 = 0.0;
+  if (hist) {
+    block_water_level(hist + t * sums_width, ratio, a, level_row, shared, &level_x, &level_p0);
+    if (threadIdx.x == 0) {
+      a.levels[2 * t] = level_x;
+      a.levels[2 * t + 1] = level_p0;
+    }
+  }
   double pi_sum = 0, sel = 0;
   if (c.masked && c.row && !c.exact) {
-    const double level_x = levels ? levels[2 * t] : 0.0;
-    const float p0 = levels ? static_cast<float>(levels[2 * t + 1]) : 0.0f;
+    const float p0 = static_cast<float>(level_p0);
     for (int64_t r = threadIdx.x; r < units; r += blockDim.x) {
       const float s = row_importance[mrow[kUnitOffset] + r];
       const float pi =
@@ -342,11 +408,13 @@ void launch_pass1(const LaunchArgs& a, double* hist, cudaStream_t stream) {
                                                          a.sums_width, a.grad_scale, c);
 }
 
+// `pre_summed`: the all-reduced sums (or nullptr: the reduce sums pass 1's partials); `hist`:
+// the histograms' [n_tensors, sums_width] buffer (water-filling; else nullptr).
 template <typename P, typename G>
-void launch_finish(const LaunchArgs& a, const double* pre_summed, cudaStream_t stream) {
+void launch_finish(const LaunchArgs& a, const double* pre_summed, const double* hist, cudaStream_t stream) {
   const DeviceConfig& c = a.config;
-  reduce_tensors<<<a.n_tensors, kThreads, 0, stream>>>(a.ptrs, a.meta, a.partials, pre_summed, a.sums_width,
-                                                       a.levels, a.row_importance, a.unit_weight, a.scalars,
+  reduce_tensors<<<a.n_tensors, kThreads, 0, stream>>>(a.ptrs, a.meta, a.partials, pre_summed, hist, a,
+                                                       a.row_importance, a.unit_weight, a.scalars,
                                                        a.tensor_stats, a.found_inf, a.lr, a.settings, c);
   if (a.n_blocks)
     pass2<P, G><<<a.n_blocks, kThreads, 0, stream>>>(a.ptrs, a.meta, a.block_tensor, a.scalars, a.levels,
@@ -376,14 +444,16 @@ cudaError_t masked_step_sums(const LaunchArgs& a, double* sums, cudaStream_t str
 }
 
 cudaError_t masked_step_finish(const LaunchArgs& a, const double* sums, cudaStream_t stream) {
-  const bool known = with_dtypes(a, [&](auto p, auto g) { launch_finish<decltype(p), decltype(g)>(a, sums, stream); });
+  const double* hist = a.sums_width > 4 ? sums : nullptr;
+  const bool known =
+      with_dtypes(a, [&](auto p, auto g) { launch_finish<decltype(p), decltype(g)>(a, sums, hist, stream); });
   return known ? cudaGetLastError() : cudaErrorInvalidValue;
 }
 
-cudaError_t masked_step(const LaunchArgs& a, cudaStream_t stream) {
+cudaError_t masked_step(const LaunchArgs& a, double* hist, cudaStream_t stream) {
   const bool known = with_dtypes(a, [&](auto p, auto g) {
-    launch_pass1<decltype(g)>(a, nullptr, stream);
-    launch_finish<decltype(p), decltype(g)>(a, nullptr, stream);
+    launch_pass1<decltype(g)>(a, hist ? hist + 4 : nullptr, stream);
+    launch_finish<decltype(p), decltype(g)>(a, nullptr, hist, stream);
   });
   return known ? cudaGetLastError() : cudaErrorInvalidValue;
 }

@@ -70,13 +70,9 @@ def _ext() -> ModuleType:
 
 
 def water_levels(sums: torch.Tensor, cfg: StepConfig, module: ModuleType | None = None) -> torch.Tensor:
-    """The water levels by the extension's copy of ``sampling.water_level`` (bit-identical on
-    CPU, and it stops at the breakpoint it needs: the reference evaluates them all); ``module``:
-    another build of the extension (``rng_variant``), default the backend's."""
-    if cfg.min_prob > 0:
-        _, x, a, c = sampling.level_events(cfg.min_prob, sums.device)
-    else:
-        x = a = c = sums.new_empty(0)
+    """The water levels by the extension's copy of ``sampling.water_level`` (bit-identical);
+    ``module``: another build of the extension (``rng_variant``), default the backend's."""
+    _, x, a, c = sampling.level_events(cfg.min_prob, sums.device)
     return (module or _ext()).water_levels(sums, float(cfg.ratio), cfg.min_prob, x, a, c)
 
 

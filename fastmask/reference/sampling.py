@@ -76,25 +76,84 @@ _LEVEL_EVENTS: dict[tuple[float, torch.device], tuple[torch.Tensor, ...]] = {}
 
 
 def level_events(min_prob: float, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(q, x, a, c): the floors q_j of the positive bins, and the breakpoints x of
-    f(x) = sum_j n_j clamp(q_j x, min_prob, 1) (x = 1/tau, ascending), with for each the
-    positive bins at min_prob there ([0, a)) and the first bin at 1 (bins [c, end)). They depend
-    only on min_prob: computed once, in float64 on the host, so every device reads the same
-    values. With min_prob = 0, a is 0 and c runs down from the last bin (both None)."""
+    """(q, x, a, c): the floors q_j of the positive bins (float64), and the breakpoints x of
+    f(x) = sum_j n_j clamp(q_j x, min_prob, 1) (x = 1/tau, ascending, float64), with for each
+    the positive bins at min_prob there ([0, a), int64) and the first bin at 1 (bins [c, end),
+    int64). They depend only on min_prob: computed once, in float64 on the host, so every device
+    reads the same values. With min_prob = 0, a is 0 and c runs down from the last bin."""
     key = (min_prob, device)
     if key not in _LEVEL_EVENTS:
         q = bin_floor(torch.arange(1, FINITE_BINS))
+        index = torch.arange(q.numel())
         if min_prob == 0:
-            _LEVEL_EVENTS[key] = (q.to(device), (1.0 / q).flip(0).to(device), None, None)
+            x, a, c = (1.0 / q).flip(0), torch.zeros_like(index), index.flip(0)
         else:
-            index = torch.arange(q.numel())
             # bin i reaches 1 at x = 1/q_i, and leaves min_prob at x = min_prob/q_i
             x = torch.cat((1.0 / q, min_prob / q))
             a = torch.cat((torch.searchsorted(q, min_prob * q, right=True), index + 1))
             c = torch.cat((index, torch.searchsorted(q, q / min_prob)))
             order = torch.argsort(x, stable=True)
-            _LEVEL_EVENTS[key] = tuple(v.to(device) for v in (q, x[order], a[order], c[order]))
+            x, a, c = x[order], a[order], c[order]
+        _LEVEL_EVENTS[key] = tuple(v.to(device) for v in (q, x, a, c))
     return _LEVEL_EVENTS[key]
+
+
+# The masses n_j q_j of the level's prefix sums are summed exactly, as integers, so that every
+# backend gets the same sums whatever order it adds them in (a GPU's parallel scan, a CPU's
+# loop). A positive bin's floor is q_j = M_j 2^(B_j - 129), with M_j <= 15 and B_j in [0, 253]
+# (bin_mass_terms): n_j q_j is the integer n_j M_j at bit B_j of a fixed-point number whose
+# unit is 2^-129. That number is carried as MASS_LIMBS int64 limbs of MASS_LIMB_BITS bits
+# (mass_limbs; sums of them are exact for counts below 2^44), and rounded to float64 by one
+# rule (mass_to_float).
+MASS_LIMB_BITS = 24
+MASS_LIMBS = 13  # 312 bits: bit 253 of the top binade, a bin's 48-bit count x mantissa, carries
+POSITIVE_BINS = FINITE_BINS - 1  # bins 1 .. 2039
+_LIMB_MASK = (1 << MASS_LIMB_BITS) - 1
+
+
+def bin_mass_terms(device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, B) int64 [POSITIVE_BINS]: bin j's floor is q_j = M_j 2^(B_j - 129) (bins 1-7 are
+    fp32 denormals, M_j = j, B_j = 0; a normal bin of exponent field E has M_j = 8 + (j & 7),
+    B_j = E - 1)."""
+    j = torch.arange(1, FINITE_BINS, device=device)
+    exponent = j >> 3
+    return torch.where(exponent > 0, 8, 0) + (j & 7), exponent.clamp(min=1) - 1
+
+
+def mass_limbs(counts: torch.Tensor) -> torch.Tensor:
+    """int64 [..., POSITIVE_BINS, MASS_LIMBS]: each positive bin's mass n_j q_j as limbs (in
+    units of 2^-129; each limb below 2^25). ``counts``: int64 [..., POSITIVE_BINS], below 2^44."""
+    mantissa, binade = bin_mass_terms(counts.device)
+    value = counts * mantissa  # < 2^48: split in two so that shifting by up to 23 bits stays in int64
+    shift, limb = binade % MASS_LIMB_BITS, binade // MASS_LIMB_BITS
+    low, high = (value & _LIMB_MASK) << shift, (value >> MASS_LIMB_BITS) << shift
+    pieces = torch.stack((low & _LIMB_MASK, (low >> MASS_LIMB_BITS) + (high & _LIMB_MASK), high >> MASS_LIMB_BITS), -1)
+    index = (limb[:, None] + torch.arange(3, device=counts.device)).expand(pieces.shape)
+    return torch.zeros(pieces.shape[:-1] + (MASS_LIMBS,), dtype=torch.int64, device=counts.device).scatter_add_(
+        -1, index, pieces)
+
+
+def mass_to_float(limbs: torch.Tensor) -> torch.Tensor:
+    """A non-negative fixed-point mass (int64 [..., MASS_LIMBS] limbs, each of either sign and
+    below 2^61 in size) rounded to float64 by one rule: carries propagated upwards (floor
+    division), then the top nonzero limb t and the two below it, (L_t 2^24 + L_t-1) 2^24 +
+    L_t-2, as float64 (one rounding; the limbs below are dropped), times 2^(24 (t - 2) - 129).
+    Relative error below 2^-47; the same bits on every backend."""
+    limbs = list(limbs.unbind(-1))
+    for i in range(MASS_LIMBS - 1):
+        limbs[i + 1] = limbs[i + 1] + (limbs[i] >> MASS_LIMB_BITS)
+        limbs[i] = limbs[i] & _LIMB_MASK
+    stacked = torch.stack(limbs, -1)
+    index = torch.arange(MASS_LIMBS, device=stacked.device)
+    top = torch.where(stacked != 0, index, -1).amax(-1)  # -1: zero
+
+    def limb(i: torch.Tensor) -> torch.Tensor:  # limb i, 0 below limb 0
+        return torch.where(i >= 0, stacked.gather(-1, i.clamp(min=0)[..., None])[..., 0], 0)
+
+    high = limb(top) * (1 << MASS_LIMB_BITS) + limb(top - 1)  # < 2^49: exact in float64
+    value = high.to(torch.float64) * float(1 << MASS_LIMB_BITS) + limb(top - 2).to(torch.float64)
+    scale = ((MASS_LIMB_BITS * (top - 2) - 129 + 1023) << 52).view(torch.float64)  # 2^(24 (t - 2) - 129)
+    return torch.where(top >= 0, value * scale, 0.0)
 
 
 def water_level(histograms: torch.Tensor, ratio: float | torch.Tensor, min_prob: float) -> torch.Tensor:
@@ -106,11 +165,16 @@ def water_level(histograms: torch.Tensor, ratio: float | torch.Tensor, min_prob:
     3, on importances rounded down to 4 significant bits):
 
     - f(x) = N0 p0 + sum_j n_j clamp(q_j x, min_prob, 1) is continuous, non-decreasing and linear
-      between its breakpoints (``level_events``). f is evaluated at every breakpoint from the
-      prefix sums of n_j and n_j q_j; x is the linear interpolation between the last breakpoint
-      below k and the first at or above it. Exact up to float64 rounding; no host sync.
-    - k <= N min_prob: x = 0, every unit at min_prob. k at or above f(inf) (every unit with
-      q > 0 at 1): x = inf, and the N0 units of bin 0 share the rest, p0 = max(min_prob,
+      between its breakpoints (``level_events``: x_e, and the bins [0, a_e) at min_prob and
+      [c_e, end) at 1). At breakpoint e, f_e = min_prob (N0 + C(a_e)) + x_e D(a_e, c_e)
+      + (n+ - C(c_e)), in that order of float64 operations, with C(i) the count of the positive
+      bins below i (exact) and D(a, c) the mass of the bins [a, c), summed exactly and rounded
+      by ``mass_to_float``. The first breakpoint with f_e >= k is found by bisection (lo = 0,
+      hi = E; while lo < hi: mid = (lo + hi) // 2, f_mid >= k ? hi = mid : lo = mid + 1), and
+      x is the linear interpolation between it and the one before (f = min_prob N before the
+      first). The same operations give the same bits on every backend; no host sync.
+    - k <= N min_prob: x = 0, every unit at min_prob. k above every f_e (every unit with q > 0
+      at 1): x = inf, and the N0 units of bin 0 share the rest, p0 = max(min_prob,
       (k - n+) / N0). No unit with q > 0 (every unit in bin 0): p0 = ratio.
     The caller handles ratio >= 1 (every unit at 1) and S = 0 or not finite (pi = ratio).
     """
@@ -118,30 +182,42 @@ def water_level(histograms: torch.Tensor, ratio: float | torch.Tensor, min_prob:
         raise ValueError(f"histograms must be [tensors, {HIST_BINS}] (unit_histogram's), got "
                          f"{tuple(histograms.shape)}")
     hist = histograms.to(torch.float64)
-    q, x_events, a, c = level_events(float(min_prob), hist.device)
+    _, x_events, a_events, c_events = level_events(float(min_prob), hist.device)
     positive = hist[:, 1:FINITE_BINS]
     zero = hist.new_zeros(len(hist), 1)
-    counts = torch.cat((zero, positive.cumsum(1)), 1)  # exclusive prefix sums; counts are exact
-    mass = torch.cat((zero, (positive * q).cumsum(1)), 1)
+    counts = torch.cat((zero, positive.cumsum(1)), 1)  # exclusive prefix sums of exact integers
+    limbs = mass_limbs(positive.to(torch.int64)).cumsum(1)
+    mass = torch.cat((limbs.new_zeros(len(hist), 1, MASS_LIMBS), limbs), 1)  # exclusive, exact
     n_zero, n_pos = hist[:, 0], counts[:, -1]
     n = n_zero + n_pos
     ratio32 = ratio.to(torch.float32).reshape(()) if isinstance(ratio, torch.Tensor) else hist.new_tensor(
         ratio, dtype=torch.float32)
     k = ratio32.to(torch.float64) * n
-    if a is None:  # min_prob = 0: at x = 1/q_i, bins below i are proportional, bins from i at 1
-        f = x_events * mass[:, :-1].flip(1) + (n_pos[:, None] - counts[:, :-1].flip(1))
-    else:
-        f = (min_prob * (n_zero[:, None] + counts[:, a]) + x_events * (mass[:, c] - mass[:, a])
-             + (n_pos[:, None] - counts[:, c]))
-    reached = f >= k[:, None]
-    first = reached.to(torch.int32).argmax(1)
-    before = (first - 1).clamp(min=0)
     f_start = min_prob * n
-    x_hi, f_hi = x_events[first], f.gather(1, first[:, None])[:, 0]
+
+    def f_at(e: torch.Tensor) -> torch.Tensor:  # f at breakpoint e[t] of each tensor t
+        a, c = a_events[e], c_events[e]
+        between = (mass.gather(1, c[:, None, None].expand(-1, 1, MASS_LIMBS))
+                   - mass.gather(1, a[:, None, None].expand(-1, 1, MASS_LIMBS)))[:, 0]
+        count_a, count_c = counts.gather(1, a[:, None])[:, 0], counts.gather(1, c[:, None])[:, 0]
+        return min_prob * (n_zero + count_a) + x_events[e] * mass_to_float(between) + (n_pos - count_c)
+
+    n_events = len(x_events)
+    lo = torch.zeros(len(hist), dtype=torch.int64, device=hist.device)
+    hi = torch.full_like(lo, n_events)
+    for _ in range(n_events.bit_length()):  # enough halvings of [0, E]
+        mid = (lo + hi) // 2
+        active = lo < hi
+        reached = f_at(mid.clamp(max=n_events - 1)) >= k
+        hi = torch.where(active & reached, mid, hi)
+        lo = torch.where(active & ~reached, mid + 1, lo)
+    first = lo
+    saturated = first == n_events
+    at, before = first.clamp(max=n_events - 1), (first - 1).clamp(min=0)
+    x_hi, f_hi = x_events[at], f_at(at)
     x_lo = torch.where(first > 0, x_events[before], 0.0)
-    f_lo = torch.where(first > 0, f.gather(1, before[:, None])[:, 0], f_start)
+    f_lo = torch.where(first > 0, f_at(before), f_start)
     x = x_lo + (k - f_lo) * (x_hi - x_lo) / (f_hi - f_lo)
-    saturated = ~reached.any(1)
     x = torch.where(k <= f_start, 0.0, torch.where(saturated, float("inf"), x))
     share = ((k - n_pos) / n_zero).clamp(min=min_prob, max=1.0)
     p0 = torch.where(saturated & (n_zero > 0), share, min_prob).to(torch.float32)

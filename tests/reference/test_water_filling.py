@@ -220,3 +220,24 @@ def test_cpp_levels_are_the_reference_bit_for_bit(ratio, min_prob):
 def test_water_level_rejects_a_histogram_of_the_wrong_shape():
     with pytest.raises(ValueError, match="histograms"):
         sampling.water_level(torch.zeros(3, 100, dtype=torch.float64), 0.5, 0.0)
+
+
+def test_level_masses_are_exact_sums_rounded_once():
+    """The prefix masses are summed as integers (any order gives the same sum) and rounded to
+    float64 within 2^-47 of the exact rational sum, for counts up to 2^43 in any bins."""
+    from fractions import Fraction
+
+    gen = _gen(11)
+    counts = torch.zeros(4, sampling.POSITIVE_BINS, dtype=torch.int64)
+    counts[0] = torch.randint(0, 1000, (sampling.POSITIVE_BINS,), generator=gen)  # every binade
+    counts[1, [0, 7, 8, 2038]] = torch.tensor([1, 2**43, 3, 2**43])  # denormal, normal and top bins
+    counts[2, 1500:1520] = torch.randint(0, 2**40, (20,), generator=gen)
+    floors = sampling.bin_floor(torch.arange(1, sampling.FINITE_BINS)).tolist()
+    limbs = sampling.mass_limbs(counts)
+    assert int(limbs.max()) < 2**25
+    for row, row_limbs in zip(counts.tolist(), limbs):
+        exact = sum((Fraction(n) * Fraction(q) for n, q in zip(row, floors) if n), Fraction(0))
+        shuffled = row_limbs[torch.randperm(len(row_limbs), generator=gen)].sum(0)  # another order
+        assert torch.equal(shuffled, row_limbs.sum(0))
+        got = sampling.mass_to_float(row_limbs.sum(0))
+        assert (got.item() == 0) if exact == 0 else abs(Fraction(got.item()) - exact) <= exact * Fraction(1, 2**47)
