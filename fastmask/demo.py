@@ -64,8 +64,12 @@ GRID: dict[str, dict[str, list]] = {
 }
 # At most this many epochs per run, stopping early after `patience` epochs without a better
 # validation accuracy (AV digits' CNNs are the costly ones: 35 runs must fit in 15 minutes).
-EPOCHS = {"segment": 60, "mfeat": 60, "avdigits": 20}
-PATIENCE = {"segment": COMMON["patience"], "mfeat": COMMON["patience"], "avdigits": 5}
+# The imbalanced AV digits keeps the protocol its symptom was found with (examples/avdigits_symptom.py).
+EPOCHS = {"segment": 60, "mfeat": 60, "avdigits": 20, "avdigits-imbalanced": 60}
+PATIENCE = {"segment": COMMON["patience"], "mfeat": COMMON["patience"], "avdigits": 5,
+            "avdigits-imbalanced": COMMON["patience"]}
+# Built to show the symptom: `fastmask demo` trains the encoders alone there by default (run(alone=True)).
+SYMPTOM_DATASETS = ("avdigits-imbalanced",)
 # Chosen by `fastmask demo --tune --dataset segment` (mean validation accuracy of seeds 0
 # and 1 over GRID; the scores are in docs/demo.md).
 DEFAULT_HPARAMS: dict[str, dict] = {
@@ -92,6 +96,18 @@ HPARAMS: dict[str, dict[str, dict]] = {
         "amss+-official": {"lr": 0.01, "temperature": 0.2},  # not tuned: amss+'s
         "ogm-ge": {"lr": 0.01, "alpha": 0.1},
         "opm": {"lr": 0.01, "q_base": 0.3},
+        "mimo": {"lr": 0.05, "gamma": 0.5},
+    },
+    # chosen by `fastmask demo --tune --dataset avdigits-imbalanced` over GRID, every method
+    # (amss+-official too), 60 epochs at most, patience 10 (docs/demo_avdigits_imbalanced_tune.log)
+    "avdigits-imbalanced": {
+        "joint": {"lr": 0.05},
+        "uniform": {"lr": 0.05, "temperature": 1.0},
+        "amss": {"lr": 0.05, "temperature": 0.2},
+        "amss+": {"lr": 0.05, "temperature": 1.0},
+        "amss+-official": {"lr": 0.01, "temperature": 0.2},
+        "ogm-ge": {"lr": 0.05, "alpha": 0.1},
+        "opm": {"lr": 0.05, "q_base": 0.3},
         "mimo": {"lr": 0.05, "gamma": 0.5},
     },
 }
@@ -302,23 +318,55 @@ def tune(dataset_name: str, views, epochs: int, methods, log: Callable[..., None
 
 
 def run(dataset_name: str = "segment", views=None, methods=DEFAULT_METHODS, seeds: int = 5, epochs: int = 60,
-        out: str | Path = "demo_out", hparams: dict | None = None, progress: bool = True) -> dict:
-    """Train every method on every seed; write results.json and results.png to ``out``."""
+        out: str | Path = "demo_out", hparams: dict | None = None, progress: bool = True, alone: bool = False) -> dict:
+    """Train every method on every seed; write results.json and results.png to ``out``.
+
+    ``alone``: also train each modality's encoder on its own modality per seed (the "joint"
+    method's hyper-parameters), the reference of the symptom: the summary then holds each
+    encoder's probe alone (``alone_probe``) and, beside "joint", the share of the weak modality's
+    gap that each method closes (``gap_closed``)."""
     hparams = hparams or DEFAULT_HPARAMS
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    modalities = datasets.load(dataset_name, views, 0).modalities
     jobs = [(m, s) for m in methods for s in range(seeds)]
+    jobs += [(("alone", m), s) for m in modalities for s in range(seeds)] if alone else []
     bar = _progress(len(jobs), progress)
-    runs = []
+    runs, alone_runs = [], []
     for method, seed in jobs:
-        runs.append(train(datasets.load(dataset_name, views, seed), method, seed, epochs, hparams[method]))
-        bar(f"{method} seed {seed}: test {runs[-1]['test_acc']:.3f}")
+        dataset = datasets.load(dataset_name, views, seed)
+        if isinstance(method, tuple):
+            alone_runs.append(train(dataset.only(method[1]), "joint", seed, epochs, hparams["joint"]))
+            alone_runs[-1]["method"] = method[1] + " alone"
+            bar(f"{method[1]} alone seed {seed}: probe {alone_runs[-1]['probe_acc'][method[1]]:.3f}")
+        else:
+            runs.append(train(dataset, method, seed, epochs, hparams[method]))
+            bar(f"{method} seed {seed}: test {runs[-1]['test_acc']:.3f}")
     summary = summarise(runs, methods)
     result = {"dataset": dataset_name, "views": views, "seeds": seeds, "epochs": epochs, "hparams": hparams,
-              "summary": summary, "step_ms": step_speed(datasets.load(dataset_name, views, 0)), "runs": runs}
+              "summary": summary}
+    if alone:
+        result["alone_probe"] = {m: _mean_std([r["probe_acc"][m] for r in alone_runs if r["method"] == m + " alone"])
+                                 for m in modalities}
+        result["weak"] = min(modalities, key=lambda m: result["alone_probe"][m][0])
+        if "joint" in summary:
+            for s in summary.values():
+                s["gap_closed"] = gap_closed(s["probe_acc"], summary["joint"]["probe_acc"], result["alone_probe"])
+    result.update(step_ms=step_speed(datasets.load(dataset_name, views, 0)), runs=runs + alone_runs)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     plot(result, out / "results.png")
     return result
+
+
+def gap_closed(probe: dict, joint: dict, alone: dict) -> dict[str, float]:
+    """Per modality, the share of its symptom gap a method closes: (probe - joint probe) /
+    (probe alone - joint probe), from the means over seeds (each a (mean, std) pair); 0 is the
+    joint model, 1 the encoder trained alone, NaN where joint training left no gap."""
+    out = {}
+    for m in probe:
+        gap = alone[m][0] - joint[m][0]
+        out[m] = (probe[m][0] - joint[m][0]) / gap if gap > 0 else math.nan
+    return out
 
 
 def step_speed(dataset: datasets.MultiModalData, iters: int = 50) -> dict[str, float]:
@@ -348,24 +396,25 @@ def step_speed(dataset: datasets.MultiModalData, iters: int = 50) -> dict[str, f
     return out
 
 
-def summarise(runs: list[dict], methods) -> dict:
-    def mean_std(values):
-        return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+def _mean_std(values) -> tuple[float, float]:
+    return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
 
+
+def summarise(runs: list[dict], methods) -> dict:
     summary = {}
     for method in methods:
         rs = [r for r in runs if r["method"] == method]
         modalities = list(rs[0]["probe_acc"])
         summary[method] = {
-            "test_acc": mean_std([r["test_acc"] for r in rs]),
-            "probe_acc": {m: mean_std([r["probe_acc"][m] for r in rs]) for m in modalities},
-            "unimodal_acc": {m: mean_std([r["unimodal_acc"][m] for r in rs]) for m in modalities},
+            "test_acc": _mean_std([r["test_acc"] for r in rs]),
+            "probe_acc": {m: _mean_std([r["probe_acc"][m] for r in rs]) for m in modalities},
+            "unimodal_acc": {m: _mean_std([r["unimodal_acc"][m] for r in rs]) for m in modalities},
             "seconds_per_epoch": statistics.mean(r["seconds_per_epoch"] for r in rs),
             "step_share": statistics.mean(r["step_share"] for r in rs),
         }
         if rs[0].get("update_fraction"):
             summary[method]["update_fraction"] = {
-                m: {k: mean_std([r["update_fraction"][m][k] for r in rs]) for k in ("ratio", "expected", "realised")}
+                m: {k: _mean_std([r["update_fraction"][m][k] for r in rs]) for k in ("ratio", "expected", "realised")}
                 for m in modalities
             }
     return summary
@@ -384,17 +433,29 @@ def format_fractions(result: dict) -> str:
 
 
 def format_table(result: dict) -> str:
-    rows = ["| method | test fused acc | " + " | ".join(f"probe {m}" for m in _modalities(result)) + " | "
-            + " | ".join(f"head slice {m}" for m in _modalities(result)) + " | s / epoch | in opt.step() |"]
-    rows.append("|" + "---|" * (4 + 2 * len(_modalities(result))))
+    """The methods' table (mean ± std over seeds, in %); with the encoders alone (``run(alone=True)``),
+    a first row of their probes and a column of the share of the weak modality's gap each method
+    closes."""
+    modalities = _modalities(result)
+    weak = result.get("weak")
+    gap_header = f" {weak} gap closed |" if weak and "gap_closed" in result["summary"].get("joint", {}) else ""
+    rows = ["| method | test fused acc | " + " | ".join(f"probe {m}" for m in modalities) + " | "
+            + " | ".join(f"head slice {m}" for m in modalities) + " |" + gap_header + " s / epoch | in opt.step() |"]
+    rows.append("|" + "---|" * (4 + 2 * len(modalities) + bool(gap_header)))
+    if "alone_probe" in result:
+        cells = ["-"] + [_percent(result["alone_probe"][m]) for m in modalities] + ["-"] * (len(modalities) + 2)
+        rows.append("| each encoder alone | " + " | ".join(cells + ["-"] * bool(gap_header)) + " |")
     for method, s in result["summary"].items():
-        cells = [f"{100 * s['test_acc'][0]:.1f} ± {100 * s['test_acc'][1]:.1f}"]
-        cells += [f"{100 * s['probe_acc'][m][0]:.1f} ± {100 * s['probe_acc'][m][1]:.1f}" for m in _modalities(result)]
-        cells += [f"{100 * s['unimodal_acc'][m][0]:.1f} ± {100 * s['unimodal_acc'][m][1]:.1f}"
-                  for m in _modalities(result)]
+        cells = [_percent(s["test_acc"])] + [_percent(s["probe_acc"][m]) for m in modalities]
+        cells += [_percent(s["unimodal_acc"][m]) for m in modalities]
+        cells += [f"{100 * s['gap_closed'][weak]:.0f}%"] if gap_header else []
         cells += [f"{s['seconds_per_epoch']:.3f}", f"{100 * s['step_share']:.0f}%"]
         rows.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _percent(mean_std: tuple[float, float]) -> str:
+    return f"{100 * mean_std[0]:.1f} ± {100 * mean_std[1]:.1f}"
 
 
 def _modalities(result: dict) -> list[str]:
@@ -424,6 +485,10 @@ def plot(result: dict, path: Path) -> None:
         axes[1].bar(xs, [100 * summary[m]["probe_acc"][mod][0] for m in methods], width,
                     yerr=[100 * summary[m]["probe_acc"][mod][1] for m in methods], capsize=3, label=mod)
     axes[1].set_xticks([i + width * (len(modalities) - 1) / 2 for i in range(len(methods))], methods, rotation=30)
+    for j, mod in enumerate(modalities):
+        if "alone_probe" in result:  # the reference: the same encoder trained on its own modality
+            axes[1].axhline(100 * result["alone_probe"][mod][0], color=f"C{j}", linestyle="--", linewidth=1,
+                            label=f"{mod} alone")
     axes[1].set_title("linear probe of each frozen encoder (%)")
     axes[1].legend()
     for method, style in (("amss+", "-"), ("ogm-ge", "--"), ("uniform", ":")):

@@ -118,6 +118,19 @@ def test_load_avdigits_standardises_and_feeds_the_cnn_encoders(cache):
     assert isinstance(model.encoders["image"][0], torch.nn.Conv2d)
 
 
+def test_imbalanced_avdigits_is_the_symptom_build_under_its_own_name(tiny, monkeypatch):
+    specs = []
+    monkeypatch.setattr(avdigits, "cached", lambda spec, progress=None: specs.append(spec) or tiny)
+    d = data.load("avdigits-imbalanced")
+    assert specs == [avdigits.BuildSpec(snr_db=data.AVDIGITS_IMBALANCED["snr_db"])] and d.name == "avdigits-imbalanced"
+    assert data.AVDIGITS_IMBALANCED["image_energy_removed"] == 0.0  # clean images: the dominant modality
+    images = tiny["images"][tiny["split"] == 0].to(torch.float32) / 255.0
+    assert torch.allclose(d.train[0]["image"].flatten(1), (images.flatten(1) - images.mean()) / images.std(), atol=1e-5)
+    assert demo.EPOCHS[d.name] == 60 and demo.PATIENCE[d.name] == 10 and d.name in demo.SYMPTOM_DATASETS
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        data.load("avdigits-balanced")
+
+
 @pytest.mark.parametrize("method", ["joint", "amss+", "ogm-ge"])
 def test_demo_trains_the_cnn_model_on_avdigits(cache, method):
     d = data.load_avdigits(per_class=5, image_energy_removed=0.5, snr_db=-5.0)  # 3 / 1 / 1 per class

@@ -26,3 +26,31 @@ def test_bench_records():
     visual = 11_689_512 - 513_000
     assert rec["numel"] == visual + (visual - 2 * 64 * 7 * 7) + 31 * 1024 + 31
     assert rec["median_ms"] > 0 and rec["ratio_vs_torch_fused_adamw"] > 0
+
+
+def test_demo_on_the_imbalanced_set_runs_every_method_and_the_encoders_alone(monkeypatch, capsys):
+    """What ``fastmask demo --dataset avdigits-imbalanced`` asks of ``demo.run`` (the runs
+    themselves: tests/test_demo.py); ``--no-alone`` and ``--methods`` override the defaults."""
+    from fastmask import demo
+
+    calls = []
+
+    def run(dataset, views, methods, seeds, epochs, out, hparams, alone):
+        calls.append(dict(dataset=dataset, methods=methods, epochs=epochs, hparams=hparams, alone=alone))
+        summary = {m: {"test_acc": (0.9, 0.0), "probe_acc": {"image": (0.9, 0.0), "audio": (0.7, 0.0)},
+                       "unimodal_acc": {"image": (0.9, 0.0), "audio": (0.6, 0.0)}, "seconds_per_epoch": 1.0,
+                       "step_share": 0.1, "gap_closed": {"image": 0.0, "audio": 0.5}} for m in methods}
+        return {"summary": summary, "alone_probe": {"image": (0.9, 0.0), "audio": (0.8, 0.0)}, "weak": "audio",
+                "step_ms": {"fused": 0.1}}
+
+    monkeypatch.setattr(demo, "run", run)
+    assert cli.main(["demo", "--dataset", "avdigits-imbalanced", "--seeds", "2"]) == 0
+    assert calls[-1]["methods"] == list(demo.METHODS) and "amss+-official" in calls[-1]["methods"]
+    assert calls[-1]["alone"] and calls[-1]["epochs"] == demo.EPOCHS["avdigits-imbalanced"]
+    assert calls[-1]["hparams"] == demo.HPARAMS["avdigits-imbalanced"]
+    out = capsys.readouterr().out
+    assert "the weak encoder: audio" in out and "| audio gap closed |" in out and "| amss+-official |" in out
+    assert cli.main(["demo", "--dataset", "segment", "--seeds", "2"]) == 0
+    assert calls[-1]["methods"] == list(demo.DEFAULT_METHODS) and not calls[-1]["alone"]
+    assert cli.main(["demo", "--dataset", "avdigits-imbalanced", "--no-alone", "--methods", "joint"]) == 0
+    assert calls[-1]["methods"] == ["joint"] and not calls[-1]["alone"]

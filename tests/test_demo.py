@@ -35,6 +35,32 @@ def test_run_writes_results_and_figure(tmp_path):
         assert abs(fraction["realised"][0] - fraction["expected"][0]) < 0.05
 
 
+def test_run_alone_reports_each_encoder_alone_and_the_gap_each_method_closes(tmp_path):
+    result = demo.run("segment", None, ["joint", "amss+"], seeds=2, epochs=2, out=tmp_path, progress=False,
+                      alone=True)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["runs"]) == 8 and {r["method"] for r in saved["runs"]} == {"joint", "amss+", "shape alone",
+                                                                             "colour alone"}
+    alone = {m: [r["probe_acc"][m] for r in saved["runs"] if r["method"] == f"{m} alone"] for m in ("shape", "colour")}
+    assert saved["alone_probe"] == {m: list(demo._mean_std(v)) for m, v in alone.items()}
+    assert saved["weak"] == min(alone, key=lambda m: sum(alone[m]))
+    joint, weak = saved["summary"]["joint"], saved["weak"]
+    for method, s in saved["summary"].items():
+        gap = saved["alone_probe"][weak][0] - joint["probe_acc"][weak][0]
+        share = (s["probe_acc"][weak][0] - joint["probe_acc"][weak][0]) / gap
+        assert s["gap_closed"][weak] == pytest.approx(share) if gap > 0 else s["gap_closed"][weak] != s["gap_closed"][weak]
+    table = demo.format_table(result)
+    assert f"| {weak} gap closed |" in table and "| each encoder alone | - |" in table
+    assert all(line.count("|") == table.splitlines()[0].count("|") for line in table.splitlines())
+
+
+def test_gap_closed_is_the_share_of_the_weak_encoders_gap():
+    alone, joint = {"a": (0.9, 0.0), "b": (0.8, 0.1)}, {"a": (0.6, 0.0), "b": (0.85, 0.0)}
+    closed = demo.gap_closed({"a": (0.75, 0.02), "b": (0.9, 0.0)}, joint, alone)
+    assert closed["a"] == pytest.approx(0.5) and closed["b"] != closed["b"]  # no gap on b: NaN
+    assert demo.gap_closed(joint, joint, alone)["a"] == 0.0 and demo.gap_closed(alone, joint, alone)["a"] == 1.0
+
+
 def test_bad_method():
     with pytest.raises(ValueError, match="method"):
         demo.train(data.load_segment(0), "gradnorm", 0, 1, {})
