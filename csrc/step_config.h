@@ -1,5 +1,5 @@
 // The step configuration of the CPU and CUDA bindings: one typed struct, bound to Python once
-// for both (bind_step_config). fastmask.ops._native.native_config fills it from the Python
+// for both (bind_step_config). fastmask.backends.native.native_config fills it from the Python
 // KernelConfig, whose field names it shares; assigning a field that does not exist, or a value
 // of the wrong type, raises there. Host code (pybind11).
 #pragma once

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from .ops.checks import check_choice, check_int, check_real
-from .optim.base import draw_seed
-from .reference.philox import uniform
+from .reference.philox import draw_seed, uniform
 from .significance import _check_features, _check_same_modalities
 
 __all__ = ["AuxiliaryHeads", "PredictionModulation"]

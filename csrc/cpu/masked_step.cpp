@@ -733,7 +733,7 @@ float grad_scale_value(const c10::optional<at::Tensor>& grad_scale) {
 }
 
 // Calls step(P{}, G{}) with the batch's (param, grad) dtype pair: the pairs that training
-// produces (fastmask.ops._native converts other grads to fp32).
+// produces (fastmask.backends.native converts other grads to fp32).
 template <typename Step>
 void with_dtypes(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads, const char* op,
                  Step step) {

@@ -1,6 +1,6 @@
 // Torch binding of the "cuda" backend: builds the pointer and metadata tables, allocates
 // the step's buffers and launches the kernels of masked_step_kernels.cu on the current
-// stream. Compiled only with a CUDA build of torch (fastmask.ops._cuda).
+// stream. Compiled only with a CUDA build of torch (fastmask.backends.cuda).
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAGuard.h>

@@ -15,7 +15,7 @@ from .registry import register, register_probe
 
 EXTENSION = JitExtension(
     "fastmask_cuda",
-    "fastmask._cuda",
+    None,  # setup.py prebuilds only the cpp extension: a CUDA build needs nvcc and a CUDA torch at install
     ["cuda/masked_step.cpp", "cuda/masked_step_kernels.cu"],
     extra_cflags=["-O3"],
     extra_cuda_cflags=["-O3", "--fmad=false", "-prec-div=true", "-prec-sqrt=true"],

@@ -178,7 +178,8 @@ def wait_for_build_lock(build_dir: Path, timeout_s: float, poll_s: float = 0.5) 
 
 
 class JitExtension:
-    """A C++/CUDA extension: the module built at install if there is one, else compiled on
+    """A C++/CUDA extension: the module ``prebuilt`` at install if there is one (setup.py builds
+    ``fastmask._cpp`` with ``FASTMASK_BUILD_EXT=1``; None: never prebuilt), else compiled on
     first use with ``torch.utils.cpp_extension.load`` into ``build_directory(name)``.
 
     ``module()`` returns None when it cannot be built; ``error`` then says why, and one
@@ -187,7 +188,7 @@ class JitExtension:
     default 900 s). ``FASTMASK_VERBOSE_BUILD=1`` shows the compiler output.
     """
 
-    def __init__(self, name: str, prebuilt: str, sources: list[str], **load_kwargs) -> None:
+    def __init__(self, name: str, prebuilt: str | None, sources: list[str], **load_kwargs) -> None:
         self.name, self.prebuilt, self.sources, self.load_kwargs = name, prebuilt, sources, load_kwargs
         self.error: str | None = None
         self._module: ModuleType | None = None
@@ -195,10 +196,11 @@ class JitExtension:
         self._lock = threading.Lock()
 
     def _build(self) -> ModuleType:
-        try:
-            return importlib.import_module(self.prebuilt)
-        except ImportError:
-            pass
+        if self.prebuilt is not None:
+            try:
+                return importlib.import_module(self.prebuilt)
+            except ImportError:
+                pass
         from torch.utils.cpp_extension import load
 
         root = csrc_dir()

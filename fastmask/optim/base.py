@@ -24,6 +24,7 @@ from .. import ops
 from ..ops.checks import FLOAT_DTYPES, check_choice, check_int, check_real
 from ..backends.registry import requested_backend
 from ..balancer import Balancer
+from ..reference.philox import draw_seed
 from ..reference.spec import BASES, StepConfig, TensorGroup
 from . import sharding
 
@@ -53,11 +54,6 @@ FOREIGN_KEYS = frozenset({"initial_lr", "max_lr", "min_lr", "max_momentum", "bas
 # torch optimizers' implementation flags, found in torch checkpoints: dropped on load once checked.
 TORCH_FLAGS = ("foreach", "fused", "capturable", "differentiable", "amsgrad", "decoupled_weight_decay")
 CHECKPOINT_VERSION = 2  # 1: settings in state_dict["fastmask"] and every base's keys in every group
-
-
-def draw_seed() -> int:
-    """A 63-bit seed from torch's default CPU generator (so torch.manual_seed reproduces it)."""
-    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
 
 
 def agreed_seed() -> int:

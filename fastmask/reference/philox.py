@@ -20,6 +20,11 @@ PHILOX_W1 = 0xBB67AE85
 PHILOX_ROUNDS = 10
 UNIT_SCALE = 2.0**-24  # U = (word >> 8) * 2^-24: exact in float32
 
+def draw_seed() -> int:
+    """A 63-bit seed from torch's default CPU generator (so torch.manual_seed reproduces it)."""
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
+
+
 # Stream layout: the low 32 bits carry the optimizer step, the high 32 bits the
 # parameter slot and the purpose (mask or noise), see ``rng_stream``.
 STREAM_MASK = 0
