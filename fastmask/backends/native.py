@@ -20,7 +20,7 @@ import torch
 
 from ..reference import sampling
 from ..reference.philox import rng_stream
-from ..reference.spec import KernelConfig, StepConfig, TensorGroup, exact_count
+from ..reference.spec import SUM_COLS, KernelConfig, StepConfig, TensorGroup, exact_count
 
 BATCH_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "momentum_buffers", "fishers")
 
@@ -259,27 +259,31 @@ LevelSolver = Callable[[torch.Tensor, StepConfig], torch.Tensor]
 
 def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConfig, grad_scale, found_inf,
                         select: Selector, settings_in_memory: bool = False, sums: torch.Tensor | None = None,
-                        unit_importance: torch.Tensor | None = None, solve_levels: LevelSolver | None = None) -> None:
+                        unit_importance: torch.Tensor | None = None, solve_levels: LevelSolver | None = None,
+                        levels_in_kernel: bool = False) -> None:
     """Run an extension's ``masked_step`` on a batch (the cpp and cuda backends); with ``sums``
     and ``unit_importance`` (``native_masked_step_sums``'s, all-reduced), only its finish.
-    Water-filling: with ``solve_levels`` (cpp: its C++ copy of ``sampling.water_level``), pass 1
-    runs first (if not given), then ``solve_levels(sums, cfg)``, and the extension reads the
-    levels; without (cuda), the extension's reduce solves them from ``sampling.level_events``.
+    Water-filling: pass 1 runs first (if not given), then ``solve_levels(sums, cfg)`` (default
+    ``water_levels``; the cpp backend passes its bit-identical C++ copy), and the extension reads
+    the levels; with ``levels_in_kernel`` (cuda) the extension's reduce solves them itself, from
+    ``sampling.level_events``, in the same launches.
 
     ``settings_in_memory``: the extension reads the ratio and coefficients from a device tensor
     (cuda, its argument after ``stats``); otherwise tensor settings are read on the host first
     (cpp: CPU tensors, no sync)."""
+    if levels_in_kernel and solve_levels is not None:
+        raise ValueError("native_masked_step_: solve_levels and levels_in_kernel exclude each other")
     cfg, kcfg, work, write_back, config = _native_inputs(extension, group, cfg, settings_in_memory)
     device = work["params"][0].device
-    if not cfg.water_filling:
-        levels = None if solve_levels is not None else []
-    elif solve_levels is not None:
+    if levels_in_kernel:  # the binding takes the breakpoints (x, a, c), or none
+        levels = list(sampling.level_events(cfg.min_prob, device)[1:]) if cfg.water_filling else []
+    elif cfg.water_filling:
         if sums is None:
             sums, unit_importance = _pass1(extension, group, cfg, work, config, grad_scale, settings_in_memory,
                                            handed_out=False)
-        levels = solve_levels(sums, cfg)
+        levels = (solve_levels or water_levels)(sums, cfg)
     else:
-        levels = list(sampling.level_events(cfg.min_prob, device)[1:])
+        levels = None
     unit_weight, offsets = None, []
     if kcfg.exact:
         unit_weight, offsets = exact_unit_weights(work, group, cfg, grad_scale, select)
@@ -292,6 +296,12 @@ def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConf
     )
     for original, copy in write_back:
         original.copy_(copy)
+
+
+def water_levels(sums: torch.Tensor, cfg: StepConfig) -> torch.Tensor:
+    """Each tensor's water level (x, p0), float64 [T, 2], from pass 1's (all-reduced) histogram
+    columns: ``sampling.water_level``, the definition."""
+    return sampling.water_level(sums[:, SUM_COLS:], cfg.ratio, cfg.min_prob).contiguous()
 
 
 def unit_level(s_units: torch.Tensor, ratio: float, sampling_mode: str, min_prob: float) -> tuple[float, float, bool]:

@@ -61,3 +61,48 @@ def test_build_directory_is_per_python_and_torch(tmp_path, monkeypatch):
     path = native.build_directory("fastmask_x")
     assert path.is_dir() and path.name == "fastmask_x" and path.is_relative_to(tmp_path)
     assert f"py{sys.version_info.major}{sys.version_info.minor}" in path.parent.name
+
+
+class _Recording:
+    """An extension whose masked_step records its arguments (the rest: the cpp extension's)."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, []
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+    def masked_step(self, *args):
+        self.calls.append(args)
+
+
+def test_levels_in_kernel_hands_the_extension_the_breakpoints_and_runs_no_pass_1_first():
+    """The cuda backend's mode, on the cpp extension's config type: the binding gets
+    ``sampling.level_events``' (x, a, c) (none without water-filling), no sums and no levels."""
+    import torch
+
+    from fastmask.backends import cpp
+    from fastmask.reference import sampling
+    from fastmask.reference.spec import StepConfig, TensorGroup
+
+    module = cpp.EXTENSION.module()
+    if module is None:
+        pytest.skip("the cpp backend cannot be built here")
+    p, g = torch.randn(8, 4), torch.randn(8, 4)
+    group = TensorGroup([p], [g], [torch.tensor(0.0)], [0], exp_avgs=[torch.zeros_like(p)],
+                        exp_avg_sqs=[torch.zeros_like(p)])
+    for ratio, min_prob in ((0.5, 0.0), (0.5, 0.05), (1.0, 0.0)):
+        recording = _Recording(module)
+        cfg = StepConfig(ratio=ratio, unbiased=True, min_prob=min_prob)
+        native.native_masked_step_(recording, group, cfg, None, None, native.reference_select(0),
+                                   levels_in_kernel=True)
+        *_, sums, unit_importance, levels = recording.calls[0]
+        assert sums is None and unit_importance is None
+        if cfg.water_filling:
+            assert all(torch.equal(a, b) for a, b in zip(levels, sampling.level_events(min_prob, p.device)[1:]))
+            assert len(levels) == 3
+        else:
+            assert levels == []
+    with pytest.raises(ValueError, match="solve_levels and levels_in_kernel"):
+        native.native_masked_step_(module, group, StepConfig(ratio=0.5), None, None, native.reference_select(0),
+                                   solve_levels=native.water_levels, levels_in_kernel=True)
