@@ -171,6 +171,8 @@ def load_avdigits(seed: int = 0, image_energy_removed: float | None = None, snr_
     from . import avdigits
 
     check_int("seed", seed, 0, 2**63)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
     fraction = AVDIGITS_DEGRADATION["image_energy_removed"] if image_energy_removed is None else image_energy_removed
     snr = AVDIGITS_DEGRADATION["snr_db"] if snr_db is None else snr_db
     return avdigits_data(avdigits.cached(avdigits.BuildSpec(per_class=per_class, snr_db=snr)), fraction, name)

@@ -325,6 +325,8 @@ def run(dataset_name: str = "segment", views=None, methods=DEFAULT_METHODS, seed
     method's hyper-parameters), the reference of the symptom: the summary then holds each
     encoder's probe alone (``alone_probe``) and, beside "joint", the share of the weak modality's
     gap that each method closes (``gap_closed``)."""
+    if not isinstance(alone, bool):
+        raise TypeError(f"alone must be a bool, got {alone!r}")
     hparams = hparams or DEFAULT_HPARAMS
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

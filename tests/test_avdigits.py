@@ -129,6 +129,8 @@ def test_imbalanced_avdigits_is_the_symptom_build_under_its_own_name(tiny, monke
     assert demo.EPOCHS[d.name] == 60 and demo.PATIENCE[d.name] == 10 and d.name in demo.SYMPTOM_DATASETS
     with pytest.raises(ValueError, match="dataset must be one of"):
         data.load("avdigits-balanced")
+    with pytest.raises(ValueError, match="name must be a non-empty string"):
+        data.load_avdigits(name="")
 
 
 @pytest.mark.parametrize("method", ["joint", "amss+", "ogm-ge"])

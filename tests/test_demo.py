@@ -61,6 +61,12 @@ def test_gap_closed_is_the_share_of_the_weak_encoders_gap():
     assert demo.gap_closed(joint, joint, alone)["a"] == 0.0 and demo.gap_closed(alone, joint, alone)["a"] == 1.0
 
 
+def test_run_refuses_a_non_bool_alone_before_training(tmp_path):
+    with pytest.raises(TypeError, match="alone must be a bool"):
+        demo.run("segment", None, ["joint"], seeds=1, epochs=1, out=tmp_path, progress=False, alone="yes")
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_bad_method():
     with pytest.raises(ValueError, match="method"):
         demo.train(data.load_segment(0), "gradnorm", 0, 1, {})

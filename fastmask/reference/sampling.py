@@ -123,6 +123,7 @@ def bin_mass_terms(device: torch.device | None = None) -> tuple[torch.Tensor, to
 def mass_limbs(counts: torch.Tensor) -> torch.Tensor:
     """int64 [..., POSITIVE_BINS, MASS_LIMBS]: each positive bin's mass n_j q_j as limbs (in
     units of 2^-129; each limb below 2^25). ``counts``: int64 [..., POSITIVE_BINS], below 2^44."""
+    _check_int64("counts", counts, POSITIVE_BINS)
     mantissa, binade = bin_mass_terms(counts.device)
     value = counts * mantissa  # < 2^48: split in two so that shifting by up to 23 bits stays in int64
     shift, limb = binade % MASS_LIMB_BITS, binade // MASS_LIMB_BITS
@@ -139,6 +140,7 @@ def mass_to_float(limbs: torch.Tensor) -> torch.Tensor:
     division), then the top nonzero limb t and the two below it, (L_t 2^24 + L_t-1) 2^24 +
     L_t-2, as float64 (one rounding; the limbs below are dropped), times 2^(24 (t - 2) - 129).
     Relative error below 2^-47; the same bits on every backend."""
+    _check_int64("limbs", limbs, MASS_LIMBS)
     limbs = list(limbs.unbind(-1))
     for i in range(MASS_LIMBS - 1):
         limbs[i + 1] = limbs[i + 1] + (limbs[i] >> MASS_LIMB_BITS)
@@ -154,6 +156,13 @@ def mass_to_float(limbs: torch.Tensor) -> torch.Tensor:
     value = high.to(torch.float64) * float(1 << MASS_LIMB_BITS) + limb(top - 2).to(torch.float64)
     scale = ((MASS_LIMB_BITS * (top - 2) - 129 + 1023) << 52).view(torch.float64)  # 2^(24 (t - 2) - 129)
     return torch.where(top >= 0, value * scale, 0.0)
+
+
+def _check_int64(name: str, value: object, last_dim: int) -> None:
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.int64 or value.dim() < 1 or \
+            value.shape[-1] != last_dim:
+        got = f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{name} must be an int64 tensor [..., {last_dim}], got {got}")
 
 
 def water_level(histograms: torch.Tensor, ratio: float | torch.Tensor, min_prob: float) -> torch.Tensor:

@@ -241,3 +241,14 @@ def test_level_masses_are_exact_sums_rounded_once():
         assert torch.equal(shuffled, row_limbs.sum(0))
         got = sampling.mass_to_float(row_limbs.sum(0))
         assert (got.item() == 0) if exact == 0 else abs(Fraction(got.item()) - exact) <= exact * Fraction(1, 2**47)
+
+
+def test_mass_functions_name_a_bad_argument():
+    with pytest.raises(ValueError, match=r"counts must be an int64 tensor \[..., 2039\]"):
+        sampling.mass_limbs(torch.zeros(3, sampling.POSITIVE_BINS))  # float counts
+    with pytest.raises(ValueError, match="counts must be an int64 tensor"):
+        sampling.mass_limbs(torch.zeros(3, 100, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"limbs must be an int64 tensor \[..., 13\]"):
+        sampling.mass_to_float(torch.zeros(2, 12, dtype=torch.int64))
+    with pytest.raises(ValueError, match="limbs must be an int64 tensor"):
+        sampling.mass_to_float([0] * 13)
