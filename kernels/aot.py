@@ -17,7 +17,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import masked_step as ms
-from . import ops as kops
+from . import units
 
 # argument name -> Triton type; every other argument is an fp32 scalar
 TYPES = {
@@ -68,15 +68,15 @@ def specialisations():
                    EXACT=exact, SAMPLING=sampling, RESCALE=rescale, PRE_SUMMED=sharded, WATER_LEVEL=water,
                    ALIGNED=not sharded, RBLOCK=ms.REDUCE_BLOCK))
     yield "sum_partials", ms.sum_partials, dict(RBLOCK=ms.REDUCE_BLOCK)
-    block = dict(BLOCK=kops.BLOCK_SIZE)
-    yield "fisher_update", kops._fisher_update_kernel, dict(G_DTYPE=tl.bfloat16, **block)
-    yield "block_sums", kops._block_sums_kernel, block
-    yield "histogram", kops._histogram_kernel, block
+    block = dict(BLOCK=units.BLOCK_SIZE)
+    yield "fisher_update", units.fisher_update_kernel, dict(G_DTYPE=tl.bfloat16, **block)
+    yield "block_sums", units.block_sums_kernel, block
+    yield "histogram", units.histogram_kernel, block
     for poisson in (True, False):
-        yield f"probs[poisson={poisson}]", kops._probs_kernel, dict(POISSON=poisson, **block)
-    yield "select", kops._select_kernel, block
-    yield "gumbel", kops._gumbel_kernel, block
-    yield "rescale", kops._rescale_kernel, block
+        yield f"probs[poisson={poisson}]", units.probs_kernel, dict(POISSON=poisson, **block)
+    yield "select", units.select_kernel, block
+    yield "gumbel", units.gumbel_kernel, block
+    yield "rescale", units.rescale_kernel, block
 
 
 def main(argv: list[str] | None = None) -> int:

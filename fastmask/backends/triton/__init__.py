@@ -1,8 +1,9 @@
 """The "triton" backend: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (how CI tests it).
 
 Triton is imported lazily, inside the functions below, so ``import fastmask`` never needs it.
-The kernels and their launchers live in ``fastmask.kernels`` (the repository's ``kernels/``);
-the host-side preparation (working copies, exact-mode unit tables) is here.
+The ``@triton.jit`` kernels live in ``fastmask.kernels`` (the repository's ``kernels/``); their
+host side is here: ``step`` (the fused step's tables and launches) and ``units`` (the low-level
+ops' launchers); this module registers them, after the working copies and exact-mode unit tables.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import os
 
 import torch
 
-from ..reference import sampling
-from ..reference.spec import StepConfig, TensorGroup
-from .native import as_units, exact_unit_weights, working_copies
-from .registry import register, register_probe
+from ...reference import sampling
+from ...reference.spec import StepConfig, TensorGroup
+from ..native import as_units, exact_unit_weights, working_copies
+from ..registry import register, register_probe
 
 
 def _probe(device: torch.device) -> str | None:
@@ -40,10 +41,10 @@ def masked_step_(group: TensorGroup, config: StepConfig, grad_scale, found_inf) 
 
 @register("masked_step_sums", "triton")
 def masked_step_sums(group: TensorGroup, config: StepConfig, grad_scale) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..kernels import masked_step
+    from . import step
 
     work, _ = working_copies(group)
-    return masked_step.launch_sums(group, work, config, grad_scale)
+    return step.launch_sums(group, work, config, grad_scale)
 
 
 @register("masked_step_finish", "triton")
@@ -53,7 +54,7 @@ def masked_step_finish(group: TensorGroup, config: StepConfig, sums, unit_import
 
 def _step(group: TensorGroup, config: StepConfig, grad_scale, found_inf, sums, unit_importance) -> None:
     """The step; from pass 1's ``sums`` and ``unit_importance`` when given (else it runs pass 1)."""
-    from ..kernels import masked_step, ops
+    from . import step, units
 
     work, write_back = working_copies(group)
     exact_weights = None
@@ -61,11 +62,11 @@ def _step(group: TensorGroup, config: StepConfig, grad_scale, found_inf, sums, u
         seed_lo, seed_hi = config.seed & 0xFFFFFFFF, config.seed >> 32
 
         def select(s_units: torch.Tensor, count: int, stream: torch.Tensor) -> torch.Tensor:
-            keys, noise = ops.gumbel_keys(s_units.contiguous(), seed_lo, seed_hi, stream.reshape(1))
+            keys, noise = units.gumbel_keys(s_units.contiguous(), seed_lo, seed_hi, stream.reshape(1))
             return sampling.top_by_keys(keys, noise, count)
 
         exact_weights, _ = exact_unit_weights(work, group, config, grad_scale, select)
-    masked_step.launch(group, work, config, grad_scale, found_inf, exact_weights, sums, unit_importance)
+    step.launch(group, work, config, grad_scale, found_inf, exact_weights, sums, unit_importance)
     for original, copy in write_back:
         original.copy_(copy)
 
@@ -73,9 +74,9 @@ def _step(group: TensorGroup, config: StepConfig, grad_scale, found_inf, sums, u
 @register("fisher_update_", "triton")
 def fisher_update_(fisher: torch.Tensor, grad: torch.Tensor, beta: float) -> None:
     work = fisher if fisher.is_contiguous() else fisher.contiguous()
-    from ..kernels import ops
+    from . import units
 
-    ops.fisher_update_(work, grad.contiguous(), beta)
+    units.fisher_update_(work, grad.contiguous(), beta)
     if work is not fisher:
         fisher.copy_(work)
 
@@ -85,9 +86,9 @@ def inclusion_probs(
     importance: torch.Tensor, ratio: float, granularity: str, sampling_mode: str, min_prob: float
 ) -> torch.Tensor:
     s_units = as_units(sampling.unit_sums(importance, granularity))
-    from ..kernels import ops
+    from . import units
 
-    pi = ops.inclusion_probs_units(s_units, ratio, sampling_mode == "poisson", min_prob)
+    pi = units.inclusion_probs_units(s_units, ratio, sampling_mode == "poisson", min_prob)
     return sampling.expand_units(pi, importance.shape, granularity).contiguous()
 
 
@@ -95,10 +96,10 @@ def inclusion_probs(
 def sample_mask(
     unit_probs: torch.Tensor, seed: int, stream: int | torch.Tensor, shape: torch.Size, granularity: str
 ) -> torch.Tensor:
-    from ..kernels import ops
+    from . import units
 
-    stream_t = ops.stream_tensor(stream, unit_probs.device)
-    selected = ops.bernoulli_select(as_units(unit_probs), *ops.split_seed(seed), stream_t).view(torch.bool)
+    stream_t = units.stream_tensor(stream, unit_probs.device)
+    selected = units.bernoulli_select(as_units(unit_probs), *units.split_seed(seed), stream_t).view(torch.bool)
     return sampling.expand_units(selected, shape, granularity).contiguous()
 
 
@@ -106,16 +107,16 @@ def sample_mask(
 def sample_exact(
     importance: torch.Tensor, count: int, seed: int, stream: int | torch.Tensor, granularity: str
 ) -> torch.Tensor:
-    from ..kernels import ops
+    from . import units
 
     s_units = as_units(sampling.unit_sums(importance, granularity))
-    keys, noise = ops.gumbel_keys(s_units, *ops.split_seed(seed), ops.stream_tensor(stream, importance.device))
+    keys, noise = units.gumbel_keys(s_units, *units.split_seed(seed), units.stream_tensor(stream, importance.device))
     selected = sampling.top_by_keys(keys, noise, count)
     return sampling.expand_units(selected, importance.shape, granularity).contiguous()
 
 
 @register("unbiased_rescale", "triton")
 def unbiased_rescale(grad: torch.Tensor, mask: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    from ..kernels import ops
+    from . import units
 
-    return ops.unbiased_rescale(grad.contiguous(), mask.contiguous(), probs.contiguous())
+    return units.unbiased_rescale(grad.contiguous(), mask.contiguous(), probs.contiguous())
