@@ -32,7 +32,7 @@
 #endif
 
 #include "../fastmask_math.h"
-#include "../step_config.h"
+#include "../kernel_config.h"
 
 namespace {
 
@@ -40,7 +40,7 @@ using fastmask::UpdateScalars;
 
 constexpr int64_t kChunk = 1 << 14;  // elements (or rows) per work item; a multiple of 4
 
-using Config = fastmask::StepConfig;
+using Config = fastmask::KernelConfig;
 
 struct Item {
   int64_t tensor, begin, end;  // elements [begin, end), or rows in row mode (pass 1)
@@ -563,8 +563,8 @@ std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::
   const float fisher_beta = static_cast<float>(c.fisher_beta);
   const float one_minus_fisher_beta = static_cast<float>(1.0 - c.fisher_beta);
   std::vector<Partial> partials(L.items1.size());
-  const bool hist = c.masked && c.poisson;
-  const int64_t width = fastmask::kSumCols + (hist ? kBins : 0);
+  const bool hist = c.water_filling;
+  const int64_t width = c.sums_width;
   at::Tensor sums = at::zeros({L.n_tensors, width}, at::TensorOptions().dtype(at::kDouble));
   double* out = sums.data_ptr<double>();
   at::Tensor unit_importance = at::empty({L.n_units}, at::TensorOptions().dtype(at::kFloat));
@@ -783,8 +783,8 @@ void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, 
     using G = decltype(g);
     const Layout L = layout_of(params, c);
     const float gs = grad_scale_value(grad_scale);
-    const bool water = c.masked && c.poisson;
-    const int64_t width = fastmask::kSumCols + (water ? kBins : 0);
+    const bool water = c.water_filling;
+    const int64_t width = c.sums_width;
     at::Tensor sums, unit_importance, levels;
     TORCH_CHECK(!water || (sums_in.has_value() && levels_in.has_value()),
                 "cpp masked_step: water-filling needs pass 1's sums and the water levels");
@@ -940,7 +940,7 @@ at::Tensor unbiased_rescale(at::Tensor grad, at::Tensor mask, at::Tensor probs) 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastmask cpp backend: fused masked step and ops on CPU tensors";
-  fastmask::bind_step_config(m);
+  fastmask::bind_kernel_config(m);
   m.def("masked_step", &masked_step);
   m.def("masked_step_sums", &masked_step_sums);
   m.def("water_levels", &water_levels);

@@ -12,14 +12,14 @@
 #include <utility>
 #include <vector>
 
-#include "../step_config.h"
+#include "../kernel_config.h"
 #include "masked_step.h"
 
 namespace {
 
 using namespace fastmask_cuda;
 
-DeviceConfig device_config(const fastmask::StepConfig& h, bool lr_is_tensor) {
+DeviceConfig device_config(const fastmask::KernelConfig& h, bool lr_is_tensor) {
   DeviceConfig c;
   c.terms = h.reduce_terms(lr_is_tensor);
   c.base = h.base;
@@ -37,6 +37,7 @@ DeviceConfig device_config(const fastmask::StepConfig& h, bool lr_is_tensor) {
   c.ge = h.ge;
   c.modulate_update = h.modulate_update;
   c.exact = h.exact;
+  c.water_filling = h.water_filling;
   c.k0 = static_cast<uint32_t>(h.seed);
   c.k1 = static_cast<uint32_t>(h.seed >> 32);
   return c;
@@ -102,7 +103,7 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
             const std::vector<at::Tensor>& fishers, const std::vector<int64_t>& slots, const DeviceConfig& c,
             const c10::optional<at::Tensor>& lr_tensor, const c10::optional<at::Tensor>& grad_scale,
             const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& unit_weight_in,
-            const c10::optional<at::Tensor>& stats, const fastmask::StepConfig& h, const at::Tensor& settings,
+            const c10::optional<at::Tensor>& stats, const fastmask::KernelConfig& h, const at::Tensor& settings,
             Phase phase, const c10::optional<at::Tensor>& sums_in, const c10::optional<at::Tensor>& unit_importance_in,
             const std::vector<at::Tensor>& level_events, std::tuple<at::Tensor, at::Tensor>* sums_out) {
   const auto device = params[0].device();
@@ -143,8 +144,8 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   at::Tensor tensor_stats = at::zeros({n_tensors, 4}, f64);
   at::Tensor block_stats = at::zeros({std::max<int64_t>(blocks, 1), 2}, f64);
   at::Tensor lr32 = lr_tensor.has_value() ? lr_tensor->to(device, at::kFloat) : at::Tensor();
-  const bool water = c.masked && c.poisson;
-  const int64_t sums_width = fastmask::kSumCols + (water ? fastmask::kHistBins : 0);
+  const bool water = h.water_filling;
+  const int64_t sums_width = h.sums_width;
   at::Tensor levels, hist;
   if (water && phase != Phase::kSums) {
     TORCH_CHECK(level_events.size() == 3 && level_events[0].scalar_type() == at::kDouble &&
@@ -238,7 +239,7 @@ void check_batch(const std::vector<at::Tensor>& params, const std::vector<at::Te
 void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
                          std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
                          std::vector<at::Tensor> momentum_buffers, std::vector<at::Tensor> fishers,
-                         std::vector<int64_t> slots, const fastmask::StepConfig& h, c10::optional<at::Tensor> lr_tensor,
+                         std::vector<int64_t> slots, const fastmask::KernelConfig& h, c10::optional<at::Tensor> lr_tensor,
                          c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
                          c10::optional<at::Tensor> unit_weight, std::vector<int64_t> /*unit_offsets*/,
                          c10::optional<at::Tensor> stats, at::Tensor settings, c10::optional<at::Tensor> sums,
@@ -256,7 +257,7 @@ void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor>
 std::tuple<at::Tensor, at::Tensor> masked_step_sums_binding(
     std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
     std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs, std::vector<at::Tensor> momentum_buffers,
-    std::vector<at::Tensor> fishers, std::vector<int64_t> slots, const fastmask::StepConfig& h,
+    std::vector<at::Tensor> fishers, std::vector<int64_t> slots, const fastmask::KernelConfig& h,
     c10::optional<at::Tensor> grad_scale, at::Tensor settings) {
   check_batch(params, grads, settings);
   std::tuple<at::Tensor, at::Tensor> out;
@@ -270,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor> masked_step_sums_binding(
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastmask cuda backend: the fused masked step as multi-tensor CUDA kernels";
-  fastmask::bind_step_config(m);
+  fastmask::bind_kernel_config(m);
   m.def("masked_step", &masked_step_binding);
   m.def("masked_step_sums", &masked_step_sums_binding);
 }

@@ -23,7 +23,7 @@ enum MetaCol {
 };
 enum PtrCol { kParam = 0, kGrad, kExpAvg, kExpAvgSq, kMomentum, kFisher, kStep, kPtrCols };
 enum DType { kF32 = 0, kBF16 = 1, kF16 = 2 };
-// The per-group settings the kernels read from device memory (StepConfig.device_settings).
+// The per-group settings the kernels read from device memory (the Python StepConfig.device_settings).
 enum Setting { kRatio = 0, kGradCoefficient, kUpdateCoefficient };
 
 // What the kernels read of the step config: the reduce's terms (fastmask::tensor_scalars)
@@ -33,7 +33,7 @@ struct DeviceConfig {
   int base, rescale;
   float min_prob, fisher_beta, one_minus_fisher_beta;
   double level_min_prob;  // the water level's min_prob, float64 as the reference's
-  bool maximize, masked, poisson, ema, row, freeze, ge, modulate_update, exact;
+  bool maximize, masked, poisson, ema, row, freeze, ge, modulate_update, exact, water_filling;
   uint32_t k0, k1;
 };
 

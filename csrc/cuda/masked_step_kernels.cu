@@ -142,7 +142,7 @@ __global__ void pass1_blocks(const int64_t* ptrs, const int64_t* meta, const int
   const G* g = reinterpret_cast<const G*>(ptrs[t * kPtrCols + kGrad]);
   const float* fisher = reinterpret_cast<const float*>(ptrs[t * kPtrCols + kFisher]);
   const float gs = grad_scale ? *grad_scale : 1.0f;
-  unsigned int* bins = clear_bins(bin_counts, c.masked && c.poisson);
+  unsigned int* bins = clear_bins(bin_counts, c.water_filling);
   double acc[4] = {0, 0, 0, 0};
   for (int j = 0; j < kVec; ++j) {
     const int64_t i = first + threadIdx.x * kVec + j;
@@ -176,7 +176,7 @@ __global__ void pass1_rows(const int64_t* ptrs, const int64_t* meta, const int32
   if (threadIdx.x == 0) {
     const float row_s = static_cast<float>(sums[0]);  // s_u is fp32; S sums the rounded s_u
     row_importance[blockIdx.x] = row_s;
-    if (c.masked && c.poisson) atomicAdd(hist + t * sums_width + min(fastmask::importance_bin(row_s), kLastBin), 1.0);
+    if (c.water_filling) atomicAdd(hist + t * sums_width + min(fastmask::importance_bin(row_s), kLastBin), 1.0);
     double* out = partials + static_cast<int64_t>(blockIdx.x) * 4;
     out[0] = row_s;
     out[1] = sums[1];

@@ -90,10 +90,10 @@ def exact_unit_weights(
 
 
 def native_config(extension: ModuleType, kcfg: KernelConfig, group: TensorGroup) -> object:
-    """The typed C++ ``fastmask::StepConfig`` of ``extension`` (cpp or cuda) for one batch:
+    """The typed C++ ``fastmask::KernelConfig`` of ``extension`` (cpp or cuda) for one batch:
     ``kcfg``'s fields, and for a sharded batch per tensor the full tensor's units and elements
     and the full-tensor index of its first local unit and element. An unknown field raises."""
-    config = extension.StepConfig()
+    config = extension.KernelConfig()
     for field in dataclasses.fields(kcfg):
         setattr(config, field.name, getattr(kcfg, field.name))
     if any(group.shards):
@@ -276,8 +276,8 @@ def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConf
     cfg, kcfg, work, write_back, config = _native_inputs(extension, group, cfg, settings_in_memory)
     device = work["params"][0].device
     if levels_in_kernel:  # the binding takes the breakpoints (x, a, c), or none
-        levels = list(sampling.level_events(cfg.min_prob, device)[1:]) if cfg.water_filling else []
-    elif cfg.water_filling:
+        levels = list(sampling.level_events(cfg.min_prob, device)[1:]) if kcfg.water_filling else []
+    elif kcfg.water_filling:
         if sums is None:
             sums, unit_importance = _pass1(extension, group, cfg, work, config, grad_scale, settings_in_memory,
                                            handed_out=False)

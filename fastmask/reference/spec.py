@@ -132,7 +132,7 @@ class KernelConfig:
     """What the native kernels (Triton, C++, CUDA) read, derived once from a ``StepConfig``:
     ids, flags and scalars, every derived term computed here and nowhere else.
 
-    The field names are those of the C++ ``fastmask::StepConfig`` (csrc/step_config.h), which
+    The fields are those of the C++ ``fastmask::KernelConfig`` (csrc/kernel_config.h), which
     the cpp and cuda bindings receive typed. ``lr`` is 0.0 when the group's lr is a tensor
     (the kernels read that tensor instead).
     """
@@ -161,6 +161,8 @@ class KernelConfig:
     ge: bool  # OGM-GE noise
     modulate_update: bool  # the update is scaled by update_coefficient (!= 1, or a tensor)
     exact: bool  # masked with sampling="exact": units chosen on the host side, as a weight table
+    water_filling: bool  # masked with sampling="poisson": pass 1 gathers importance histograms
+    sums_width: int  # columns of pass 1's per-tensor sums (StepConfig.sums_width)
     seed: int
 
     @classmethod
@@ -181,7 +183,8 @@ class KernelConfig:
             nesterov=cfg.nesterov, maximize=cfg.maximize, masked=cfg.is_masked, poisson=cfg.sampling == "poisson",
             ema=ema, row=cfg.granularity == "row", freeze=cfg.is_masked and cfg.masked == "freeze", ge=cfg.ge_noise,
             modulate_update=cfg.modulate == "update" and (not coefficient_known or cfg.coefficient != 1.0),
-            exact=cfg.is_masked and cfg.sampling == "exact", seed=cfg.seed,
+            exact=cfg.is_masked and cfg.sampling == "exact", water_filling=cfg.water_filling,
+            sums_width=cfg.sums_width, seed=cfg.seed,
         )
 
     @property

@@ -149,7 +149,7 @@ def _pass1(layout: _Layout, grads: torch.Tensor, work: dict, k: KernelConfig, gr
     n_partials = layout.n_units if k.row else layout.n_blocks
     partials = torch.empty((max(n_partials, 1), PART_COLS.value), dtype=torch.float64, device=device)
     row_importance = torch.empty(max(layout.n_units, 1), dtype=torch.float32, device=device)
-    hist = k.masked and k.poisson
+    hist = k.water_filling
     pass1 = dict(grad_table=grads, ptr_table=layout.pointers, meta=layout.meta, partials=partials,
                  hist=sums[:, PART_COLS.value:] if hist else partials, sums_width=sums.shape[1],
                  grad_scale_ptr=grad_scale if grad_scale is not None else partials, fisher_beta=k.fisher_beta,
@@ -172,7 +172,7 @@ def launch_sums(
     device = _check_batch(group)
     k = KernelConfig.from_step(cfg, ema=bool(work["fishers"]))
     layout = _layout(work, group, cfg.granularity)
-    sums = torch.zeros((len(group), cfg.sums_width), dtype=torch.float64, device=device)
+    sums = torch.zeros((len(group), k.sums_width), dtype=torch.float64, device=device)
     partials, row_importance = _pass1(layout, _grad_table(work["grads"]), work, k, grad_scale, device, sums)
     sum_partials[(len(group),)](meta=layout.meta, partials=partials, sums_out=sums, sums_width=sums.shape[1],
                                 RBLOCK=REDUCE_BLOCK)
@@ -222,13 +222,13 @@ def launch(
         )
 
     if sums is None:
-        histograms = (torch.zeros((n_tensors, cfg.sums_width), dtype=torch.float64, device=device)
-                      if cfg.water_filling else dummy)
+        histograms = (torch.zeros((n_tensors, k.sums_width), dtype=torch.float64, device=device)
+                      if k.water_filling else dummy)
         partials, row_importance = _pass1(layout, grads, work, k, grad_scale, device, histograms)
     else:
         partials = histograms = sums.to(device=device, dtype=torch.float64).contiguous()
         row_importance = unit_importance if k.row and layout.n_units else dummy
-    if cfg.water_filling:  # solved by reduce_tensors, read by pass 2
+    if k.water_filling:  # solved by reduce_tensors, read by pass 2
         levels = torch.empty((n_tensors, 2), dtype=torch.float64, device=device)
         min_prob_f64, events_x, events_a, events_c = _level_constants(cfg.min_prob, device)
     else:
@@ -240,7 +240,7 @@ def launch(
     beta2_hi, beta2_lo = _split_f64(k.beta2)
     reduce_tensors[(n_tensors,)](
         ptr_table=layout.pointers, meta=layout.meta, partials=partials, histograms=histograms,
-        sums_width=histograms.shape[1] if cfg.water_filling else partials.shape[1], levels=levels,
+        sums_width=histograms.shape[1] if k.water_filling else partials.shape[1], levels=levels,
         row_importance=row_importance,
         unit_weight=unit_weight, scalars=scalars, stat_rows=stat_rows, n_blocks=layout.n_blocks,
         exact_counts=exact_counts, found_inf_ptr=found_inf if found_inf is not None else dummy,
@@ -249,7 +249,7 @@ def launch(
         weight_decay=k.weight_decay, settings_ptr=settings, min_prob=k.min_prob, **seed,
         beta1_hi=beta1_hi, beta1_lo=beta1_lo, beta2_hi=beta2_hi, beta2_lo=beta2_lo, min_prob_f64=min_prob_f64,
         events_x=events_x, events_a=events_a, events_c=events_c, n_events=events_x.numel(),
-        n_halvings=events_x.numel().bit_length(), WATER_LEVEL=cfg.water_filling, HAS_FOUND_INF=found_inf is not None, LR_IS_TENSOR=lr_is_tensor, MASK_MODE=k.mask_mode,
+        n_halvings=events_x.numel().bit_length(), WATER_LEVEL=k.water_filling, HAS_FOUND_INF=found_inf is not None, LR_IS_TENSOR=lr_is_tensor, MASK_MODE=k.mask_mode,
         ROW_SAMPLING=k.masked and k.row and not k.exact, EXACT=k.exact, SAMPLING=0 if k.poisson else 1, RESCALE=k.rescale,
         PRE_SUMMED=sums is not None, ALIGNED=layout.aligned, RBLOCK=REDUCE_BLOCK,
         enable_fp_fusion=False,

@@ -1,4 +1,5 @@
-"""The typed step config: Python's KernelConfig and the C++ fastmask::StepConfig agree."""
+"""The kernel config: Python's KernelConfig and the C++ fastmask::KernelConfig (csrc/kernel_config.h)
+declare the same fields, and every field reaches C++ typed."""
 
 import dataclasses
 
@@ -9,6 +10,19 @@ from fastmask.backends.native import native_config
 from fastmask.reference.spec import BASE_IDS, RESCALE_IDS, KernelConfig, Shard, StepConfig, TensorGroup
 
 pytestmark = pytest.mark.skipif(cpp.EXTENSION.module() is None, reason="the cpp backend cannot be built here")
+
+
+# Python annotation -> the C++ types it may be declared as
+CPP_TYPES = {"int": {"int", "int64_t", "uint64_t"}, "float": {"double"}, "bool": {"bool"}}
+
+
+def test_cpp_declares_the_python_fields_in_order_with_matching_types():
+    declared = cpp.EXTENSION.module().KERNEL_CONFIG_FIELDS
+    python = dataclasses.fields(KernelConfig)
+    assert [name for name, _ in declared] == [field.name for field in python]
+    for (name, cpp_type), field in zip(declared, python):
+        assert cpp_type in CPP_TYPES[field.type], (name, cpp_type, field.type)
+    assert dict(declared)["seed"] == "uint64_t"  # the 64-bit seed is unsigned in C++
 
 
 def test_cpp_enum_values_equal_the_python_ids():
@@ -38,7 +52,7 @@ def test_every_kernel_config_field_reaches_cpp_typed(cfg):
 
 
 def test_cpp_config_rejects_unknown_fields_and_wrong_types():
-    config = cpp.EXTENSION.module().StepConfig()
+    config = cpp.EXTENSION.module().KernelConfig()
     with pytest.raises(AttributeError):
         config.granularty = 1
     with pytest.raises(TypeError):

@@ -1,0 +1,75 @@
+// The kernel config of the CPU and CUDA bindings: fastmask.reference.spec.KernelConfig as one
+// typed struct, its fields declared once (FASTMASK_KERNEL_CONFIG_FIELDS) for both the struct
+// and its pybind11 binding. fastmask.backends.native.native_config fills it from the Python
+// KernelConfig field by field; a field that does not exist, or a value of the wrong type, raises
+// there, and tests/csrc/test_kernel_config.py checks that the two declare the same fields, in
+// the same order, of matching types. Host code (pybind11).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "fastmask_math.h"
+
+// X(C++ type, name, default), in the order of the Python KernelConfig's fields.
+#define FASTMASK_KERNEL_CONFIG_FIELDS(X)                                                    \
+  X(int, base, kAdamW) /* enum Base */                                                      \
+  X(int, rescale, kNoRescale) /* enum Rescale */                                            \
+  X(double, lr, 0) X(double, momentum, 0) X(double, dampening, 0) X(double, beta1, 0)       \
+  X(double, beta2, 0) X(double, eps, 0) X(double, weight_decay, 0) X(double, ratio, 1)      \
+  X(double, min_prob, 0) X(double, fisher_beta, 0) X(double, grad_coefficient, 1)           \
+  X(double, update_coefficient, 1) X(bool, nesterov, false) X(bool, maximize, false)        \
+  X(bool, masked, false) X(bool, poisson, true) X(bool, ema, false) X(bool, row, false)     \
+  X(bool, freeze, false) X(bool, ge, false) X(bool, modulate_update, false)                 \
+  X(bool, exact, false) X(bool, water_filling, false) X(int64_t, sums_width, kSumCols)      \
+  X(uint64_t, seed, 0)
+
+namespace fastmask {
+
+struct KernelConfig {
+#define FASTMASK_DECLARE_FIELD(type, name, init) type name = init;
+  FASTMASK_KERNEL_CONFIG_FIELDS(FASTMASK_DECLARE_FIELD)
+#undef FASTMASK_DECLARE_FIELD
+  // per tensor, empty unless sharded: the full tensor's units and elements, and the
+  // full-tensor index of the first local unit and element
+  std::vector<int64_t> full_units, full_numels, first_units, first_elements;
+
+  bool sharded() const { return !full_units.empty(); }
+  // What the per-tensor reduce (fastmask::tensor_scalars) reads.
+  ReduceTerms reduce_terms(bool lr_is_tensor) const {
+    return ReduceTerms{base, lr, momentum, dampening, beta1, beta2, eps, weight_decay, nesterov, lr_is_tensor};
+  }
+};
+
+// Registers KernelConfig (module-local: the cpp and cuda extensions each have their own), its
+// declared fields as KERNEL_CONFIG_FIELDS ((name, C++ type) pairs, in order), and the enum
+// values as BASE_IDS / RESCALE_IDS, which tests compare with the Python side.
+inline void bind_kernel_config(py::module_& m) {
+  using C = KernelConfig;
+  py::class_<C> cls(m, "KernelConfig", py::module_local());
+  cls.def(py::init<>());
+  py::list fields;
+#define FASTMASK_BIND_FIELD(type, name, init) \
+  cls.def_readwrite(#name, &C::name);         \
+  fields.append(py::make_tuple(#name, #type));
+  FASTMASK_KERNEL_CONFIG_FIELDS(FASTMASK_BIND_FIELD)
+#undef FASTMASK_BIND_FIELD
+  cls.def_readwrite("full_units", &C::full_units)
+      .def_readwrite("full_numels", &C::full_numels)
+      .def_readwrite("first_units", &C::first_units)
+      .def_readwrite("first_elements", &C::first_elements);
+  m.attr("KERNEL_CONFIG_FIELDS") = py::tuple(fields);
+  py::dict base_ids, rescale_ids;
+  base_ids["sgd"] = static_cast<int>(kSGD);
+  base_ids["adam"] = static_cast<int>(kAdam);
+  base_ids["adamw"] = static_cast<int>(kAdamW);
+  rescale_ids["none"] = static_cast<int>(kNoRescale);
+  rescale_ids["ht"] = static_cast<int>(kHT);
+  rescale_ids["legacy"] = static_cast<int>(kLegacy);
+  m.attr("BASE_IDS") = base_ids;
+  m.attr("RESCALE_IDS") = rescale_ids;
+}
+
+}  // namespace fastmask
