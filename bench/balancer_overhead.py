@@ -26,7 +26,7 @@ import fastmask
 from fastmask import ops
 from fastmask import significance as sig
 from fastmask.backends.registry import implementation
-from fastmask.ops import _config_args, _tensor_args
+from fastmask.ops.encoding import config_args, tensor_args
 from fastmask.reference.spec import StepConfig, TensorGroup
 
 
@@ -72,7 +72,7 @@ def dispatch_cases(backend: str) -> dict[str, Callable[[], object]]:
     return {
         "ops.masked_step_ (eager)": lambda: ops.masked_step_(group, cfg, backend=backend),
         "through torch.ops.fastmask.masked_step_": lambda: torch.ops.fastmask.masked_step_(
-            *_tensor_args(group), None, None, *_config_args(cfg, backend)),
+            *tensor_args(group), None, None, *config_args(cfg, backend)),
         "the backend function alone": lambda: backend_fn(group, cfg, None, None),
     }
 

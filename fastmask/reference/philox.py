@@ -71,7 +71,8 @@ def philox4x32(
     return c0, c1, c2, c3
 
 
-def _split_seed(seed: int) -> tuple[int, int]:
+def split_seed(seed: int) -> tuple[int, int]:
+    """The Philox key (k0, k1): a 64-bit seed's low and high 32-bit words."""
     seed = int(seed)
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an integer in [0, 2^64), got {seed}")
@@ -92,7 +93,7 @@ def random_words(
     seed: int, stream: int | torch.Tensor, index: torch.Tensor
 ) -> torch.Tensor:
     """The 32-bit word (as int64) that unit ``index`` draws: word ``i mod 4`` of call ``i // 4``."""
-    k0, k1 = _split_seed(seed)
+    k0, k1 = split_seed(seed)
     s0, s1 = _stream_words(stream, index.device)
     j = index >> 2
     words = torch.stack(philox4x32(j & MASK32, j >> 32, s0.expand_as(j), s1.expand_as(j), k0, k1))
@@ -110,7 +111,7 @@ def uniform(
     device = torch.device(device)
     if n == 0:
         return torch.empty(0, device=device)
-    k0, k1 = _split_seed(seed)
+    k0, k1 = split_seed(seed)
     s0, s1 = _stream_words(stream, device)
     j = torch.arange(start >> 2, ((start + n - 1) >> 2) + 1, device=device, dtype=torch.int64)
     words = torch.stack(philox4x32(j & MASK32, j >> 32, s0.expand_as(j), s1.expand_as(j), k0, k1), dim=1)
@@ -136,7 +137,7 @@ def normal(
     device = torch.device(device)
     if n == 0:
         return torch.empty(0, device=device)
-    k0, k1 = _split_seed(seed)
+    k0, k1 = split_seed(seed)
     s0, s1 = _stream_words(stream, device)
     j = torch.arange(start >> 1, ((start + n - 1) >> 1) + 1, device=device, dtype=torch.int64)
     w0, w1, w2, w3 = philox4x32(j & MASK32, j >> 32, s0.expand_as(j), s1.expand_as(j), k0, k1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastmask import ops
-from fastmask.ops import _config_args, _encode_shards, _tensor_args
+from fastmask.ops.encoding import config_args, encode_shards, tensor_args
 from fastmask.reference.spec import Shard, StepConfig, TensorGroup
 from tests.conftest import DEVICE, FAST_BACKENDS
 
@@ -41,15 +41,15 @@ def test_opcheck(backend, name):
     cfg = CONFIGS[name]
     whole = _group(cfg)
     torch.library.opcheck(torch.ops.fastmask.masked_step_.default,
-                          (*_tensor_args(whole), None, None, *_config_args(cfg, backend)))
+                          (*tensor_args(whole), None, None, *config_args(cfg, backend)))
     sharded = _group(cfg, shards=True)
-    tensors = _tensor_args(sharded)
-    sums_args = (*tensors[:7], tensors[8], _encode_shards(sharded.shards), None, *_config_args(cfg, backend))
+    tensors = tensor_args(sharded)
+    sums_args = (*tensors[:7], tensors[8], encode_shards(sharded.shards), None, *config_args(cfg, backend))
     torch.library.opcheck(torch.ops.fastmask.masked_step_sums.default, sums_args)
     sums, unit_importance = torch.ops.fastmask.masked_step_sums(*sums_args)
     torch.library.opcheck(torch.ops.fastmask.masked_step_finish.default,
-                          (*tensors, None, None, _encode_shards(sharded.shards), sums, unit_importance,
-                           *_config_args(cfg, backend)))
+                          (*tensors, None, None, encode_shards(sharded.shards), sums, unit_importance,
+                           *config_args(cfg, backend)))
 
 
 @pytest.mark.parametrize("backend", ["torch"] + FAST_BACKENDS)
@@ -60,8 +60,8 @@ def test_eager_path_steps_like_the_op_and_bumps_versions(backend, name):
     versions = [p._version for p in eager.params]
     for _ in range(2):
         ops.masked_step_(eager, cfg, backend=backend)
-        torch.ops.fastmask.masked_step_(*_tensor_args(through_op), None, None, *_config_args(cfg, backend))
-    for a, b in zip(_tensor_args(eager)[:7], _tensor_args(through_op)[:7]):
+        torch.ops.fastmask.masked_step_(*tensor_args(through_op), None, None, *config_args(cfg, backend))
+    for a, b in zip(tensor_args(eager)[:7], tensor_args(through_op)[:7]):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert torch.equal(eager.stats, through_op.stats)
     assert all(p._version > v for p, v in zip(eager.params, versions))

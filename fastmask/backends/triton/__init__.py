@@ -14,6 +14,7 @@ import os
 import torch
 
 from ...reference import sampling
+from ...reference.philox import split_seed
 from ...reference.spec import StepConfig, TensorGroup
 from ..native import as_units, exact_unit_weights, working_copies
 from ..registry import register, register_probe
@@ -59,7 +60,7 @@ def _step(group: TensorGroup, config: StepConfig, grad_scale, found_inf, sums, u
     work, write_back = working_copies(group)
     exact_weights = None
     if config.is_masked and config.sampling == "exact":
-        seed_lo, seed_hi = config.seed & 0xFFFFFFFF, config.seed >> 32
+        seed_lo, seed_hi = split_seed(config.seed)
 
         def select(s_units: torch.Tensor, count: int, stream: torch.Tensor) -> torch.Tensor:
             keys, noise = units.gumbel_keys(s_units.contiguous(), seed_lo, seed_hi, stream.reshape(1))
@@ -99,7 +100,7 @@ def sample_mask(
     from . import units
 
     stream_t = units.stream_tensor(stream, unit_probs.device)
-    selected = units.bernoulli_select(as_units(unit_probs), *units.split_seed(seed), stream_t).view(torch.bool)
+    selected = units.bernoulli_select(as_units(unit_probs), *split_seed(seed), stream_t).view(torch.bool)
     return sampling.expand_units(selected, shape, granularity).contiguous()
 
 
@@ -110,7 +111,7 @@ def sample_exact(
     from . import units
 
     s_units = as_units(sampling.unit_sums(importance, granularity))
-    keys, noise = units.gumbel_keys(s_units, *units.split_seed(seed), units.stream_tensor(stream, importance.device))
+    keys, noise = units.gumbel_keys(s_units, *split_seed(seed), units.stream_tensor(stream, importance.device))
     selected = sampling.top_by_keys(keys, noise, count)
     return sampling.expand_units(selected, importance.shape, granularity).contiguous()
 

@@ -17,6 +17,7 @@ import torch
 from ...kernels.masked_step import (BLOCK_SIZE, PART_COLS, REDUCE_BLOCK, SCALAR_COLS, STAT_COLS, pass1_blocks,
                                     pass1_rows, pass2, reduce_tensors, sum_partials)
 from ...reference import sampling
+from ...reference.philox import split_seed
 from ...reference.spec import KernelConfig, StepConfig, TensorGroup, exact_count
 from .units import TL_DTYPES
 
@@ -210,7 +211,7 @@ def launch(
     dummy = scalars
     settings = cfg.device_settings(device)
     grad_scale_ptr = grad_scale if grad_scale is not None else dummy
-    seed = dict(seed_lo=k.seed & 0xFFFFFFFF, seed_hi=k.seed >> 32)
+    seed = dict(zip(("seed_lo", "seed_hi"), split_seed(k.seed)))
     importance = dict(fisher_beta=k.fisher_beta, one_minus_fisher_beta=1.0 - k.fisher_beta)
 
     exact_counts = dummy

@@ -23,11 +23,6 @@ def _grid(n: int) -> tuple[int]:
     return (triton.cdiv(n, BLOCK_SIZE),)
 
 
-def split_seed(seed: int) -> tuple[int, int]:
-    """A 64-bit seed as two 32-bit words (torch.library ints are signed 64-bit)."""
-    return seed & 0xFFFFFFFF, seed >> 32
-
-
 def stream_tensor(stream: int | torch.Tensor, device: torch.device) -> torch.Tensor:
     if isinstance(stream, torch.Tensor):
         return stream.to(device=device, dtype=torch.int64).reshape(1)
