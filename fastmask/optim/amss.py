@@ -16,7 +16,8 @@ import torch
 
 from ..ops.checks import check_choice, check_real
 from ..reference.spec import GRANULARITIES, IMPORTANCES, MASKED_MODES, RESCALES, SAMPLINGS, StepConfig
-from .base import FusedOptimizer, _check_bool
+from .base import FusedOptimizer
+from .groups import check_bool
 
 
 class AMSS(FusedOptimizer):
@@ -65,7 +66,7 @@ class AMSS(FusedOptimizer):
         super().__init__(params, lr=lr, **kwargs)
 
     def _validate_method(self, group: dict[str, Any], where: str) -> None:
-        _check_bool(f"unbiased{where}", group["unbiased"])
+        check_bool(f"unbiased{where}", group["unbiased"])
         check_choice(f"sampling{where}", group["sampling"], SAMPLINGS)
         check_choice(f"rescale{where}", group["rescale"], RESCALES)
         check_choice(f"importance{where}", group["importance"], IMPORTANCES)

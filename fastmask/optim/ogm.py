@@ -28,7 +28,8 @@ import torch
 
 from ..ops.checks import check_choice
 from ..reference.spec import MODULATE_MODES, StepConfig
-from .base import FusedOptimizer, _check_bool
+from .base import FusedOptimizer
+from .groups import check_bool
 
 
 class OGM(FusedOptimizer):
@@ -58,7 +59,7 @@ class OGM(FusedOptimizer):
 
 
     def _validate_method(self, group: dict[str, Any], where: str) -> None:
-        _check_bool(f"ge{where}", group["ge"])
+        check_bool(f"ge{where}", group["ge"])
         if group["modulate"] is None:
             group["modulate"] = "grad" if group["base"] == "sgd" else "update"
         check_choice(f"modulate{where}", group["modulate"], MODULATE_MODES)
