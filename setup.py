@@ -5,6 +5,7 @@ The cpp backend compiles on first use. To compile it now instead, install with
 torch already installed; build isolation would fetch another one).
 """
 
+import glob
 import os
 
 from setuptools import find_packages, setup
@@ -20,7 +21,7 @@ if os.environ.get("FASTMASK_BUILD_EXT") == "1":
     ext_modules.append(
         CppExtension(
             "fastmask._cpp",
-            ["csrc/cpu/masked_step.cpp"],
+            sorted(glob.glob("csrc/cpu/*.cpp")),
             extra_compile_args=["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
                                 "-fopenmp"],
             extra_link_args=["-fopenmp"],

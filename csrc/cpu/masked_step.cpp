@@ -1,4 +1,6 @@
-// The "cpp" backend: the fused masked step on CPU tensors, parallel over fixed chunks.
+// The "cpp" backend: the fused masked step on CPU tensors, parallel over fixed chunks, and the
+// module's bindings (the water levels: water_level.cpp; the ops on units: units.cpp; the
+// vectorised Philox: philox_simd.h).
 //
 // Pass 1 (reads g, and F for "ema") writes fp64 partials per chunk; a per-tensor reduce
 // sums them in chunk order (so results do not depend on the thread count), advances
@@ -20,25 +22,16 @@
 #include <tuple>
 #include <vector>
 
-// Philox in vectors: AVX-512 (16 calls per vector), else AVX2 (8 calls per vector), unless
-// FASTMASK_PORTABLE_RNG asks for the portable loop (the tests build every variant, so all stay
-// bit-identical to the reference)
-#if defined(__AVX512F__) && !defined(FASTMASK_PORTABLE_RNG)
-#define FASTMASK_AVX512_RNG 1
-#include <immintrin.h>
-#elif defined(__AVX2__) && !defined(FASTMASK_PORTABLE_RNG)
-#define FASTMASK_AVX2_RNG 1
-#include <immintrin.h>
-#endif
-
 #include "../fastmask_math.h"
 #include "../kernel_config.h"
+#include "ops.h"
+#include "philox_simd.h"
+
+namespace fastmask_cpu {
 
 namespace {
 
 using fastmask::UpdateScalars;
-
-constexpr int64_t kChunk = 1 << 14;  // elements (or rows) per work item; a multiple of 4
 
 using Config = fastmask::KernelConfig;
 
@@ -148,7 +141,6 @@ Partial chunk_partial_histogram(const G* __restrict g, const float* __restrict f
 
 enum Mode : int { kDense = 0, kSample = 1, kTable = 2 };
 constexpr int kSgd = fastmask::kUpdateSgd, kSgdMomentum = fastmask::kUpdateSgdMomentum, kAdam = fastmask::kUpdateAdam;
-constexpr int kBlock = 64;  // elements per inner block: 16 Philox calls side by side
 
 struct Pass2Args {
   const Config& c;
@@ -166,173 +158,6 @@ struct Pass2Tensor {
   int64_t row_size;
   int64_t first_element;  // the RNG index of the tensor's first local element
 };
-
-// U for the 4 * kCalls units from 4 * first_call: kCalls Philox calls side by side, so
-// the rounds vectorise across calls (structure of arrays).
-template <int kCalls>
-inline void uniform_calls(uint64_t first_call, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1, float* out) {
-  uint32_t c0[kCalls], c1[kCalls], c2[kCalls], c3[kCalls];
-  for (int j = 0; j < kCalls; ++j) {
-    const uint64_t call = first_call + j;
-    c0[j] = static_cast<uint32_t>(call);
-    c1[j] = static_cast<uint32_t>(call >> 32);
-    c2[j] = s_lo;
-    c3[j] = s_hi;
-  }
-  uint32_t key0[10], key1[10];
-  for (int r = 0; r < 10; ++r) {
-    key0[r] = k0 + static_cast<uint32_t>(r) * fastmask::kPhiloxW0;
-    key1[r] = k1 + static_cast<uint32_t>(r) * fastmask::kPhiloxW1;
-  }
-  for (int j = 0; j < kCalls; ++j) {  // lanes outside, rounds inside: one vector of 16 calls
-    uint32_t x0 = c0[j], x1 = c1[j], x2 = c2[j], x3 = c3[j];
-#pragma GCC unroll 10
-    for (int r = 0; r < 10; ++r) {
-      const uint64_t p0 = static_cast<uint64_t>(x0) * fastmask::kPhiloxM0;
-      const uint64_t p2 = static_cast<uint64_t>(x2) * fastmask::kPhiloxM1;
-      x0 = static_cast<uint32_t>(p2 >> 32) ^ x1 ^ key0[r];
-      x2 = static_cast<uint32_t>(p0 >> 32) ^ x3 ^ key1[r];
-      x1 = static_cast<uint32_t>(p2);
-      x3 = static_cast<uint32_t>(p0);
-    }
-    c0[j] = x0;
-    c1[j] = x1;
-    c2[j] = x2;
-    c3[j] = x3;
-  }
-  for (int j = 0; j < kCalls; ++j) {
-    out[4 * j + 0] = fastmask::uniform_from_word(c0[j]);
-    out[4 * j + 1] = fastmask::uniform_from_word(c1[j]);
-    out[4 * j + 2] = fastmask::uniform_from_word(c2[j]);
-    out[4 * j + 3] = fastmask::uniform_from_word(c3[j]);
-  }
-}
-
-#ifdef FASTMASK_AVX512_RNG
-// (high, low) 32-bit halves of x * m in each of the 16 lanes: vpmuludq multiplies the even
-// lanes; the odd lanes are shifted down and multiplied separately.
-inline __m512i mulhilo_avx512(__m512i x, __m512i m, __m512i* lo) {
-  const __m512i even = _mm512_mul_epu32(x, m);
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), m);
-  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-  return _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-}
-
-// uniform_calls<16> with one call per vector lane; the 4 x 16 words are transposed back
-// to unit order (word w of call j is unit 4j + w).
-inline void uniform_calls16(uint64_t first_call, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1,
-                            float* out) {
-  const uint32_t lo = static_cast<uint32_t>(first_call), hi = static_cast<uint32_t>(first_call >> 32);
-  __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(lo), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
-                                                                         13, 14, 15));
-  const __mmask16 carry = _mm512_cmplt_epu32_mask(x0, _mm512_set1_epi32(lo));  // the counter's low word wrapped
-  __m512i x1 = _mm512_mask_add_epi32(_mm512_set1_epi32(hi), carry, _mm512_set1_epi32(hi), _mm512_set1_epi32(1));
-  __m512i x2 = _mm512_set1_epi32(s_lo), x3 = _mm512_set1_epi32(s_hi);
-  const __m512i m0 = _mm512_set1_epi32(fastmask::kPhiloxM0), m1 = _mm512_set1_epi32(fastmask::kPhiloxM1);
-  for (int r = 0; r < 10; ++r) {
-    __m512i lo0, lo2;
-    const __m512i hi0 = mulhilo_avx512(x0, m0, &lo0);
-    const __m512i hi2 = mulhilo_avx512(x2, m1, &lo2);
-    x0 = _mm512_xor_si512(_mm512_xor_si512(hi2, x1), _mm512_set1_epi32(k0 + r * fastmask::kPhiloxW0));
-    x2 = _mm512_xor_si512(_mm512_xor_si512(hi0, x3), _mm512_set1_epi32(k1 + r * fastmask::kPhiloxW1));
-    x1 = lo2;
-    x3 = lo0;
-  }
-  const __m512 scale = _mm512_set1_ps(fastmask::kUnitScale);
-  auto uniform = [&](__m512i w) { return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w, 8)), scale); };
-  auto as_pd = [](__m512 x) { return _mm512_castps_pd(x); };
-  auto as_ps = [](__m512d x) { return _mm512_castpd_ps(x); };
-  const __m512 u0 = uniform(x0), u1 = uniform(x1), u2 = uniform(x2), u3 = uniform(x3);
-  // per 128-bit lane: (u0, u1) and (u2, u3) interleaved, then 64-bit pairs: calls j, j+4, j+8, j+12
-  const __m512 a_lo = _mm512_unpacklo_ps(u0, u1), a_hi = _mm512_unpackhi_ps(u0, u1);
-  const __m512 b_lo = _mm512_unpacklo_ps(u2, u3), b_hi = _mm512_unpackhi_ps(u2, u3);
-  const __m512 r0 = as_ps(_mm512_unpacklo_pd(as_pd(a_lo), as_pd(b_lo)));
-  const __m512 r1 = as_ps(_mm512_unpackhi_pd(as_pd(a_lo), as_pd(b_lo)));
-  const __m512 r2 = as_ps(_mm512_unpacklo_pd(as_pd(a_hi), as_pd(b_hi)));
-  const __m512 r3 = as_ps(_mm512_unpackhi_pd(as_pd(a_hi), as_pd(b_hi)));
-  // a 4 x 4 transpose of 128-bit lanes: output vector q holds calls 4q .. 4q + 3
-  const __m512 t0 = _mm512_shuffle_f32x4(r0, r1, 0x44), t1 = _mm512_shuffle_f32x4(r2, r3, 0x44);
-  const __m512 t2 = _mm512_shuffle_f32x4(r0, r1, 0xEE), t3 = _mm512_shuffle_f32x4(r2, r3, 0xEE);
-  _mm512_storeu_ps(out, _mm512_shuffle_f32x4(t0, t1, 0x88));
-  _mm512_storeu_ps(out + 16, _mm512_shuffle_f32x4(t0, t1, 0xDD));
-  _mm512_storeu_ps(out + 32, _mm512_shuffle_f32x4(t2, t3, 0x88));
-  _mm512_storeu_ps(out + 48, _mm512_shuffle_f32x4(t2, t3, 0xDD));
-}
-#elif defined(FASTMASK_AVX2_RNG)
-// (high, low) 32-bit halves of x * m in each of the 8 lanes: vpmuludq multiplies the even
-// lanes; the odd lanes are shifted down and multiplied separately.
-inline __m256i mulhilo_avx2(__m256i x, __m256i m, __m256i* lo) {
-  const __m256i even = _mm256_mul_epu32(x, m);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);
-  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  return _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
-
-// uniform_calls<8> with one call per vector lane, transposed back to unit order.
-inline void uniform_calls8(uint64_t first_call, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1,
-                           float* out) {
-  const uint32_t lo = static_cast<uint32_t>(first_call), hi = static_cast<uint32_t>(first_call >> 32);
-  const __m256i lo_v = _mm256_set1_epi32(static_cast<int>(lo));
-  __m256i x0 = _mm256_add_epi32(lo_v, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  // the counter's low word wrapped where x0 < lo (unsigned: compared with the sign bits flipped)
-  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-  const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(lo_v, sign), _mm256_xor_si256(x0, sign));
-  __m256i x1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(hi)), carry);  // carry lanes are -1
-  __m256i x2 = _mm256_set1_epi32(static_cast<int>(s_lo)), x3 = _mm256_set1_epi32(static_cast<int>(s_hi));
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(fastmask::kPhiloxM0));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(fastmask::kPhiloxM1));
-  for (int r = 0; r < 10; ++r) {
-    __m256i lo0, lo2;
-    const __m256i hi0 = mulhilo_avx2(x0, m0, &lo0);
-    const __m256i hi2 = mulhilo_avx2(x2, m1, &lo2);
-    x0 = _mm256_xor_si256(_mm256_xor_si256(hi2, x1),
-                          _mm256_set1_epi32(static_cast<int>(k0 + r * fastmask::kPhiloxW0)));
-    x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3),
-                          _mm256_set1_epi32(static_cast<int>(k1 + r * fastmask::kPhiloxW1)));
-    x1 = lo2;
-    x3 = lo0;
-  }
-  const __m256 scale = _mm256_set1_ps(fastmask::kUnitScale);
-  auto uniform = [&](__m256i w) { return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)), scale); };
-  auto as_pd = [](__m256 x) { return _mm256_castps_pd(x); };
-  auto as_ps = [](__m256d x) { return _mm256_castpd_ps(x); };
-  const __m256 u0 = uniform(x0), u1 = uniform(x1), u2 = uniform(x2), u3 = uniform(x3);
-  // per 128-bit lane: (u0, u1) and (u2, u3) interleaved, then 64-bit pairs: calls j and j + 4
-  const __m256 a_lo = _mm256_unpacklo_ps(u0, u1), a_hi = _mm256_unpackhi_ps(u0, u1);
-  const __m256 b_lo = _mm256_unpacklo_ps(u2, u3), b_hi = _mm256_unpackhi_ps(u2, u3);
-  const __m256 r0 = as_ps(_mm256_unpacklo_pd(as_pd(a_lo), as_pd(b_lo)));  // calls 0 | 4
-  const __m256 r1 = as_ps(_mm256_unpackhi_pd(as_pd(a_lo), as_pd(b_lo)));  // calls 1 | 5
-  const __m256 r2 = as_ps(_mm256_unpacklo_pd(as_pd(a_hi), as_pd(b_hi)));  // calls 2 | 6
-  const __m256 r3 = as_ps(_mm256_unpackhi_pd(as_pd(a_hi), as_pd(b_hi)));  // calls 3 | 7
-  _mm256_storeu_ps(out, _mm256_permute2f128_ps(r0, r1, 0x20));
-  _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(r2, r3, 0x20));
-  _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(r0, r1, 0x31));
-  _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(r2, r3, 0x31));
-}
-
-inline void uniform_calls16(uint64_t first_call, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1,
-                            float* out) {
-  uniform_calls8(first_call, s_lo, s_hi, k0, k1, out);
-  uniform_calls8(first_call + 8, s_lo, s_hi, k0, k1, out + 32);
-}
-#else
-inline void uniform_calls16(uint64_t first_call, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1,
-                            float* out) {
-  uniform_calls<16>(first_call, s_lo, s_hi, k0, k1, out);
-}
-#endif
-
-static_assert(kBlock == 64, "uniform_block draws 16 Philox calls");
-
-// U for the 64 units [first, first + 64); a shard's `first` need not be a multiple of 4.
-inline void uniform_block(uint64_t first, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1, float* out) {
-  const int shift = static_cast<int>(first & 3);
-  if (shift == 0) return uniform_calls16(first >> 2, s_lo, s_hi, k0, k1, out);
-  alignas(64) float words[kBlock + 4];
-  uniform_calls16(first >> 2, s_lo, s_hi, k0, k1, words);
-  uniform_calls<1>((first >> 2) + 16, s_lo, s_hi, k0, k1, words + kBlock);
-  for (int l = 0; l < kBlock; ++l) out[l] = words[shift + l];
-}
 
 // Loop-invariant flags of pass 2 as floats, each tested by one comparison in a select:
 // GCC vectorises that, but not a select on a scalar bool (which is what a combination
@@ -753,6 +578,8 @@ void with_dtypes(const std::vector<at::Tensor>& params, const std::vector<at::Te
   TORCH_CHECK(false, op, ": unsupported (param, grad) dtypes ", p_type, ", ", g_type);
 }
 
+}  // namespace
+
 // Pass 1 of a batch: (sums [T, 4] or [T, 4 + kBins] float64, unit_importance fp32); see pass1.
 // `handed_out`: the caller may read unit_importance (the op's result), so the entries that no
 // row of its own fills are zeroed; a backend that passes it straight to masked_step skips that.
@@ -810,144 +637,18 @@ void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, 
   });
 }
 
-// ---- water levels
-
-// Each tensor's water level (x, p0), float64 [T, 2], from the histogram columns of pass 1's
-// sums: fastmask.reference.sampling.water_level by fastmask::water_level, with the prefix sums
-// tabled over the occupied bins only (below them they are 0, above them the totals). `events`:
-// sampling.level_events' breakpoints (x, a, c).
-struct OccupiedPrefix {
-  const double* counts;  // counts[i], masses[i]: below positive bin i, for i in (lo, hi]
-  const fastmask::Mass* masses;
-  int lo, hi;
-  double count_total;
-  fastmask::Mass mass_total;
-  double count(int64_t i) const { return i <= lo ? 0.0 : (i > hi ? count_total : counts[i]); }
-  const fastmask::Mass& mass(int64_t i) const { return i <= lo ? zero : (i > hi ? mass_total : masses[i]); }
-  void range(int64_t a, int64_t c, double* count_a, double* count_c, fastmask::Mass* between) const {
-    *count_a = count(a);
-    *count_c = count(c);
-    const fastmask::Mass &low = mass(a), &high = mass(c);
-    for (int i = 0; i < fastmask::kMassLimbs; ++i) between->limb[i] = high.limb[i] - low.limb[i];
-  }
-  fastmask::Mass zero = fastmask::mass_zero();
-};
-
-at::Tensor water_levels(at::Tensor sums, double ratio, double min_prob, at::Tensor events_x, at::Tensor events_a,
-                        at::Tensor events_c) {
-  TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.dim() == 2 &&
-                  sums.size(1) == fastmask::kSumCols + fastmask::kHistBins,
-              "cpp water_levels: sums must be float64 [T, ", fastmask::kSumCols + fastmask::kHistBins, "]");
-  TORCH_CHECK(events_x.scalar_type() == at::kDouble && events_a.scalar_type() == at::kLong &&
-                  events_c.scalar_type() == at::kLong && events_x.numel() == events_a.numel() &&
-                  events_x.numel() == events_c.numel() && events_x.numel() > 0,
-              "cpp water_levels: events must be sampling.level_events' (x float64, a and c int64, one length)");
-  constexpr int kPositive = fastmask::kPositiveBins;
-  const at::Tensor in = sums.contiguous(), ex = events_x.contiguous(), ea = events_a.contiguous(),
-                   ec = events_c.contiguous();
-  const int64_t n_tensors = in.size(0), width = in.size(1);
-  at::Tensor out = at::empty({n_tensors, 2}, in.options());
-  const double* hist_all = in.data_ptr<double>();
-  double* level = out.data_ptr<double>();
-  const float ratio32 = static_cast<float>(ratio);
-  at::parallel_for(0, n_tensors, 16, [&](int64_t t_lo, int64_t t_hi) {
-    std::vector<double> counts(kPositive + 1);
-    std::vector<fastmask::Mass> masses(kPositive + 1);
-    for (int64_t t = t_lo; t < t_hi; ++t) {
-      const double* hist = hist_all + width * t + fastmask::kSumCols;  // hist[p + 1]: positive bin p
-      OccupiedPrefix prefix{counts.data(), masses.data(), 0, kPositive - 1, 0.0, fastmask::mass_zero()};
-      while (prefix.lo < kPositive && hist[prefix.lo + 1] == 0) ++prefix.lo;
-      while (prefix.hi > prefix.lo && hist[prefix.hi + 1] == 0) --prefix.hi;
-      for (int p = prefix.lo; p <= prefix.hi && prefix.lo < kPositive; ++p) {
-        prefix.count_total += hist[p + 1];
-        fastmask::mass_add_bin(prefix.mass_total, static_cast<int64_t>(hist[p + 1]), p);
-        counts[p + 1] = prefix.count_total;
-        masses[p + 1] = prefix.mass_total;
-      }
-      fastmask::water_level(prefix, hist[0], prefix.count_total, ratio32, min_prob, ex.data_ptr<double>(),
-                            ea.data_ptr<int64_t>(), ec.data_ptr<int64_t>(), ex.numel(), level + 2 * t,
-                            level + 2 * t + 1);
-    }
-  });
-  return out;
-}
-
-// ---- the low-level ops on units (1-D, contiguous fp32)
-
-void fisher_update(at::Tensor fisher, at::Tensor grad, double beta) {
-  const float b = static_cast<float>(beta), ob = static_cast<float>(1.0 - beta);
-  float* f = fisher.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastmask_cpp_fisher", [&] {
-    const scalar_t* g = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, fisher.numel(), kChunk, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const float x = static_cast<float>(g[i]);
-        f[i] = f[i] * b + x * x * ob;
-      }
-    });
-  });
-}
-
-// pi per unit (fastmask::inclusion_prob) of one tensor's units, from its water level (x, p0)
-// and whether S is 0 or not finite (fastmask.reference.sampling computes both).
-at::Tensor inclusion_probs(at::Tensor s_units, double ratio, bool poisson, double min_prob, double level_x, double p0,
-                           bool degenerate) {
-  at::Tensor out = at::empty_like(s_units);
-  if (ratio >= 1.0) return out.fill_(1.0);
-  const float* s = s_units.data_ptr<float>();
-  float* pi = out.data_ptr<float>();
-  at::parallel_for(0, s_units.numel(), kChunk, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i)
-      pi[i] = fastmask::inclusion_prob(s[i], level_x, static_cast<float>(p0), degenerate, static_cast<float>(ratio),
-                                       static_cast<float>(min_prob), poisson);
-  });
-  return out;
-}
-
-at::Tensor bernoulli_select(at::Tensor probs, uint64_t seed, int64_t stream) {
-  const int64_t n = probs.numel();
-  at::Tensor out = at::empty({n}, probs.options().dtype(at::kBool));
-  const float* pi = probs.data_ptr<float>();
-  bool* sel = out.data_ptr<bool>();
-  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const uint32_t s0 = static_cast<uint32_t>(stream), s1 = static_cast<uint32_t>(static_cast<uint64_t>(stream) >> 32);
-  at::parallel_for(0, (n + 3) / 4, kChunk / 4, [&](int64_t lo, int64_t hi) {
-    for (int64_t j = lo; j < hi; ++j) {
-      uint32_t w[4];
-      fastmask::philox_call(static_cast<uint64_t>(j), s0, s1, k0, k1, w);
-      for (int64_t l = 0; l < 4 && 4 * j + l < n; ++l) sel[4 * j + l] = fastmask::uniform_from_word(w[l]) < pi[4 * j + l];
-    }
-  });
-  return out;
-}
-
-at::Tensor unbiased_rescale(at::Tensor grad, at::Tensor mask, at::Tensor probs) {
-  at::Tensor out = at::empty_like(grad);
-  const bool* m = mask.data_ptr<bool>();
-  const float* pi = probs.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastmask_cpp_rescale", [&] {
-    const scalar_t* g = grad.data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, grad.numel(), kChunk, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i)
-        o[i] = static_cast<scalar_t>(m[i] ? static_cast<float>(g[i]) / pi[i] : 0.0f);
-    });
-  });
-  return out;
-}
-
-}  // namespace
+}  // namespace fastmask_cpu
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastmask cpp backend: fused masked step and ops on CPU tensors";
   fastmask::bind_kernel_config(m);
-  m.def("masked_step", &masked_step);
-  m.def("masked_step_sums", &masked_step_sums);
-  m.def("water_levels", &water_levels);
-  m.def("fisher_update", &fisher_update);
-  m.def("inclusion_probs", &inclusion_probs);
-  m.def("bernoulli_select", &bernoulli_select);
-  m.def("unbiased_rescale", &unbiased_rescale);
+  m.def("masked_step", &fastmask_cpu::masked_step);
+  m.def("masked_step_sums", &fastmask_cpu::masked_step_sums);
+  m.def("water_levels", &fastmask_cpu::water_levels);
+  m.def("fisher_update", &fastmask_cpu::fisher_update);
+  m.def("inclusion_probs", &fastmask_cpu::inclusion_probs);
+  m.def("bernoulli_select", &fastmask_cpu::bernoulli_select);
+  m.def("unbiased_rescale", &fastmask_cpu::unbiased_rescale);
   // which Philox loop this build compiled, so that a test can tell the variants apart
 #if defined(FASTMASK_AVX512_RNG)
   m.def("rng_path", [] { return std::string("avx512"); });

@@ -27,8 +27,8 @@ from .registry import register, register_probe
 # results are unchanged (IEEE either way; no FP traps are enabled).
 BUILD_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 
-EXTENSION = JitExtension("fastmask_cpp", "fastmask._cpp", ["cpu/masked_step.cpp"], extra_cflags=BUILD_FLAGS,
-                         extra_ldflags=["-fopenmp"])
+SOURCES = ["cpu/masked_step.cpp", "cpu/water_level.cpp", "cpu/units.cpp"]  # under csrc/, with their headers
+EXTENSION = JitExtension("fastmask_cpp", "fastmask._cpp", SOURCES, extra_cflags=BUILD_FLAGS, extra_ldflags=["-fopenmp"])
 
 
 def rng_variant(path: str, cap_at_avx2: bool = False) -> JitExtension:
@@ -46,7 +46,7 @@ def rng_variant(path: str, cap_at_avx2: bool = False) -> JitExtension:
             raise ValueError("the avx512 loop cannot be capped at AVX2")
         flags = [*flags, "-mavx2", "-mno-avx512f"]
     name = f"fastmask_cpp_{path}_rng" + ("_avx2_isa" if cap_at_avx2 and path != "avx2" else "")
-    return JitExtension(name, f"fastmask._{name.removeprefix('fastmask_')}", ["cpu/masked_step.cpp"],
+    return JitExtension(name, f"fastmask._{name.removeprefix('fastmask_')}", SOURCES,
                         extra_cflags=[*BUILD_FLAGS, *flags], extra_ldflags=["-fopenmp"])
 
 

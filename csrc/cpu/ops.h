@@ -1,0 +1,40 @@
+// The cpp backend's functions, one declaration each for the module's bindings (masked_step.cpp):
+// the fused step (masked_step.cpp), the water levels (water_level.cpp) and the low-level ops on
+// units (units.cpp). Host code (torch).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "../kernel_config.h"
+
+namespace fastmask_cpu {
+
+constexpr int64_t kChunk = 1 << 14;  // elements (or rows) per work item; a multiple of 4
+
+std::tuple<at::Tensor, at::Tensor> masked_step_sums(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
+                                                    std::vector<at::Tensor> fishers,
+                                                    const fastmask::KernelConfig& c,
+                                                    c10::optional<at::Tensor> grad_scale, bool handed_out);
+void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
+                 std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
+                 std::vector<at::Tensor> momentum_buffers, std::vector<at::Tensor> fishers,
+                 std::vector<int64_t> slots, const fastmask::KernelConfig& c, c10::optional<at::Tensor> lr_tensor,
+                 c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
+                 c10::optional<at::Tensor> unit_weight, std::vector<int64_t> unit_offsets,
+                 c10::optional<at::Tensor> stats, c10::optional<at::Tensor> sums_in,
+                 c10::optional<at::Tensor> unit_importance_in, c10::optional<at::Tensor> levels_in);
+
+at::Tensor water_levels(at::Tensor sums, double ratio, double min_prob, at::Tensor events_x, at::Tensor events_a,
+                        at::Tensor events_c);
+
+void fisher_update(at::Tensor fisher, at::Tensor grad, double beta);
+at::Tensor inclusion_probs(at::Tensor s_units, double ratio, bool poisson, double min_prob, double level_x, double p0,
+                           bool degenerate);
+at::Tensor bernoulli_select(at::Tensor probs, uint64_t seed, int64_t stream);
+at::Tensor unbiased_rescale(at::Tensor grad, at::Tensor mask, at::Tensor probs);
+
+}  // namespace fastmask_cpu
