@@ -104,6 +104,20 @@ constexpr int kSumCols = 4;  // pass-1 sums before the histogram
 
 FM_HD uint32_t importance_bin(float s) { return (float_bits(s) & 0x7FFFFFFFu) >> kBinShift; }
 
+// ---- per element: pass 1's terms, the importance EMA, the OGM update modulation
+
+// The importance EMA F' = beta F + (1 - beta) x^2 (x: the unscaled gradient): pass 1's s for
+// importance "ema", pass 2's new F, and the fisher_update op.
+FM_HD float importance_ema(float fisher, float x, float beta, float one_minus_beta) {
+  return fisher * beta + x * x * one_minus_beta;
+}
+
+// Pass 1's non-finite count term: 1 for NaN and +-inf (x - x is NaN exactly for those), else 0.
+FM_HD double nonfinite(float x) { return x - x == 0.0f ? 0.0 : 1.0; }
+
+// OGM's modulate="update": the base update scaled by k, p_old + (p_new - p_old) * k.
+FM_HD float modulated(float p_old, float p_new, float k) { return p_old + (p_new - p_old) * k; }
+
 // Water-filling (poisson): pi = clamp(fp32(q * x), min_prob, 1), or p0 in bin 0, from the
 // tensor's water level (x, p0); ratio for uniform, or when S is 0 or not finite.
 FM_HD float inclusion_prob(float s, double level_x, float p0, bool degenerate, float ratio, float min_prob,
@@ -301,6 +315,26 @@ FM_HD TensorScalars tensor_scalars(const ReduceTerms& c, const double* sums, flo
   u.nesterov = c.nesterov ? 1.0f : 0.0f;
   u.first_step = sc.new_step == 1.0f ? 1.0f : 0.0f;
   return sc;
+}
+
+// ---- per unit: the row draw of the per-tensor reduce
+
+// One unit's draw (row units: sampled once per step in the reduce): its inclusion probability,
+// whether U(unit) < pi selected it, and its gradient weight (0 if not selected). `dense_ratio`:
+// a ratio of 1 read on the device (pi 1, weight 1: the base optimizer).
+struct UnitDraw {
+  float pi, weight;
+  bool chosen;
+};
+
+FM_HD UnitDraw draw_unit(float s, uint64_t unit, const TensorScalars& sc, double level_x, float p0, float ratio,
+                         float min_prob, bool poisson, int rescale, uint32_t k0, uint32_t k1, bool dense_ratio) {
+  UnitDraw d;
+  d.pi = dense_ratio ? 1.0f : inclusion_prob(s, level_x, p0, sc.degenerate, ratio, min_prob, poisson);
+  d.chosen = uniform_at(unit, sc.step_word, sc.mask_hi, k0, k1) < d.pi;
+  const float w = dense_ratio ? 1.0f : rescale_weight(rescale, d.pi, s, sc.total, sc.degenerate, sc.inv_n);
+  d.weight = d.chosen ? w : 0.0f;
+  return d;
 }
 
 // One base-optimizer update of one element (fp32), in the reference's operation order: returns

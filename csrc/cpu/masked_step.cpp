@@ -66,12 +66,12 @@ Partial chunk_partial(const G* __restrict g, const float* __restrict fisher, int
     for (int l = 0; l < lanes; ++l) {
       const int64_t i = begin + o + l;
       const float x = load(g, i) / grad_scale;
-      const float s = fisher ? fisher[i] * fisher_beta + x * x * one_minus_fisher_beta : x * x;
+      const float s = fisher ? fastmask::importance_ema(fisher[i], x, fisher_beta, one_minus_fisher_beta) : x * x;
       if (BINS) bins[o + l] = static_cast<uint16_t>(std::min<uint32_t>(fastmask::importance_bin(s), 2047u));
       s_acc[l] += s;
       g_acc[l] += x;
       g2_acc[l] += static_cast<double>(x) * x;
-      bad_acc[l] += (x - x == 0.0f) ? 0.0 : 1.0;  // x - x is NaN for NaN and +-inf
+      bad_acc[l] += fastmask::nonfinite(x);
     }
   }
   Partial out;
@@ -191,7 +191,7 @@ inline void update_elements(P* __restrict p, const G* __restrict g, float* __res
     const float nz = noise[l];
     gm = c.ge != 0.0f ? gm + nz : gm;
     const float f_old = EMA ? fisher[i] : 0.0f;
-    const float f_new = EMA ? f_old * c.fisher_beta + x * x * c.one_minus_fisher_beta : 0.0f;
+    const float f_new = EMA ? fastmask::importance_ema(f_old, x, c.fisher_beta, c.one_minus_fisher_beta) : 0.0f;
     bool selected = true;
     if (MODE == kSample) {
       const float s = EMA ? f_new : x * x;
@@ -220,7 +220,7 @@ inline void update_elements(P* __restrict p, const G* __restrict g, float* __res
       v[i] = update ? v_new : v_old;
     }
     if (KIND == kSgdMomentum) buf[i] = update ? b_new : b_old;
-    p_new = c.modulate_update != 0.0f ? p_old + (p_new - p_old) * c.update_coefficient : p_new;
+    p_new = c.modulate_update != 0.0f ? fastmask::modulated(p_old, p_new, c.update_coefficient) : p_new;
     p[i] = static_cast<P>(update ? p_new : p_old);
     if (EMA) fisher[i] = f_new;
   }
@@ -236,7 +236,7 @@ inline void frozen_fisher(const G* __restrict g, float* __restrict fisher, const
 #pragma omp simd
   for (int64_t i = lo; i < hi; ++i) {
     const float x = static_cast<float>(g[i]) / grad_scale;
-    fisher[i] = fisher[i] * beta + x * x * one_minus_beta;
+    fisher[i] = fastmask::importance_ema(fisher[i], x, beta, one_minus_beta);
   }
 }
 
@@ -490,15 +490,13 @@ void finish(const Layout& L, const std::vector<at::Tensor>& params, const std::v
       double pi_sum = 0, sel = 0;
       for (int64_t r = 0; r < units[t]; ++r) {
         const float s = row_importance[L.unit_offset[t] + r];
-        const float pi = fastmask::inclusion_prob(s, levels ? levels[2 * t] : 0.0,
-                                                  levels ? static_cast<float>(levels[2 * t + 1]) : 0.0f, sc.degenerate,
-                                                  static_cast<float>(c.ratio), static_cast<float>(c.min_prob),
-                                                  c.poisson);
-        const bool chosen = fastmask::uniform_at(static_cast<uint64_t>(first_unit + r), sc.step_word, sc.mask_hi, k0,
-                                                 k1) < pi;
-        w[r] = chosen ? fastmask::rescale_weight(c.rescale, pi, s, sc.total, sc.degenerate, sc.inv_n) : 0.0f;
-        pi_sum += pi;
-        sel += chosen ? 1.0 : 0.0;
+        const fastmask::UnitDraw d = fastmask::draw_unit(
+            s, static_cast<uint64_t>(first_unit + r), sc, levels ? levels[2 * t] : 0.0,
+            levels ? static_cast<float>(levels[2 * t + 1]) : 0.0f, static_cast<float>(c.ratio),
+            static_cast<float>(c.min_prob), c.poisson, c.rescale, k0, k1, false);
+        w[r] = d.weight;
+        pi_sum += d.pi;
+        sel += d.chosen ? 1.0 : 0.0;
       }
       if (sc.ok) {
         stat_pi += pi_sum;

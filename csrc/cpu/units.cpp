@@ -16,7 +16,7 @@ void fisher_update(at::Tensor fisher, at::Tensor grad, double beta) {
     at::parallel_for(0, fisher.numel(), kChunk, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i) {
         const float x = static_cast<float>(g[i]);
-        f[i] = f[i] * b + x * x * ob;
+        f[i] = fastmask::importance_ema(f[i], x, b, ob);
       }
     });
   });

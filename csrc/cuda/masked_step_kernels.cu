@@ -106,12 +106,12 @@ template <typename G>
 __device__ void accumulate(const G* g, const float* fisher, int64_t i, float grad_scale, const DeviceConfig& c,
                            double acc[4], unsigned int* bins) {
   const float x = to_float(g[i]) / grad_scale;
-  const float s = c.ema ? fisher[i] * c.fisher_beta + x * x * c.one_minus_fisher_beta : x * x;
+  const float s = c.ema ? fastmask::importance_ema(fisher[i], x, c.fisher_beta, c.one_minus_fisher_beta) : x * x;
   if (bins) atomicAdd(bins + min(fastmask::importance_bin(s), kLastBin), 1u);  // NaN bits: the last bin
   acc[0] += s;
   acc[1] += x;
   acc[2] += static_cast<double>(x) * x;
-  acc[3] += isfinite(x) ? 0.0 : 1.0;
+  acc[3] += fastmask::nonfinite(x);
 }
 
 // Water-filling: the block's histogram in shared memory, added to its tensor's row of `hist`
@@ -247,16 +247,12 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
   if (c.masked && c.row && !c.exact) {
     const float p0 = static_cast<float>(level_p0);
     for (int64_t r = threadIdx.x; r < units; r += blockDim.x) {
-      const float s = row_importance[mrow[kUnitOffset] + r];
-      const float pi =
-          dense_ratio ? 1.0f
-                      : fastmask::inclusion_prob(s, level_x, p0, sc.degenerate, ratio, c.min_prob, c.poisson);
-      const bool chosen =
-          fastmask::uniform_at(static_cast<uint64_t>(mrow[kFirstUnit] + r), sc.step_word, sc.mask_hi, c.k0, c.k1) < pi;
-      const float w = dense_ratio ? 1.0f : fastmask::rescale_weight(c.rescale, pi, s, sc.total, sc.degenerate, sc.inv_n);
-      unit_weight[mrow[kUnitOffset] + r] = chosen ? w : 0.0f;
-      pi_sum += pi;
-      sel += chosen ? 1.0 : 0.0;
+      const fastmask::UnitDraw d =
+          fastmask::draw_unit(row_importance[mrow[kUnitOffset] + r], static_cast<uint64_t>(mrow[kFirstUnit] + r), sc,
+                              level_x, p0, ratio, c.min_prob, c.poisson, c.rescale, c.k0, c.k1, dense_ratio);
+      unit_weight[mrow[kUnitOffset] + r] = d.weight;
+      pi_sum += d.pi;
+      sel += d.chosen ? 1.0 : 0.0;
     }
   } else if (c.masked && c.exact) {
     for (int64_t r = threadIdx.x; r < units; r += blockDim.x) sel += unit_weight[mrow[kUnitOffset] + r] != 0.0f;
@@ -334,7 +330,7 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
       if (skip_frozen && table_w[j] == 0.0f) {
         if (c.ema) {
           const float x = to_float(g[i]) / gs;  // the sign does not reach x * x
-          fisher[i] = fisher[i] * c.fisher_beta + x * x * c.one_minus_fisher_beta;
+          fisher[i] = fastmask::importance_ema(fisher[i], x, c.fisher_beta, c.one_minus_fisher_beta);
         }
         continue;
       }
@@ -342,7 +338,7 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
       float gm = x * grad_coefficient;  // x * 1 is x exactly
       if (c.ge)
         gm = gm + fastmask::normal_at(static_cast<uint64_t>(first + i), sc.step_word, sc.noise_hi, c.k0, c.k1) * sc.std;
-      const float f_new = c.ema ? fisher[i] * c.fisher_beta + x * x * c.one_minus_fisher_beta : 0.0f;
+      const float f_new = c.ema ? fastmask::importance_ema(fisher[i], x, c.fisher_beta, c.one_minus_fisher_beta) : 0.0f;
       bool selected = true;
       if (sample_here) {
         const float s = c.ema ? f_new : x * x;
@@ -369,7 +365,7 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
       float b_i = buf ? buf[i] : 0.0f;
       const float m_old = m_i, v_old = v_i;
       float p_new = fastmask::base_update(sc.update, p_old, gm, m_i, v_i, b_i);
-      if (c.modulate_update && update_coefficient != 1.0f) p_new = p_old + (p_new - p_old) * update_coefficient;
+      if (c.modulate_update && update_coefficient != 1.0f) p_new = fastmask::modulated(p_old, p_new, update_coefficient);
       const bool update = !c.masked || !c.freeze || selected;
       if (update) p[i] = from_float<P>(p_new);
       if (m) {
