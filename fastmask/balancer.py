@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import significance
 from .ops.checks import check_choice, check_int, check_real
 from .trace import BalanceTrace
 
@@ -411,12 +412,7 @@ class Balancer:
                 f"head takes {head.in_features} inputs; the encoders must be listed in the head's concatenation "
                 f"order and produce exactly its input"
             )
-        bias = head.bias / len(widths) if head.bias is not None else None
-        out, start = {}, 0
-        for m, width in zip(self.modalities, widths):
-            out[m] = F.linear(features[m].to(head.weight.dtype), head.weight[:, start:start + width], bias)
-            start += width
-        return out
+        return significance.concat_logits(head, features, self.modalities)
 
     # ------------------------------------------------------------------ values
     def _move_state(self, device: torch.device) -> None:
@@ -569,8 +565,7 @@ class Balancer:
     def _mutual_information_rates(self, sums: torch.Tensor) -> torch.Tensor:
         """MIR_m = (H(Y) + mean log q(y|x_m)) / mean H(softmax(z_m)) (float64 [M]) from pooled sums."""
         count, label_counts, per = self._split(sums)
-        p = label_counts / count
-        h_y = -torch.special.xlogy(p, p).sum()
+        h_y = significance.label_entropy(label_counts / count)
         return (h_y + per[:, LOG_Q] / count) / (per[:, FEATURE_ENTROPY] / count)
 
     def _ratios(self, sums: torch.Tensor) -> torch.Tensor:
@@ -578,24 +573,16 @@ class Balancer:
         return self._ratios_from_rates(self._mutual_information_rates(sums))
 
     def _ratios_from_rates(self, mir: torch.Tensor) -> torch.Tensor:
-        weights = torch.softmax(mir / self.temperature, dim=0)
-        rho = (1.0 - weights + self.bias).clamp(*self.bounds)
+        rho = significance.ratios_from_rates(mir, self.temperature, self.bounds, self.bias)
         return torch.where(torch.isfinite(mir).all(), rho, math.nan)  # not finite: prepare() falls back
 
     def _discrepancy(self, sums: torch.Tensor) -> torch.Tensor:
         """The OGM discrepancy ratio rho_m (float64 [M]) from pooled sums."""
         _, _, per = self._split(sums)
-        score = per[:, TRUE_PROB].clamp_min(1e-300)
-        ratio = score[:, None] / score[None, :]  # [m, j] = s_m / s_j
-        others = ~torch.eye(len(self.modalities), dtype=torch.bool, device=sums.device)
-        if self.rule == "mean":
-            return torch.where(others, ratio, 0.0).sum(dim=1) / (len(self.modalities) - 1)
-        return score / torch.where(others, score[None, :], math.inf).amin(dim=1)
+        return significance.discrepancy_from_scores(per[:, TRUE_PROB].clamp_min(1e-300), self.rule)
 
     def _coefficients(self, sums: torch.Tensor) -> torch.Tensor:
-        rho = self._discrepancy(sums)
-        x = rho if self.form == "cvpr" else rho - 1.0
-        return torch.where(rho <= 1.0, torch.ones_like(rho), 1.0 - torch.tanh(self.alpha * x))
+        return significance.coefficients_from_discrepancy(self._discrepancy(sums), self.alpha, self.form)
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, optimizer: object) -> None:
