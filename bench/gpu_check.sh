@@ -95,7 +95,7 @@ EOF
 #    when pytest-xdist is there: Triton compiles each kernel specialisation on the CPU.
 PYTEST=("$PYTHON" -m pytest -q -p no:cacheprovider -rfEs)
 if [ "$DRY" = 1 ]; then
-  run kernel-tests 240 "${PYTEST[@]}" tests/kernels tests/ops/test_ops_backends.py -k "philox or 4097"
+  run kernel-tests 240 "${PYTEST[@]}" tests/kernels tests/ops/test_units_backends.py -k "philox or 4097"
 else
   "$PYTHON" -c "import xdist" 2>/dev/null && PYTEST+=(-n 4)
   run kernel-tests 170 "${PYTEST[@]}" tests/ops tests/optim/test_backends.py tests/kernels tests/csrc
