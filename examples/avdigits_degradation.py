@@ -1,5 +1,5 @@
 """How AV digits' degradation was chosen: each modality's own test accuracy under candidate
-degradations, before any balancing method is run (fastmask.data.AVDIGITS_DEGRADATION).
+degradations, before any balancing method is run (fastmask.demo.data.AVDIGITS_DEGRADATION).
 
 For each candidate: the demo's encoder for that modality (fastmask.demo.encoder) with a linear
 head, SGD (lr 0.05, momentum 0.9, weight decay 1e-4), batches of 64, at most 30 epochs with
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmask import avdigits
-from fastmask.data import remove_energy
+from fastmask.demo import avdigits
+from fastmask.demo.data import remove_energy
 from fastmask.demo import encoder
 
 IMAGE_ENERGY_REMOVED = (0.0, 0.75, 0.9, 0.95, 0.98)

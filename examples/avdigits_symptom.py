@@ -26,8 +26,9 @@ import json
 import statistics
 import time
 
-from fastmask import avdigits, demo
-from fastmask.data import avdigits_data
+from fastmask import demo
+from fastmask.demo import avdigits
+from fastmask.demo.data import avdigits_data
 
 IMAGE_ENERGY_REMOVED = (0.0, 0.75)
 AUDIO_SNR_DB = (-8.0, -10.0, -12.0)

@@ -9,7 +9,7 @@ import sys
 import torch
 
 from . import __version__
-from . import data as datasets
+from .demo import data as datasets
 from .ops import backend_report
 
 

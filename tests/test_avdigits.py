@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 
-from fastmask import avdigits, data, demo
+from fastmask import demo
+from fastmask.demo import avdigits, data
 
 TINY = avdigits.BuildSpec(per_class=3, snr_db=-5.0)
 

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 import torch
 
-from fastmask import data
+from fastmask.demo import data
 
 pytest.importorskip("river")
 

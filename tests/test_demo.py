@@ -7,7 +7,8 @@ import torch
 
 pytest.importorskip("river")
 
-from fastmask import data, demo  # noqa: E402
+from fastmask import demo  # noqa: E402
+from fastmask.demo import data  # noqa: E402
 
 
 @pytest.mark.parametrize("method", demo.METHODS)
@@ -42,7 +43,7 @@ def test_run_alone_reports_each_encoder_alone_and_the_gap_each_method_closes(tmp
     assert len(saved["runs"]) == 8 and {r["method"] for r in saved["runs"]} == {"joint", "amss+", "shape alone",
                                                                              "colour alone"}
     alone = {m: [r["probe_acc"][m] for r in saved["runs"] if r["method"] == f"{m} alone"] for m in ("shape", "colour")}
-    assert saved["alone_probe"] == {m: list(demo._mean_std(v)) for m, v in alone.items()}
+    assert saved["alone_probe"] == {m: list(demo.mean_std(v)) for m, v in alone.items()}
     assert saved["weak"] == min(alone, key=lambda m: sum(alone[m]))
     joint, weak = saved["summary"]["joint"], saved["weak"]
     for method, s in saved["summary"].items():

@@ -179,8 +179,7 @@ def test_selection_frequencies_match_pi():
 def test_realised_fraction_on_the_demo_model_is_the_ratio(granularity):
     """Segment data, the demo's model, AMSS+ at ratio 0.55 for both modalities: the expected
     fraction is the ratio (the retired rule gave 0.26 here), the realised one within 2%."""
-    from fastmask import data
-    from fastmask.demo import COMMON, FusionNet
+    from fastmask.demo import COMMON, FusionNet, data
 
     dataset = data.load("segment")
     torch.manual_seed(0)

