@@ -75,7 +75,7 @@ def time_paths(shapes: list[tuple[int, ...]], rounds: int) -> dict[str, float]:
         group = TensorGroup(params, grads, [torch.tensor(0.0) for _ in params], list(range(len(params))),
                             exp_avgs=m, exp_avg_sqs=v)
         def levels(sums, cfg, module=module):
-            return cpp.water_levels(sums, cfg, module)
+            return cpp.cpp_water_levels(sums, cfg, module)
 
         steps[name] = (lambda module=module, group=group, levels=levels: native_masked_step_(
             module, group, cfg, None, None, reference_select(cfg.seed), solve_levels=levels))

@@ -16,10 +16,12 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../fastmask_math.h"
@@ -300,39 +302,34 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Pas
   }
 }
 
-template <typename P, typename G, int KIND, int MODE, int RESCALE>
-void pass2_ema(bool ema, const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Pass2Args& a, int64_t begin,
-               int64_t end, double& pi_sum, double& sel_sum) {
-  if (ema)
-    pass2_range<P, G, KIND, MODE, RESCALE, true>(pt, sc, a, begin, end, pi_sum, sel_sum);
-  else
-    pass2_range<P, G, KIND, MODE, RESCALE, false>(pt, sc, a, begin, end, pi_sum, sel_sum);
-}
-
-template <typename P, typename G, int KIND>
-void pass2_mode(int mode, int rescale, bool ema, const Pass2Tensor<P, G>& pt, const TensorScalars& sc,
-                const Pass2Args& a, int64_t begin, int64_t end, double& pi_sum, double& sel_sum) {
-  if (mode == kDense) return pass2_ema<P, G, KIND, kDense, 0>(ema, pt, sc, a, begin, end, pi_sum, sel_sum);
-  if (mode == kTable) {
-    if (rescale == fastmask::kNoRescale)
-      return pass2_ema<P, G, KIND, kTable, fastmask::kNoRescale>(ema, pt, sc, a, begin, end, pi_sum, sel_sum);
-    return pass2_ema<P, G, KIND, kTable, fastmask::kHT>(ema, pt, sc, a, begin, end, pi_sum, sel_sum);
-  }
-  if (rescale == fastmask::kHT)
-    return pass2_ema<P, G, KIND, kSample, fastmask::kHT>(ema, pt, sc, a, begin, end, pi_sum, sel_sum);
-  if (rescale == fastmask::kLegacy)
-    return pass2_ema<P, G, KIND, kSample, fastmask::kLegacy>(ema, pt, sc, a, begin, end, pi_sum, sel_sum);
-  pass2_ema<P, G, KIND, kSample, fastmask::kNoRescale>(ema, pt, sc, a, begin, end, pi_sum, sel_sum);
-}
-
-// The element loop specialised on the base optimizer, masking mode, rescale and EMA.
+// The compiled element loops, one pass2_range per (base kind, mask mode, rescale, EMA), in a table
+// indexed by those four: a work item looks its loop up once. A table row needs no rescale
+// variants beyond none and a weight (kHT reads the row's weight, whatever the rule), a dense
+// range none.
 template <typename P, typename G>
-void dispatch_pass2(int kind, int mode, int rescale, bool ema, const Pass2Tensor<P, G>& pt, const TensorScalars& sc,
-                    const Pass2Args& a, int64_t begin, int64_t end, double& pi_sum, double& sel_sum) {
-  if (kind == kAdam) return pass2_mode<P, G, kAdam>(mode, rescale, ema, pt, sc, a, begin, end, pi_sum, sel_sum);
-  if (kind == kSgdMomentum)
-    return pass2_mode<P, G, kSgdMomentum>(mode, rescale, ema, pt, sc, a, begin, end, pi_sum, sel_sum);
-  pass2_mode<P, G, kSgd>(mode, rescale, ema, pt, sc, a, begin, end, pi_sum, sel_sum);
+using Pass2Loop = void (*)(const Pass2Tensor<P, G>&, const TensorScalars&, const Pass2Args&, int64_t, int64_t,
+                           double&, double&);
+
+constexpr int compiled_rescale(int mode, int rescale) {
+  if (mode == kDense) return fastmask::kNoRescale;
+  return mode == kTable && rescale != fastmask::kNoRescale ? fastmask::kHT : rescale;
+}
+
+template <typename P, typename G, size_t... I>
+constexpr std::array<Pass2Loop<P, G>, sizeof...(I)> pass2_loops(std::index_sequence<I...>) {
+  // entry ((kind * 3 + mode) * 3 + rescale) * 2 + ema
+  return {&pass2_range<P, G, static_cast<int>(I / 18), static_cast<int>(I / 6 % 3),
+                       compiled_rescale(static_cast<int>(I / 6 % 3), static_cast<int>(I / 2 % 3)), I % 2 == 1>...};
+}
+
+static_assert(kSgd == 0 && kSgdMomentum == 1 && kAdam == 2 && kDense == 0 && kSample == 1 && kTable == 2 &&
+                  fastmask::kNoRescale == 0 && fastmask::kHT == 1 && fastmask::kLegacy == 2,
+              "pass2_loop indexes its table by these values");
+
+template <typename P, typename G>
+Pass2Loop<P, G> pass2_loop(int kind, int mode, int rescale, bool ema) {
+  static constexpr auto loops = pass2_loops<P, G>(std::make_index_sequence<3 * 3 * 3 * 2>{});
+  return loops[((kind * 3 + mode) * 3 + rescale) * 2 + (ema ? 1 : 0)];
 }
 
 // The work items of one batch: per tensor its elements, units, row size and first unit in the
@@ -529,8 +526,7 @@ void finish(const Layout& L, const std::vector<at::Tensor>& params, const std::v
                      c.exact ? exact_weight + unit_offsets[t] : (by_rows[t] ? row_weight[t].data() : nullptr),
                      levels ? levels + 2 * t : nullptr, row_size[t], first_elements[t]};
       double pi_sum = 0, sel_sum = 0;
-      dispatch_pass2<P, G>(kind, mode_of(t), c.rescale, c.ema, pt, scalars[t], args, it.begin, it.end, pi_sum,
-                           sel_sum);
+      pass2_loop<P, G>(kind, mode_of(t), c.rescale, c.ema)(pt, scalars[t], args, it.begin, it.end, pi_sum, sel_sum);
       if (scalars[t].ok) {
         item_pi[k] = pi_sum;
         item_sel[k] = sel_sum;

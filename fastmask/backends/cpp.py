@@ -69,7 +69,7 @@ def _ext() -> ModuleType:
     return module
 
 
-def water_levels(sums: torch.Tensor, cfg: StepConfig, module: ModuleType | None = None) -> torch.Tensor:
+def cpp_water_levels(sums: torch.Tensor, cfg: StepConfig, module: ModuleType | None = None) -> torch.Tensor:
     """The water levels by the extension's copy of ``sampling.water_level`` (bit-identical);
     ``module``: another build of the extension (``rng_variant``), default the backend's."""
     _, x, a, c = sampling.level_events(cfg.min_prob, sums.device)
@@ -77,24 +77,24 @@ def water_levels(sums: torch.Tensor, cfg: StepConfig, module: ModuleType | None 
 
 
 @register("masked_step_", "cpp")
-def masked_step_(group: TensorGroup, cfg: StepConfig, grad_scale, found_inf) -> None:
+def cpp_masked_step_(group: TensorGroup, cfg: StepConfig, grad_scale, found_inf) -> None:
     native_masked_step_(_ext(), group, cfg, grad_scale, found_inf, reference_select(cfg.seed),
-                        solve_levels=water_levels)
+                        solve_levels=cpp_water_levels)
 
 
 @register("masked_step_sums", "cpp")
-def masked_step_sums(group: TensorGroup, cfg: StepConfig, grad_scale) -> tuple[torch.Tensor, torch.Tensor]:
+def cpp_masked_step_sums(group: TensorGroup, cfg: StepConfig, grad_scale) -> tuple[torch.Tensor, torch.Tensor]:
     return native_masked_step_sums(_ext(), group, cfg, grad_scale)
 
 
 @register("masked_step_finish", "cpp")
-def masked_step_finish(group: TensorGroup, cfg: StepConfig, sums, unit_importance, grad_scale, found_inf) -> None:
+def cpp_masked_step_finish(group: TensorGroup, cfg: StepConfig, sums, unit_importance, grad_scale, found_inf) -> None:
     native_masked_step_(_ext(), group, cfg, grad_scale, found_inf, reference_select(cfg.seed), sums=sums,
-                        unit_importance=unit_importance, solve_levels=water_levels)
+                        unit_importance=unit_importance, solve_levels=cpp_water_levels)
 
 
 @register("fisher_update_", "cpp")
-def fisher_update_(fisher: torch.Tensor, grad: torch.Tensor, beta: float) -> None:
+def cpp_fisher_update_(fisher: torch.Tensor, grad: torch.Tensor, beta: float) -> None:
     work = fisher if fisher.is_contiguous() else fisher.contiguous()
     _ext().fisher_update(work, grad.contiguous(), beta)
     if work is not fisher:
@@ -102,7 +102,7 @@ def fisher_update_(fisher: torch.Tensor, grad: torch.Tensor, beta: float) -> Non
 
 
 @register("inclusion_probs", "cpp")
-def inclusion_probs(importance, ratio, granularity, sampling_mode, min_prob) -> torch.Tensor:
+def cpp_inclusion_probs(importance, ratio, granularity, sampling_mode, min_prob) -> torch.Tensor:
     s_units = as_units(sampling.unit_sums(importance, granularity))
     x, p0, degenerate = unit_level(s_units, ratio, sampling_mode, min_prob)
     pi = _ext().inclusion_probs(s_units, ratio, sampling_mode == "poisson", min_prob, x, p0, degenerate)
@@ -110,18 +110,18 @@ def inclusion_probs(importance, ratio, granularity, sampling_mode, min_prob) -> 
 
 
 @register("sample_mask", "cpp")
-def sample_mask(unit_probs, seed, stream, shape, granularity) -> torch.Tensor:
+def cpp_sample_mask(unit_probs, seed, stream, shape, granularity) -> torch.Tensor:
     selected = _ext().bernoulli_select(as_units(unit_probs), seed, int(stream))
     return sampling.expand_units(selected, shape, granularity).contiguous()
 
 
 @register("sample_exact", "cpp")
-def sample_exact(importance, count, seed, stream, granularity) -> torch.Tensor:
+def cpp_sample_exact(importance, count, seed, stream, granularity) -> torch.Tensor:
     s_units = sampling.unit_sums(importance, granularity)
     selected = sampling.exact_select(s_units, count, seed, stream)
     return sampling.expand_units(selected, importance.shape, granularity).contiguous()
 
 
 @register("unbiased_rescale", "cpp")
-def unbiased_rescale(grad, mask, probs) -> torch.Tensor:
+def cpp_unbiased_rescale(grad, mask, probs) -> torch.Tensor:
     return _ext().unbiased_rescale(grad.contiguous(), mask.contiguous(), as_units(probs))

@@ -46,17 +46,17 @@ def _ext():
 
 
 @register("masked_step_", "cuda")
-def masked_step_(group: TensorGroup, cfg: StepConfig, grad_scale, found_inf) -> None:
+def cuda_masked_step_(group: TensorGroup, cfg: StepConfig, grad_scale, found_inf) -> None:
     native_masked_step_(_ext(), group, cfg, grad_scale, found_inf, reference_select(cfg.seed), settings_in_memory=True,
                         levels_in_kernel=True)
 
 
 @register("masked_step_sums", "cuda")
-def masked_step_sums(group: TensorGroup, cfg: StepConfig, grad_scale) -> tuple[torch.Tensor, torch.Tensor]:
+def cuda_masked_step_sums(group: TensorGroup, cfg: StepConfig, grad_scale) -> tuple[torch.Tensor, torch.Tensor]:
     return native_masked_step_sums(_ext(), group, cfg, grad_scale, settings_in_memory=True)
 
 
 @register("masked_step_finish", "cuda")
-def masked_step_finish(group: TensorGroup, cfg: StepConfig, sums, unit_importance, grad_scale, found_inf) -> None:
+def cuda_masked_step_finish(group: TensorGroup, cfg: StepConfig, sums, unit_importance, grad_scale, found_inf) -> None:
     native_masked_step_(_ext(), group, cfg, grad_scale, found_inf, reference_select(cfg.seed), settings_in_memory=True,
                         sums=sums, unit_importance=unit_importance, levels_in_kernel=True)

@@ -264,8 +264,8 @@ def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConf
     """Run an extension's ``masked_step`` on a batch (the cpp and cuda backends); with ``sums``
     and ``unit_importance`` (``native_masked_step_sums``'s, all-reduced), only its finish.
     Water-filling: pass 1 runs first (if not given), then ``solve_levels(sums, cfg)`` (default
-    ``water_levels``; the cpp backend passes its bit-identical C++ copy), and the extension reads
-    the levels; with ``levels_in_kernel`` (cuda) the extension's reduce solves them itself, from
+    ``reference_water_levels``; the cpp backend passes its bit-identical C++ copy), and the
+    extension reads the levels; with ``levels_in_kernel`` (cuda) the extension's reduce solves them itself, from
     ``sampling.level_events``, in the same launches.
 
     ``settings_in_memory``: the extension reads the ratio and coefficients from a device tensor
@@ -279,9 +279,9 @@ def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConf
         levels = list(sampling.level_events(cfg.min_prob, device)[1:]) if kcfg.water_filling else []
     elif kcfg.water_filling:
         if sums is None:
-            sums, unit_importance = _pass1(extension, group, cfg, work, config, grad_scale, settings_in_memory,
+            sums, unit_importance = _extension_pass1(extension, group, cfg, work, config, grad_scale, settings_in_memory,
                                            handed_out=False)
-        levels = (solve_levels or water_levels)(sums, cfg)
+        levels = (solve_levels or reference_water_levels)(sums, cfg)
     else:
         levels = None
     unit_weight, offsets = None, []
@@ -298,7 +298,7 @@ def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConf
         original.copy_(copy)
 
 
-def water_levels(sums: torch.Tensor, cfg: StepConfig) -> torch.Tensor:
+def reference_water_levels(sums: torch.Tensor, cfg: StepConfig) -> torch.Tensor:
     """Each tensor's water level (x, p0), float64 [T, 2], from pass 1's (all-reduced) histogram
     columns: ``sampling.water_level``, the definition."""
     return sampling.water_level(sums[:, SUM_COLS:], cfg.ratio, cfg.min_prob).contiguous()
@@ -321,10 +321,10 @@ def native_masked_step_sums(extension: ModuleType, group: TensorGroup, cfg: Step
     ``handed_out=False``: the unit importances go straight to the extension's finish (cpp: the
     entries no row fills are left unwritten, a pass saved for 1-D tensors in row mode)."""
     cfg, _, work, _, config = _native_inputs(extension, group, cfg, settings_in_memory)
-    return _pass1(extension, group, cfg, work, config, grad_scale, settings_in_memory, handed_out)
+    return _extension_pass1(extension, group, cfg, work, config, grad_scale, settings_in_memory, handed_out)
 
 
-def _pass1(extension: ModuleType, group: TensorGroup, cfg: StepConfig, work: dict, config: object, grad_scale,
+def _extension_pass1(extension: ModuleType, group: TensorGroup, cfg: StepConfig, work: dict, config: object, grad_scale,
            settings_in_memory: bool, handed_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The extension's pass-1 call on ``_native_inputs``'s working copies and config."""
     if settings_in_memory:

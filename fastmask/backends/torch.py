@@ -14,12 +14,12 @@ register("masked_step_finish", "torch")(step.masked_step_finish)
 
 
 @register("fisher_update_", "torch")
-def fisher_update_(fisher: torch.Tensor, grad: torch.Tensor, beta: float) -> None:
+def torch_fisher_update_(fisher: torch.Tensor, grad: torch.Tensor, beta: float) -> None:
     fisher.copy_(sampling.fisher_update(fisher, grad.to(torch.float32), beta))
 
 
 @register("inclusion_probs", "torch")
-def inclusion_probs(
+def torch_inclusion_probs(
     importance: torch.Tensor, ratio: float, granularity: str, sampling_mode: str, min_prob: float
 ) -> torch.Tensor:
     s_units = sampling.unit_sums(importance, granularity)
@@ -28,7 +28,7 @@ def inclusion_probs(
 
 
 @register("sample_mask", "torch")
-def sample_mask(
+def torch_sample_mask(
     unit_probs: torch.Tensor, seed: int, stream: int | torch.Tensor, shape: torch.Size, granularity: str
 ) -> torch.Tensor:
     selected = sampling.bernoulli_select(unit_probs, seed, stream)
@@ -36,7 +36,7 @@ def sample_mask(
 
 
 @register("sample_exact", "torch")
-def sample_exact(
+def torch_sample_exact(
     importance: torch.Tensor, k: int, seed: int, stream: int | torch.Tensor, granularity: str
 ) -> torch.Tensor:
     s_units = sampling.unit_sums(importance, granularity)
@@ -45,7 +45,7 @@ def sample_exact(
 
 
 @register("unbiased_rescale", "torch")
-def unbiased_rescale(grad: torch.Tensor, mask: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+def torch_unbiased_rescale(grad: torch.Tensor, mask: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     g = grad.to(torch.float32)
     out = torch.where(mask, g / probs.to(torch.float32), torch.zeros((), device=g.device))
     return out.to(grad.dtype)

@@ -105,4 +105,4 @@ def test_levels_in_kernel_hands_the_extension_the_breakpoints_and_runs_no_pass_1
             assert levels == []
     with pytest.raises(ValueError, match="solve_levels and levels_in_kernel"):
         native.native_masked_step_(module, group, StepConfig(ratio=0.5), None, None, native.reference_select(0),
-                                   solve_levels=native.water_levels, levels_in_kernel=True)
+                                   solve_levels=native.reference_water_levels, levels_in_kernel=True)

@@ -213,7 +213,7 @@ def test_cpp_levels_are_the_reference_bit_for_bit(ratio, min_prob):
     sums = torch.cat((torch.zeros(len(cases), SUM_COLS, dtype=torch.float64), hist), 1)
     cfg = StepConfig(ratio=ratio, min_prob=min_prob)
     expected = sampling.water_level(hist, ratio, min_prob)
-    assert torch.equal(cpp.water_levels(sums, cfg), expected)
+    assert torch.equal(cpp.cpp_water_levels(sums, cfg), expected)
 
 
 def test_water_level_rejects_a_histogram_of_the_wrong_shape():

@@ -36,25 +36,10 @@ register_probe("triton", _probe)
 
 
 @register("masked_step_", "triton")
-def masked_step_(group: TensorGroup, config: StepConfig, grad_scale, found_inf) -> None:
-    _step(group, config, grad_scale, found_inf, None, None)
-
-
-@register("masked_step_sums", "triton")
-def masked_step_sums(group: TensorGroup, config: StepConfig, grad_scale) -> tuple[torch.Tensor, torch.Tensor]:
-    from . import step
-
-    work, _ = working_copies(group)
-    return step.launch_sums(group, work, config, grad_scale)
-
-
-@register("masked_step_finish", "triton")
-def masked_step_finish(group: TensorGroup, config: StepConfig, sums, unit_importance, grad_scale, found_inf) -> None:
-    _step(group, config, grad_scale, found_inf, sums, unit_importance)
-
-
-def _step(group: TensorGroup, config: StepConfig, grad_scale, found_inf, sums, unit_importance) -> None:
-    """The step; from pass 1's ``sums`` and ``unit_importance`` when given (else it runs pass 1)."""
+def triton_masked_step_(group: TensorGroup, config: StepConfig, grad_scale, found_inf, sums=None,
+                        unit_importance=None) -> None:
+    """The step; from pass 1's ``sums`` and ``unit_importance`` when given (``masked_step_finish``),
+    else it runs pass 1 too."""
     from . import step, units
 
     work, write_back = working_copies(group)
@@ -72,8 +57,22 @@ def _step(group: TensorGroup, config: StepConfig, grad_scale, found_inf, sums, u
         original.copy_(copy)
 
 
+@register("masked_step_sums", "triton")
+def triton_masked_step_sums(group: TensorGroup, config: StepConfig, grad_scale) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import step
+
+    work, _ = working_copies(group)
+    return step.launch_sums(group, work, config, grad_scale)
+
+
+@register("masked_step_finish", "triton")
+def triton_masked_step_finish(group: TensorGroup, config: StepConfig, sums, unit_importance, grad_scale,
+                              found_inf) -> None:
+    triton_masked_step_(group, config, grad_scale, found_inf, sums, unit_importance)
+
+
 @register("fisher_update_", "triton")
-def fisher_update_(fisher: torch.Tensor, grad: torch.Tensor, beta: float) -> None:
+def triton_fisher_update_(fisher: torch.Tensor, grad: torch.Tensor, beta: float) -> None:
     work = fisher if fisher.is_contiguous() else fisher.contiguous()
     from . import units
 
@@ -83,7 +82,7 @@ def fisher_update_(fisher: torch.Tensor, grad: torch.Tensor, beta: float) -> Non
 
 
 @register("inclusion_probs", "triton")
-def inclusion_probs(
+def triton_inclusion_probs(
     importance: torch.Tensor, ratio: float, granularity: str, sampling_mode: str, min_prob: float
 ) -> torch.Tensor:
     s_units = as_units(sampling.unit_sums(importance, granularity))
@@ -94,7 +93,7 @@ def inclusion_probs(
 
 
 @register("sample_mask", "triton")
-def sample_mask(
+def triton_sample_mask(
     unit_probs: torch.Tensor, seed: int, stream: int | torch.Tensor, shape: torch.Size, granularity: str
 ) -> torch.Tensor:
     from . import units
@@ -105,7 +104,7 @@ def sample_mask(
 
 
 @register("sample_exact", "triton")
-def sample_exact(
+def triton_sample_exact(
     importance: torch.Tensor, count: int, seed: int, stream: int | torch.Tensor, granularity: str
 ) -> torch.Tensor:
     from . import units
@@ -117,7 +116,7 @@ def sample_exact(
 
 
 @register("unbiased_rescale", "triton")
-def unbiased_rescale(grad: torch.Tensor, mask: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+def triton_unbiased_rescale(grad: torch.Tensor, mask: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     from . import units
 
     return units.unbiased_rescale(grad.contiguous(), mask.contiguous(), probs.contiguous())

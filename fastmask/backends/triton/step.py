@@ -142,7 +142,7 @@ def _check_batch(group: TensorGroup) -> torch.device:
     return device
 
 
-def _pass1(layout: _Layout, grads: torch.Tensor, work: dict, k: KernelConfig, grad_scale: torch.Tensor | None,
+def _launch_pass1(layout: _Layout, grads: torch.Tensor, work: dict, k: KernelConfig, grad_scale: torch.Tensor | None,
            device: torch.device, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 1: (fp64 partials [blocks or rows, 4], each row's importance fp32 [n_units]); with
     water-filling, each tensor's importance histogram is added to ``sums``'s columns after the
@@ -174,7 +174,7 @@ def launch_sums(
     k = KernelConfig.from_step(cfg, ema=bool(work["fishers"]))
     layout = _layout(work, group, cfg.granularity)
     sums = torch.zeros((len(group), k.sums_width), dtype=torch.float64, device=device)
-    partials, row_importance = _pass1(layout, _grad_table(work["grads"]), work, k, grad_scale, device, sums)
+    partials, row_importance = _launch_pass1(layout, _grad_table(work["grads"]), work, k, grad_scale, device, sums)
     sum_partials[(len(group),)](meta=layout.meta, partials=partials, sums_out=sums, sums_width=sums.shape[1],
                                 RBLOCK=REDUCE_BLOCK)
     return sums, row_importance[: layout.n_units] if k.row else row_importance.new_empty(0)
@@ -225,7 +225,7 @@ def launch(
     if sums is None:
         histograms = (torch.zeros((n_tensors, k.sums_width), dtype=torch.float64, device=device)
                       if k.water_filling else dummy)
-        partials, row_importance = _pass1(layout, grads, work, k, grad_scale, device, histograms)
+        partials, row_importance = _launch_pass1(layout, grads, work, k, grad_scale, device, histograms)
     else:
         partials = histograms = sums.to(device=device, dtype=torch.float64).contiguous()
         row_importance = unit_importance if k.row and layout.n_units else dummy
