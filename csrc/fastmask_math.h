@@ -257,6 +257,32 @@ struct ReduceTerms {
   bool nesterov, lr_is_tensor;
 };
 
+// X(C++ type, name, default), in the order of the Python KernelConfig's fields.
+#define FASTMASK_KERNEL_CONFIG_FIELDS(X)                                                    \
+  X(int, base, kAdamW) /* enum Base */                                                      \
+  X(int, rescale, kNoRescale) /* enum Rescale */                                            \
+  X(double, lr, 0) X(double, momentum, 0) X(double, dampening, 0) X(double, beta1, 0)       \
+  X(double, beta2, 0) X(double, eps, 0) X(double, weight_decay, 0) X(double, ratio, 1)      \
+  X(double, min_prob, 0) X(double, fisher_beta, 0) X(double, grad_coefficient, 1)           \
+  X(double, update_coefficient, 1) X(bool, nesterov, false) X(bool, maximize, false)        \
+  X(bool, masked, false) X(bool, poisson, true) X(bool, ema, false) X(bool, row, false)     \
+  X(bool, freeze, false) X(bool, ge, false) X(bool, modulate_update, false)                 \
+  X(bool, exact, false) X(bool, water_filling, false) X(int64_t, sums_width, kSumCols)      \
+  X(uint64_t, seed, 0)
+
+// The kernel config's declared fields (fastmask.reference.spec.KernelConfig; the host's
+// fastmask::KernelConfig of kernel_config.h adds the shards' index spaces), plain data that a
+// CUDA kernel can take by value.
+struct KernelFields {
+#define FASTMASK_DECLARE_FIELD(type, name, init) type name = init;
+  FASTMASK_KERNEL_CONFIG_FIELDS(FASTMASK_DECLARE_FIELD)
+#undef FASTMASK_DECLARE_FIELD
+  // What the per-tensor reduce (tensor_scalars) reads.
+  FM_HD ReduceTerms reduce_terms(bool lr_is_tensor) const {
+    return ReduceTerms{base, lr, momentum, dampening, beta1, beta2, eps, weight_decay, nesterov, lr_is_tensor};
+  }
+};
+
 // Per-tensor scalars of one step, from the tensor's pass-1 sums (DESIGN §5's reduce).
 struct TensorScalars {
   bool ok, degenerate;

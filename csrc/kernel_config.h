@@ -1,7 +1,7 @@
 // The kernel config of the CPU and CUDA bindings: fastmask.reference.spec.KernelConfig as one
-// typed struct, its fields declared once (FASTMASK_KERNEL_CONFIG_FIELDS) for both the struct
-// and its pybind11 binding. fastmask.backends.native.native_config fills it from the Python
-// KernelConfig field by field; a field that does not exist, or a value of the wrong type, raises
+// typed struct, its fields declared once (FASTMASK_KERNEL_CONFIG_FIELDS, fastmask_math.h) for the
+// struct, its pybind11 binding and the CUDA kernels' DeviceConfig.
+// fastmask.backends.native.native_config fills it from the Python KernelConfig field by field; a field that does not exist, or a value of the wrong type, raises
 // there, and tests/csrc/test_kernel_config.py checks that the two declare the same fields, in
 // the same order, of matching types. Host code (pybind11).
 #pragma once
@@ -13,34 +13,16 @@
 
 #include "fastmask_math.h"
 
-// X(C++ type, name, default), in the order of the Python KernelConfig's fields.
-#define FASTMASK_KERNEL_CONFIG_FIELDS(X)                                                    \
-  X(int, base, kAdamW) /* enum Base */                                                      \
-  X(int, rescale, kNoRescale) /* enum Rescale */                                            \
-  X(double, lr, 0) X(double, momentum, 0) X(double, dampening, 0) X(double, beta1, 0)       \
-  X(double, beta2, 0) X(double, eps, 0) X(double, weight_decay, 0) X(double, ratio, 1)      \
-  X(double, min_prob, 0) X(double, fisher_beta, 0) X(double, grad_coefficient, 1)           \
-  X(double, update_coefficient, 1) X(bool, nesterov, false) X(bool, maximize, false)        \
-  X(bool, masked, false) X(bool, poisson, true) X(bool, ema, false) X(bool, row, false)     \
-  X(bool, freeze, false) X(bool, ge, false) X(bool, modulate_update, false)                 \
-  X(bool, exact, false) X(bool, water_filling, false) X(int64_t, sums_width, kSumCols)      \
-  X(uint64_t, seed, 0)
-
 namespace fastmask {
 
-struct KernelConfig {
-#define FASTMASK_DECLARE_FIELD(type, name, init) type name = init;
-  FASTMASK_KERNEL_CONFIG_FIELDS(FASTMASK_DECLARE_FIELD)
-#undef FASTMASK_DECLARE_FIELD
+// The declared fields (fastmask::KernelFields, fastmask_math.h: the CUDA kernels read them too)
+// and, for shards, the per-tensor index spaces.
+struct KernelConfig : KernelFields {
   // per tensor, empty unless sharded: the full tensor's units and elements, and the
   // full-tensor index of the first local unit and element
   std::vector<int64_t> full_units, full_numels, first_units, first_elements;
 
   bool sharded() const { return !full_units.empty(); }
-  // What the per-tensor reduce (fastmask::tensor_scalars) reads.
-  ReduceTerms reduce_terms(bool lr_is_tensor) const {
-    return ReduceTerms{base, lr, momentum, dampening, beta1, beta2, eps, weight_decay, nesterov, lr_is_tensor};
-  }
 };
 
 // Registers KernelConfig (module-local: the cpp and cuda extensions each have their own), its

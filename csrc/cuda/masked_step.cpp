@@ -21,23 +21,11 @@ using namespace fastmask_cuda;
 
 DeviceConfig device_config(const fastmask::KernelConfig& h, bool lr_is_tensor) {
   DeviceConfig c;
+  c.fields = h;  // the declared fields, without the shards' host vectors
   c.terms = h.reduce_terms(lr_is_tensor);
-  c.base = h.base;
-  c.rescale = h.rescale;
   c.min_prob = static_cast<float>(h.min_prob);
-  c.level_min_prob = h.min_prob;
   c.fisher_beta = static_cast<float>(h.fisher_beta);
   c.one_minus_fisher_beta = static_cast<float>(1.0 - h.fisher_beta);
-  c.maximize = h.maximize;
-  c.masked = h.masked;
-  c.poisson = h.poisson;
-  c.ema = h.ema;
-  c.row = h.row;
-  c.freeze = h.freeze;
-  c.ge = h.ge;
-  c.modulate_update = h.modulate_update;
-  c.exact = h.exact;
-  c.water_filling = h.water_filling;
   c.k0 = static_cast<uint32_t>(h.seed);
   c.k1 = static_cast<uint32_t>(h.seed >> 32);
   return c;
@@ -118,10 +106,10 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   };
   for (int64_t t = 0; t < n_tensors; ++t) {
     const int64_t n = params[t].numel();
-    const int64_t units = c.row ? (params[t].dim() ? params[t].size(0) : 1) : n;
+    const int64_t units = c.fields.row ? (params[t].dim() ? params[t].size(0) : 1) : n;
     const int64_t nb = (n + kBlockElems - 1) / kBlockElems;
     meta.insert(meta.end(), {n, units, units ? std::max<int64_t>(n / units, 1) : 1, 2 * slots[t],
-                             c.row ? units_total : blocks, c.row ? units : nb, units_total, blocks,
+                             c.fields.row ? units_total : blocks, c.fields.row ? units : nb, units_total, blocks,
                              sharded ? h.full_units[t] : units, sharded ? h.full_numels[t] : n,
                              sharded ? h.first_units[t] : 0, sharded ? h.first_elements[t] : 0});
     ptrs.insert(ptrs.end(), {ptr(params, t), ptr(grads, t), ptr(exp_avgs, t), ptr(exp_avg_sqs, t),
@@ -135,8 +123,8 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   const auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
   const Tables tables = cached_tables(meta, ptrs, block_tensor, row_tensor, device);
   const at::Tensor &meta_d = tables.meta, &ptrs_d = tables.ptrs, &blocks_d = tables.blocks, &rows_d = tables.rows;
-  at::Tensor partials = at::empty({std::max<int64_t>(c.row ? units_total : blocks, 1), 4}, f64);
-  at::Tensor row_importance = phase == Phase::kFinish && c.row ? unit_importance_in->contiguous()
+  at::Tensor partials = at::empty({std::max<int64_t>(c.fields.row ? units_total : blocks, 1), 4}, f64);
+  at::Tensor row_importance = phase == Phase::kFinish && c.fields.row ? unit_importance_in->contiguous()
                                                                 : at::empty({std::max<int64_t>(units_total, 1)}, f32);
   at::Tensor unit_weight =
       unit_weight_in.has_value() ? *unit_weight_in : at::zeros({std::max<int64_t>(units_total, 1)}, f32);
@@ -191,7 +179,7 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
     at::Tensor sums = at::zeros({n_tensors, sums_width}, f64);
     const cudaError_t err = fastmask_cuda::masked_step_sums(a, sums.data_ptr<double>(), stream);
     TORCH_CHECK(err == cudaSuccess, "cuda masked_step_sums: ", cudaGetErrorString(err));
-    *sums_out = {sums, c.row ? row_importance.narrow(0, 0, units_total) : at::empty({0}, f32)};
+    *sums_out = {sums, c.fields.row ? row_importance.narrow(0, 0, units_total) : at::empty({0}, f32)};
     return;
   }
   if (phase == Phase::kFinish) {
@@ -206,7 +194,7 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   }
   if (stats.has_value()) {
     at::Tensor per_tensor = tensor_stats.sum(0);
-    if (c.masked && !c.row && !c.exact) {
+    if (c.fields.masked && !c.fields.row && !c.fields.exact) {
       stats->slice(0, 0, 2).add_(block_stats.sum(0));
       stats->slice(0, 2, 4).add_(per_tensor.slice(0, 2, 4));
     } else {

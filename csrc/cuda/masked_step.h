@@ -26,15 +26,14 @@ enum DType { kF32 = 0, kBF16 = 1, kF16 = 2 };
 // The per-group settings the kernels read from device memory (the Python StepConfig.device_settings).
 enum Setting { kRatio = 0, kGradCoefficient, kUpdateCoefficient };
 
-// What the kernels read of the step config: the reduce's terms (fastmask::tensor_scalars)
-// and the element pass's flags and scalars.
+// What the kernels read of the step config: its declared fields as the host received them
+// (fastmask::KernelFields), the reduce's terms (fastmask::tensor_scalars) and the fp32 copies and
+// Philox key the element passes use.
 struct DeviceConfig {
+  fastmask::KernelFields fields;
   fastmask::ReduceTerms terms;
-  int base, rescale;
-  float min_prob, fisher_beta, one_minus_fisher_beta;
-  double level_min_prob;  // the water level's min_prob, float64 as the reference's
-  bool maximize, masked, poisson, ema, row, freeze, ge, modulate_update, exact, water_filling;
-  uint32_t k0, k1;
+  float min_prob, fisher_beta, one_minus_fisher_beta;  // fields' values rounded to fp32 once
+  uint32_t k0, k1;                                     // the seed's 32-bit halves
 };
 
 using fastmask::TensorScalars;

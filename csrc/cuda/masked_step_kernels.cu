@@ -95,7 +95,7 @@ __device__ void block_water_level(const double* hist_row, float ratio, const Lau
   for (int p = threadIdx.x; p < fastmask::kPositiveBins; p += blockDim.x) n_pos[0] += row[p];
   block_sum_exact(n_pos, shared);
   const BlockBins bins{row, shared};
-  fastmask::water_level(bins, hist_row[4], n_pos[0], ratio, a.config.level_min_prob, a.events_x, a.events_a,
+  fastmask::water_level(bins, hist_row[4], n_pos[0], ratio, a.config.fields.min_prob, a.events_x, a.events_a,
                         a.events_c, a.n_events, x, p0);
 }
 
@@ -106,7 +106,7 @@ template <typename G>
 __device__ void accumulate(const G* g, const float* fisher, int64_t i, float grad_scale, const DeviceConfig& c,
                            double acc[4], unsigned int* bins) {
   const float x = to_float(g[i]) / grad_scale;
-  const float s = c.ema ? fastmask::importance_ema(fisher[i], x, c.fisher_beta, c.one_minus_fisher_beta) : x * x;
+  const float s = c.fields.ema ? fastmask::importance_ema(fisher[i], x, c.fisher_beta, c.one_minus_fisher_beta) : x * x;
   if (bins) atomicAdd(bins + min(fastmask::importance_bin(s), kLastBin), 1u);  // NaN bits: the last bin
   acc[0] += s;
   acc[1] += x;
@@ -142,7 +142,7 @@ __global__ void pass1_blocks(const int64_t* ptrs, const int64_t* meta, const int
   const G* g = reinterpret_cast<const G*>(ptrs[t * kPtrCols + kGrad]);
   const float* fisher = reinterpret_cast<const float*>(ptrs[t * kPtrCols + kFisher]);
   const float gs = grad_scale ? *grad_scale : 1.0f;
-  unsigned int* bins = clear_bins(bin_counts, c.water_filling);
+  unsigned int* bins = clear_bins(bin_counts, c.fields.water_filling);
   double acc[4] = {0, 0, 0, 0};
   for (int j = 0; j < kVec; ++j) {
     const int64_t i = first + threadIdx.x * kVec + j;
@@ -176,7 +176,7 @@ __global__ void pass1_rows(const int64_t* ptrs, const int64_t* meta, const int32
   if (threadIdx.x == 0) {
     const float row_s = static_cast<float>(sums[0]);  // s_u is fp32; S sums the rounded s_u
     row_importance[blockIdx.x] = row_s;
-    if (c.water_filling) atomicAdd(hist + t * sums_width + min(fastmask::importance_bin(row_s), kLastBin), 1.0);
+    if (c.fields.water_filling) atomicAdd(hist + t * sums_width + min(fastmask::importance_bin(row_s), kLastBin), 1.0);
     double* out = partials + static_cast<int64_t>(blockIdx.x) * 4;
     out[0] = row_s;
     out[1] = sums[1];
@@ -244,17 +244,17 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
     }
   }
   double pi_sum = 0, sel = 0;
-  if (c.masked && c.row && !c.exact) {
+  if (c.fields.masked && c.fields.row && !c.fields.exact) {
     const float p0 = static_cast<float>(level_p0);
     for (int64_t r = threadIdx.x; r < units; r += blockDim.x) {
       const fastmask::UnitDraw d =
           fastmask::draw_unit(row_importance[mrow[kUnitOffset] + r], static_cast<uint64_t>(mrow[kFirstUnit] + r), sc,
-                              level_x, p0, ratio, c.min_prob, c.poisson, c.rescale, c.k0, c.k1, dense_ratio);
+                              level_x, p0, ratio, c.min_prob, c.fields.poisson, c.fields.rescale, c.k0, c.k1, dense_ratio);
       unit_weight[mrow[kUnitOffset] + r] = d.weight;
       pi_sum += d.pi;
       sel += d.chosen ? 1.0 : 0.0;
     }
-  } else if (c.masked && c.exact) {
+  } else if (c.fields.masked && c.fields.exact) {
     for (int64_t r = threadIdx.x; r < units; r += blockDim.x) sel += unit_weight[mrow[kUnitOffset] + r] != 0.0f;
     pi_sum = sel;
   }
@@ -262,7 +262,7 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
   sel = block_sum(sel, shared);
   if (threadIdx.x == 0) {
     double* out = tensor_stats + t * 4;
-    const bool dense = !c.masked;
+    const bool dense = !c.fields.masked;
     out[0] = sc.ok ? (dense ? static_cast<double>(units) : pi_sum) : 0.0;
     out[1] = sc.ok ? (dense ? static_cast<double>(units) : sel) : 0.0;
     out[2] = sc.ok ? static_cast<double>(units) : 0.0;
@@ -296,7 +296,7 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
   const float p0 = levels ? static_cast<float>(levels[2 * t + 1]) : 0.0f;
   double pi_sum = 0, sel_sum = 0;
   if (sc.ok && i0 < n) {
-    const bool sample_here = c.masked && !c.row && !c.exact;
+    const bool sample_here = c.fields.masked && !c.fields.row && !c.fields.exact;
     // one Philox call serves the thread's 4 elements when they start at a multiple of 4 of
     // the full tensor (always, unless a shard starts elsewhere: then one call per element)
     const bool aligned = (first & 3) == 0;
@@ -305,7 +305,7 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
       fastmask::philox_call(static_cast<uint64_t>(first + i0) >> 2, sc.step_word, sc.mask_hi, c.k0, c.k1, words);
     // With a unit table (rows, exact) and "freeze", the thread's units are known before any
     // element is read: one with no selected element reads and writes nothing but its Fisher EMA.
-    const bool from_table = c.masked && (c.row || c.exact);
+    const bool from_table = c.fields.masked && (c.fields.row || c.fields.exact);
     float table_w[kVec] = {1.0f, 1.0f, 1.0f, 1.0f};
     bool any_selected = true;
     if (from_table) {
@@ -315,7 +315,7 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
         any_selected = any_selected || table_w[j] != 0.0f;
       }
     }
-    const bool skip_frozen = from_table && c.freeze;  // unselected elements: no p, m, v, buffer traffic
+    const bool skip_frozen = from_table && c.fields.freeze;  // unselected elements: no p, m, v, buffer traffic
     // 16-byte loads and stores of the fp32 arrays when all four elements are in bounds and aligned
     const bool vec = i0 + kVec <= n && (!m || reinterpret_cast<uintptr_t>(m + i0) % 16 == 0) &&
                      (any_selected || !skip_frozen);
@@ -328,36 +328,36 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
       const int64_t i = i0 + j;
       if (i >= n) break;
       if (skip_frozen && table_w[j] == 0.0f) {
-        if (c.ema) {
+        if (c.fields.ema) {
           const float x = to_float(g[i]) / gs;  // the sign does not reach x * x
           fisher[i] = fastmask::importance_ema(fisher[i], x, c.fisher_beta, c.one_minus_fisher_beta);
         }
         continue;
       }
-      const float x = (to_float(g[i]) / gs) * (c.maximize ? -1.0f : 1.0f);
+      const float x = (to_float(g[i]) / gs) * (c.fields.maximize ? -1.0f : 1.0f);
       float gm = x * grad_coefficient;  // x * 1 is x exactly
-      if (c.ge)
+      if (c.fields.ge)
         gm = gm + fastmask::normal_at(static_cast<uint64_t>(first + i), sc.step_word, sc.noise_hi, c.k0, c.k1) * sc.std;
-      const float f_new = c.ema ? fastmask::importance_ema(fisher[i], x, c.fisher_beta, c.one_minus_fisher_beta) : 0.0f;
+      const float f_new = c.fields.ema ? fastmask::importance_ema(fisher[i], x, c.fisher_beta, c.one_minus_fisher_beta) : 0.0f;
       bool selected = true;
       if (sample_here) {
-        const float s = c.ema ? f_new : x * x;
+        const float s = c.fields.ema ? f_new : x * x;
         const float pi =
             dense_ratio ? 1.0f
-                        : fastmask::inclusion_prob(s, level_x, p0, sc.degenerate, ratio, c.min_prob, c.poisson);
+                        : fastmask::inclusion_prob(s, level_x, p0, sc.degenerate, ratio, c.min_prob, c.fields.poisson);
         const float u = aligned ? fastmask::uniform_from_word(words[j])
                                 : fastmask::uniform_at(static_cast<uint64_t>(first + i), sc.step_word, sc.mask_hi,
                                                        c.k0, c.k1);
         selected = u < pi;
-        if (c.rescale != fastmask::kNoRescale && !dense_ratio)
-          gm = gm * fastmask::rescale_weight(c.rescale, pi, s, sc.total, sc.degenerate, sc.inv_n);
+        if (c.fields.rescale != fastmask::kNoRescale && !dense_ratio)
+          gm = gm * fastmask::rescale_weight(c.fields.rescale, pi, s, sc.total, sc.degenerate, sc.inv_n);
         gm = selected ? gm : 0.0f;
         pi_sum += pi;
         sel_sum += selected ? 1.0 : 0.0;
-      } else if (c.masked) {
+      } else if (c.fields.masked) {
         const float w = table_w[j];
         selected = w != 0.0f;
-        if (c.rescale != fastmask::kNoRescale) gm = gm * w;
+        if (c.fields.rescale != fastmask::kNoRescale) gm = gm * w;
         gm = selected ? gm : 0.0f;
       }
       const float p_old = to_float(p[i]);
@@ -365,8 +365,8 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
       float b_i = buf ? buf[i] : 0.0f;
       const float m_old = m_i, v_old = v_i;
       float p_new = fastmask::base_update(sc.update, p_old, gm, m_i, v_i, b_i);
-      if (c.modulate_update && update_coefficient != 1.0f) p_new = fastmask::modulated(p_old, p_new, update_coefficient);
-      const bool update = !c.masked || !c.freeze || selected;
+      if (c.fields.modulate_update && update_coefficient != 1.0f) p_new = fastmask::modulated(p_old, p_new, update_coefficient);
+      const bool update = !c.fields.masked || !c.fields.freeze || selected;
       if (update) p[i] = from_float<P>(p_new);
       if (m) {
         mv[j] = update ? m_i : m_old;
@@ -377,7 +377,7 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
         }
       }
       if (buf && update) buf[i] = b_i;
-      if (c.ema) fisher[i] = f_new;
+      if (c.fields.ema) fisher[i] = f_new;
     }
     if (vec && m) {
       *reinterpret_cast<float4*>(m + i0) = *reinterpret_cast<const float4*>(mv);
@@ -396,10 +396,10 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
 template <typename G>
 void launch_pass1(const LaunchArgs& a, double* hist, cudaStream_t stream) {
   const DeviceConfig& c = a.config;
-  if (c.row && a.n_units)
+  if (c.fields.row && a.n_units)
     pass1_rows<G><<<a.n_units, kThreads, 0, stream>>>(a.ptrs, a.meta, a.row_tensor, a.partials, a.row_importance,
                                                      hist, a.sums_width, a.grad_scale, c);
-  else if (!c.row && a.n_blocks)
+  else if (!c.fields.row && a.n_blocks)
     pass1_blocks<G><<<a.n_blocks, kThreads, 0, stream>>>(a.ptrs, a.meta, a.block_tensor, a.partials, hist,
                                                          a.sums_width, a.grad_scale, c);
 }
