@@ -108,12 +108,29 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
     const int64_t n = params[t].numel();
     const int64_t units = c.fields.row ? (params[t].dim() ? params[t].size(0) : 1) : n;
     const int64_t nb = (n + kBlockElems - 1) / kBlockElems;
-    meta.insert(meta.end(), {n, units, units ? std::max<int64_t>(n / units, 1) : 1, 2 * slots[t],
-                             c.fields.row ? units_total : blocks, c.fields.row ? units : nb, units_total, blocks,
-                             sharded ? h.full_units[t] : units, sharded ? h.full_numels[t] : n,
-                             sharded ? h.first_units[t] : 0, sharded ? h.first_elements[t] : 0});
-    ptrs.insert(ptrs.end(), {ptr(params, t), ptr(grads, t), ptr(exp_avgs, t), ptr(exp_avg_sqs, t),
-                             ptr(momentum_buffers, t), ptr(fishers, t), ptr(steps, t)});
+    // each column written by its name in masked_step.h's MetaCol / PtrCol: the one layout
+    int64_t mrow[kMetaCols], prow[kPtrCols];
+    mrow[kNumel] = n;
+    mrow[kUnits] = units;
+    mrow[kRowSize] = units ? std::max<int64_t>(n / units, 1) : 1;
+    mrow[kSlot2] = 2 * slots[t];
+    mrow[kPartStart] = c.fields.row ? units_total : blocks;
+    mrow[kNumParts] = c.fields.row ? units : nb;
+    mrow[kUnitOffset] = units_total;
+    mrow[kBlockStart] = blocks;
+    mrow[kFullUnits] = sharded ? h.full_units[t] : units;
+    mrow[kFullNumel] = sharded ? h.full_numels[t] : n;
+    mrow[kFirstUnit] = sharded ? h.first_units[t] : 0;
+    mrow[kFirstElement] = sharded ? h.first_elements[t] : 0;
+    prow[kParam] = ptr(params, t);
+    prow[kGrad] = ptr(grads, t);
+    prow[kExpAvg] = ptr(exp_avgs, t);
+    prow[kExpAvgSq] = ptr(exp_avg_sqs, t);
+    prow[kMomentum] = ptr(momentum_buffers, t);
+    prow[kFisher] = ptr(fishers, t);
+    prow[kStep] = ptr(steps, t);
+    meta.insert(meta.end(), mrow, mrow + kMetaCols);
+    ptrs.insert(ptrs.end(), prow, prow + kPtrCols);
     block_tensor.insert(block_tensor.end(), nb, t);
     row_tensor.insert(row_tensor.end(), units, t);
     blocks += nb;
