@@ -412,7 +412,7 @@ class Balancer:
                 f"head takes {head.in_features} inputs; the encoders must be listed in the head's concatenation "
                 f"order and produce exactly its input"
             )
-        return significance.concat_logits(head, features, self.modalities)
+        return significance._concat_logits(head, features, self.modalities)
 
     # ------------------------------------------------------------------ values
     def _move_state(self, device: torch.device) -> None:
@@ -565,7 +565,7 @@ class Balancer:
     def _mutual_information_rates(self, sums: torch.Tensor) -> torch.Tensor:
         """MIR_m = (H(Y) + mean log q(y|x_m)) / mean H(softmax(z_m)) (float64 [M]) from pooled sums."""
         count, label_counts, per = self._split(sums)
-        h_y = significance.label_entropy(label_counts / count)
+        h_y = significance._label_entropy(label_counts / count)
         return (h_y + per[:, LOG_Q] / count) / (per[:, FEATURE_ENTROPY] / count)
 
     def _ratios(self, sums: torch.Tensor) -> torch.Tensor:
@@ -573,16 +573,16 @@ class Balancer:
         return self._ratios_from_rates(self._mutual_information_rates(sums))
 
     def _ratios_from_rates(self, mir: torch.Tensor) -> torch.Tensor:
-        rho = significance.ratios_from_rates(mir, self.temperature, self.bounds, self.bias)
+        rho = significance._ratios_from_rates(mir, self.temperature, self.bounds, self.bias)
         return torch.where(torch.isfinite(mir).all(), rho, math.nan)  # not finite: prepare() falls back
 
     def _discrepancy(self, sums: torch.Tensor) -> torch.Tensor:
         """The OGM discrepancy ratio rho_m (float64 [M]) from pooled sums."""
         _, _, per = self._split(sums)
-        return significance.discrepancy_from_scores(per[:, TRUE_PROB].clamp_min(1e-300), self.rule)
+        return significance._discrepancy_from_scores(per[:, TRUE_PROB].clamp_min(1e-300), self.rule)
 
     def _coefficients(self, sums: torch.Tensor) -> torch.Tensor:
-        return significance.coefficients_from_discrepancy(self._discrepancy(sums), self.alpha, self.form)
+        return significance._coefficients_from_discrepancy(self._discrepancy(sums), self.alpha, self.form)
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, optimizer: object) -> None:

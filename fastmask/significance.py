@@ -17,8 +17,7 @@ from torch import nn
 
 from .ops.checks import check_choice, check_real, check_tensor
 
-__all__ = ["amss_ratios", "coefficients_from_discrepancy", "concat_logits", "discrepancy", "discrepancy_from_scores",
-           "label_entropy", "mutual_information_rate", "ogm_coefficients", "ratios_from_rates", "unimodal_logits"]
+__all__ = ["amss_ratios", "discrepancy", "mutual_information_rate", "ogm_coefficients", "unimodal_logits"]
 
 
 def _check_features(features: Mapping[str, torch.Tensor], name: str = "features") -> int:
@@ -53,10 +52,11 @@ def _check_labels(labels: torch.Tensor, batch: int, n_classes: int) -> torch.Ten
 
 # ---- the formulas, on float64 tensors over the M modalities: the one definition that the
 # functions below (one batch, Python floats) and fastmask.Balancer (pooled statistics, on the
-# device, no synchronisation) both evaluate
+# device, no synchronisation) both evaluate. Internal: both callers validate the arguments first
+# (the balancer once, at construction), so the step's path checks nothing twice.
 
 
-def concat_logits(head: nn.Linear, features: Mapping[str, torch.Tensor], order: Sequence[str]
+def _concat_logits(head: nn.Linear, features: Mapping[str, torch.Tensor], order: Sequence[str]
                   ) -> dict[str, torch.Tensor]:
     """out_m = z_m W[:, cols_m]^T + b / M for a concat-fusion head over ``features`` in ``order``
     (widths already checked against ``head.in_features``)."""
@@ -69,19 +69,19 @@ def concat_logits(head: nn.Linear, features: Mapping[str, torch.Tensor], order: 
     return out
 
 
-def label_entropy(p: torch.Tensor) -> torch.Tensor:
+def _label_entropy(p: torch.Tensor) -> torch.Tensor:
     """H(Y) of the label frequencies ``p`` (0 ln 0 = 0), in nats."""
     return -torch.special.xlogy(p, p).sum()
 
 
-def ratios_from_rates(rates: torch.Tensor, temperature: float, bounds: tuple[float, float], bias: float
+def _ratios_from_rates(rates: torch.Tensor, temperature: float, bounds: tuple[float, float], bias: float
                       ) -> torch.Tensor:
     """rho = clip(1 - softmax(rates / temperature) + bias, *bounds) (float64 [M])."""
     weights = torch.softmax(rates / temperature, dim=0)
     return (1.0 - weights + bias).clamp(*bounds)
 
 
-def discrepancy_from_scores(scores: torch.Tensor, rule: str) -> torch.Tensor:
+def _discrepancy_from_scores(scores: torch.Tensor, rule: str) -> torch.Tensor:
     """rho_m from the true-class probability sums s (float64 [M], > 0): the mean over j != m of
     s_m / s_j (``rule="mean"``), or s_m / min over j != m of s_j (``"min"``)."""
     ratio = scores[:, None] / scores[None, :]  # [m, j] = s_m / s_j
@@ -91,7 +91,7 @@ def discrepancy_from_scores(scores: torch.Tensor, rule: str) -> torch.Tensor:
     return scores / torch.where(others, scores[None, :], math.inf).amin(dim=1)
 
 
-def coefficients_from_discrepancy(rho: torch.Tensor, alpha: float, form: str) -> torch.Tensor:
+def _coefficients_from_discrepancy(rho: torch.Tensor, alpha: float, form: str) -> torch.Tensor:
     """k = 1 where rho <= 1, else 1 - tanh(alpha * rho) (``form="cvpr"``) or
     1 - tanh(alpha * (rho - 1)) (``"continuous"``)."""
     x = rho if form == "cvpr" else rho - 1.0
@@ -129,7 +129,7 @@ def unimodal_logits(
     widths = [features[m].shape[1] for m in order]
     if sum(widths) != head.in_features:
         raise ValueError(f"features widths {dict(zip(order, widths))} sum to {sum(widths)}, head expects {head.in_features}")
-    return concat_logits(head, features, order)
+    return _concat_logits(head, features, order)
 
 
 @torch.no_grad()
@@ -166,7 +166,7 @@ def mutual_information_rate(
         h_y = -(p * F.log_softmax(p, dim=0)).sum()
         offset = 0.5
     else:
-        h_y = label_entropy(torch.bincount(labels, minlength=n_classes).double() / batch)
+        h_y = _label_entropy(torch.bincount(labels, minlength=n_classes).double() / batch)
         offset = 0.0
     numerators, rates = {}, {}
     for m, out in unimodal_logits.items():
@@ -206,7 +206,7 @@ def amss_ratios(
     values = [float(v) for v in mir.values()]
     if not all(math.isfinite(v) for v in values):
         return {m: fallback for m in mir}
-    rho = ratios_from_rates(torch.tensor(values, dtype=torch.float64), temperature, (low, high), bias)
+    rho = _ratios_from_rates(torch.tensor(values, dtype=torch.float64), temperature, (low, high), bias)
     return {m: float(r) for m, r in zip(mir, rho)}
 
 
@@ -230,7 +230,7 @@ def discrepancy(
     labels = _check_labels(labels, batch, n_classes)
     rows = torch.arange(batch, device=labels.device)
     scores = torch.stack([F.softmax(out.double(), dim=1)[rows, labels].sum() for out in unimodal_logits.values()])
-    rho = discrepancy_from_scores(scores.clamp_min(1e-300).cpu(), rule)
+    rho = _discrepancy_from_scores(scores.clamp_min(1e-300).cpu(), rule)
     return {m: float(r) for m, r in zip(unimodal_logits, rho)}
 
 
@@ -246,4 +246,4 @@ def ogm_coefficients(rho: Mapping[str, float], alpha: float, form: str = "cvpr")
         raise TypeError("rho must be a non-empty dict of modality -> ratio")
     values = torch.tensor([check_real(f"rho[{m!r}]", r, 0.0, math.inf, high_open=True) for m, r in rho.items()],
                           dtype=torch.float64)
-    return {m: float(k) for m, k in zip(rho, coefficients_from_discrepancy(values, alpha, form))}
+    return {m: float(k) for m, k in zip(rho, _coefficients_from_discrepancy(values, alpha, form))}

@@ -94,3 +94,9 @@ def test_train_rejects_bad_patience_and_probe_split_before_training():
         demo.train(d, "joint", 0, 1, {"lr": 0.05}, patience=0)
     with pytest.raises(ValueError, match="probe_split must be 'test' or 'val'"):
         demo.train(d, "joint", 0, 1, {"lr": 0.05}, probe_split="train")
+
+
+def test_mean_std_of_nothing_is_a_clear_error():
+    assert demo.mean_std([2.0]) == (2.0, 0.0)
+    with pytest.raises(ValueError, match="values must be a non-empty"):
+        demo.mean_std([])

@@ -8,6 +8,10 @@ from pathlib import Path
 
 
 def mean_std(values) -> tuple[float, float]:
+    """(mean, sample std) of a non-empty sequence of numbers; std 0 for one value."""
+    values = list(values)
+    if not values:
+        raise ValueError("values must be a non-empty sequence of numbers")
     return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
