@@ -190,7 +190,6 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   a.events_a = levels.defined() ? level_events[1].data_ptr<int64_t>() : nullptr;
   a.events_c = levels.defined() ? level_events[2].data_ptr<int64_t>() : nullptr;
   a.n_events = levels.defined() ? level_events[0].numel() : 0;
-  a.sums_width = sums_width;
   a.config = c;
   if (phase == Phase::kSums) {
     at::Tensor sums = at::zeros({n_tensors, sums_width}, f64);

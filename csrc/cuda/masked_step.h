@@ -61,8 +61,7 @@ struct LaunchArgs {
   const int64_t* events_a;
   const int64_t* events_c;
   int64_t n_events;
-  int64_t sums_width;           // columns of the per-tensor sums: 4, + fastmask::kHistBins (water-filling)
-  DeviceConfig config;
+  DeviceConfig config;          // config.fields.sums_width: the per-tensor sums' columns
 };
 
 // Launches pass 1, the reduce and pass 2 on `stream`; returns the launch error, if any.

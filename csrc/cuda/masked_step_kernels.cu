@@ -214,7 +214,7 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
   __shared__ double level_row[fastmask::kPositiveBins];
   __shared__ TensorScalars sc_shared;
   const int64_t t = blockIdx.x;
-  const int64_t sums_width = a.sums_width;
+  const int64_t sums_width = a.config.fields.sums_width;
   const int64_t* mrow = meta + t * kMetaCols;
   double sums[4];
   if (pre_summed)
@@ -398,10 +398,10 @@ void launch_pass1(const LaunchArgs& a, double* hist, cudaStream_t stream) {
   const DeviceConfig& c = a.config;
   if (c.fields.row && a.n_units)
     pass1_rows<G><<<a.n_units, kThreads, 0, stream>>>(a.ptrs, a.meta, a.row_tensor, a.partials, a.row_importance,
-                                                     hist, a.sums_width, a.grad_scale, c);
+                                                     hist, a.config.fields.sums_width, a.grad_scale, c);
   else if (!c.fields.row && a.n_blocks)
     pass1_blocks<G><<<a.n_blocks, kThreads, 0, stream>>>(a.ptrs, a.meta, a.block_tensor, a.partials, hist,
-                                                         a.sums_width, a.grad_scale, c);
+                                                         a.config.fields.sums_width, a.grad_scale, c);
 }
 
 // `pre_summed`: the all-reduced sums (or nullptr: the reduce sums pass 1's partials); `hist`:
@@ -432,15 +432,15 @@ bool with_dtypes(const LaunchArgs& a, Launch launch) {
 }  // namespace
 
 cudaError_t masked_step_sums(const LaunchArgs& a, double* sums, cudaStream_t stream) {
-  double* hist = a.sums_width > 4 ? sums + 4 : nullptr;
+  double* hist = a.config.fields.water_filling ? sums + 4 : nullptr;
   const bool known = with_dtypes(a, [&](auto, auto g) { launch_pass1<decltype(g)>(a, hist, stream); });
   if (!known) return cudaErrorInvalidValue;
-  sum_partials<<<a.n_tensors, kThreads, 0, stream>>>(a.meta, a.partials, sums, a.sums_width);
+  sum_partials<<<a.n_tensors, kThreads, 0, stream>>>(a.meta, a.partials, sums, a.config.fields.sums_width);
   return cudaGetLastError();
 }
 
 cudaError_t masked_step_finish(const LaunchArgs& a, const double* sums, cudaStream_t stream) {
-  const double* hist = a.sums_width > 4 ? sums : nullptr;
+  const double* hist = a.config.fields.water_filling ? sums : nullptr;
   const bool known =
       with_dtypes(a, [&](auto p, auto g) { launch_finish<decltype(p), decltype(g)>(a, sums, hist, stream); });
   return known ? cudaGetLastError() : cudaErrorInvalidValue;
