@@ -265,8 +265,8 @@ def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConf
     and ``unit_importance`` (``native_masked_step_sums``'s, all-reduced), only its finish.
     Water-filling: pass 1 runs first (if not given), then ``solve_levels(sums, cfg)`` (default
     ``reference_water_levels``; the cpp backend passes its bit-identical C++ copy), and the
-    extension reads the levels; with ``levels_in_kernel`` (cuda) the extension's reduce solves them itself, from
-    ``sampling.level_events``, in the same launches.
+    extension reads the levels; with ``levels_in_kernel`` (cuda) the extension's reduce solves
+    them itself, from ``sampling.level_events``, in the same launches.
 
     ``settings_in_memory``: the extension reads the ratio and coefficients from a device tensor
     (cuda, its argument after ``stats``); otherwise tensor settings are read on the host first
@@ -279,8 +279,8 @@ def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConf
         levels = list(sampling.level_events(cfg.min_prob, device)[1:]) if kcfg.water_filling else []
     elif kcfg.water_filling:
         if sums is None:
-            sums, unit_importance = _extension_pass1(extension, group, cfg, work, config, grad_scale, settings_in_memory,
-                                           handed_out=False)
+            sums, unit_importance = _extension_pass1(extension, group, cfg, work, config, grad_scale,
+                                                     settings_in_memory, handed_out=False)
         levels = (solve_levels or reference_water_levels)(sums, cfg)
     else:
         levels = None

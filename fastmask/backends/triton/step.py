@@ -250,8 +250,9 @@ def launch(
         weight_decay=k.weight_decay, settings_ptr=settings, min_prob=k.min_prob, **seed,
         beta1_hi=beta1_hi, beta1_lo=beta1_lo, beta2_hi=beta2_hi, beta2_lo=beta2_lo, min_prob_f64=min_prob_f64,
         events_x=events_x, events_a=events_a, events_c=events_c, n_events=events_x.numel(),
-        n_halvings=events_x.numel().bit_length(), WATER_LEVEL=k.water_filling, HAS_FOUND_INF=found_inf is not None, LR_IS_TENSOR=lr_is_tensor, MASK_MODE=k.mask_mode,
-        ROW_SAMPLING=k.masked and k.row and not k.exact, EXACT=k.exact, SAMPLING=0 if k.poisson else 1, RESCALE=k.rescale,
+        n_halvings=events_x.numel().bit_length(), WATER_LEVEL=k.water_filling, HAS_FOUND_INF=found_inf is not None,
+        LR_IS_TENSOR=lr_is_tensor, MASK_MODE=k.mask_mode, ROW_SAMPLING=k.masked and k.row and not k.exact,
+        EXACT=k.exact, SAMPLING=0 if k.poisson else 1, RESCALE=k.rescale,
         PRE_SUMMED=sums is not None, ALIGNED=layout.aligned, RBLOCK=REDUCE_BLOCK,
         enable_fp_fusion=False,
     )
