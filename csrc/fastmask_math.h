@@ -112,8 +112,11 @@ FM_HD float importance_ema(float fisher, float x, float beta, float one_minus_be
   return fisher * beta + x * x * one_minus_beta;
 }
 
-// Pass 1's non-finite count term: 1 for NaN and +-inf (x - x is NaN exactly for those), else 0.
-FM_HD double nonfinite(float x) { return x - x == 0.0f ? 0.0 : 1.0; }
+// NaN or +-inf: x - x is NaN exactly for those (a compare that vectorises, unlike isfinite).
+FM_HD bool is_nonfinite(float x) { return x - x != 0.0f; }
+
+// Pass 1's non-finite count term: 1 for NaN and +-inf, else 0.
+FM_HD double nonfinite(float x) { return is_nonfinite(x) ? 1.0 : 0.0; }
 
 // OGM's modulate="update": the base update scaled by k, p_old + (p_new - p_old) * k.
 FM_HD float modulated(float p_old, float p_new, float k) { return p_old + (p_new - p_old) * k; }

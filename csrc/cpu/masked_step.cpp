@@ -52,30 +52,35 @@ inline float load(const T* p, int64_t i) {
   return static_cast<float>(p[i]);
 }
 
-// fp64 sums over [begin, end) in 8 fixed lanes (lane = offset mod 8), so the loop
-// vectorises while the result depends only on the chunk, not on the thread count.
+// fp64 sums over [begin, end) in kLanes fixed lanes (lane = offset mod kLanes), so the loop
+// vectorises while the result depends only on the chunk, not on the thread count; the
+// non-finite count in int32 lanes (a chunk has at most kChunk elements). 16 lanes rather than
+// 8: each lane's fp64 add chain waits on the previous add, and twice the chains keep the adders
+// busy (measured on AVX2 and AVX-512, one core: 0.37 -> 0.26 ns per element).
 // BINS: also write each element's importance bin (fastmask::importance_bin, NaN bits clamped to
 // the last bin) to bins[i - begin], in the same vectorised loop.
 template <typename G, bool BINS = false>
 Partial chunk_partial(const G* __restrict g, const float* __restrict fisher, int64_t begin, int64_t end,
                       float grad_scale, float fisher_beta, float one_minus_fisher_beta,
                       uint16_t* __restrict bins = nullptr) {
-  constexpr int kLanes = 8;
-  double s_acc[kLanes] = {}, g_acc[kLanes] = {}, g2_acc[kLanes] = {}, bad_acc[kLanes] = {};
+  constexpr int kLanes = 16;
+  double s_acc[kLanes] = {}, g_acc[kLanes] = {}, g2_acc[kLanes] = {};
+  int32_t bad_acc[kLanes] = {};
   const int64_t n = end - begin;
-  for (int64_t o = 0; o < n; o += kLanes) {
-    const int lanes = static_cast<int>(std::min<int64_t>(kLanes, n - o));
-    for (int l = 0; l < lanes; ++l) {
-      const int64_t i = begin + o + l;
-      const float x = load(g, i) / grad_scale;
-      const float s = fisher ? fastmask::importance_ema(fisher[i], x, fisher_beta, one_minus_fisher_beta) : x * x;
-      if (BINS) bins[o + l] = static_cast<uint16_t>(std::min<uint32_t>(fastmask::importance_bin(s), 2047u));
-      s_acc[l] += s;
-      g_acc[l] += x;
-      g2_acc[l] += static_cast<double>(x) * x;
-      bad_acc[l] += fastmask::nonfinite(x);
-    }
-  }
+  auto accumulate = [&](int64_t o, int l) {
+    const int64_t i = begin + o + l;
+    const float x = load(g, i) / grad_scale;
+    const float s = fisher ? fastmask::importance_ema(fisher[i], x, fisher_beta, one_minus_fisher_beta) : x * x;
+    if (BINS) bins[o + l] = static_cast<uint16_t>(std::min<uint32_t>(fastmask::importance_bin(s), 2047u));
+    s_acc[l] += s;
+    g_acc[l] += x;
+    g2_acc[l] += static_cast<double>(x) * x;
+    bad_acc[l] += fastmask::is_nonfinite(x);
+  };
+  int64_t o = 0;
+  for (; o + kLanes <= n; o += kLanes)  // whole rounds of lanes: a fixed trip count vectorises
+    for (int l = 0; l < kLanes; ++l) accumulate(o, l);
+  for (int l = 0; o + l < n; ++l) accumulate(o, l);
   Partial out;
   for (int l = 0; l < kLanes; ++l) {
     out.s += s_acc[l];
@@ -115,28 +120,30 @@ Partial chunk_partial_histogram(const G* __restrict g, const float* __restrict f
   static_assert(kChunk <= (1 << 16), "bins and counts of one chunk fit in 16 and 32 bits");
   uint16_t bins[kChunk];
   const Partial p = chunk_partial<G, true>(g, fisher, begin, end, grad_scale, fisher_beta, one_minus_fisher_beta, bins);
-  // two interleaved tables, so that equal neighbouring bins do not wait on each other's
-  // increment; kept per thread and zeroed again only where this chunk wrote
-  thread_local uint32_t counts[2][kBins] = {};
   const int64_t n = end - begin;
+  if (n == 0) return p;
   uint16_t lo = kBins - 1, hi = 0;
   for (int64_t i = 0; i < n; ++i) {  // a vectorised min / max
     lo = std::min(lo, bins[i]);
     hi = std::max(hi, bins[i]);
   }
+  // two interleaved tables, so that equal neighbouring bins do not wait on each other's
+  // increment; on the stack and zeroed only where this chunk counts (a thread_local table
+  // cost a __tls_get_addr call per increment: GCC recomputes its address inside the loop)
+  uint32_t counts[2][kBins];
+  for (int t = 0; t < 2; ++t) std::fill(counts[t] + lo, counts[t] + hi + 1, 0u);
   int64_t i = 0;
   for (; i + 1 < n; i += 2) {
     ++counts[0][bins[i]];
     ++counts[1][bins[i + 1]];
   }
   if (i < n) ++counts[0][bins[i]];
-  for (uint32_t b = lo; b <= hi && n > 0; ++b) {
+  for (uint32_t b = lo; b <= hi; ++b) {
     const uint32_t c = counts[0][b] + counts[1][b];
     if (c && sole)
       hist[b] += static_cast<double>(c);
     else if (c)
       atomic_add(hist + b, static_cast<double>(c));
-    counts[0][b] = counts[1][b] = 0;
   }
   return p;
 }
