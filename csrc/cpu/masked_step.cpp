@@ -172,7 +172,8 @@ struct Pass2Tensor {
 // GCC vectorises that, but not a select on a scalar bool (which is what a combination
 // of invariant conditions, e.g. a && b, gets hoisted into).
 struct Pass2Consts {
-  float grad_scale, sign, coefficient, ge, update_coefficient, modulate_update, freeze;
+  float unscale;  // sign / grad_scale, exact (a power-of-two scale; else the caller unscales g)
+  float coefficient, ge, update_coefficient, modulate_update, freeze;
   float const_pi, degenerate, ratio, min_prob, p0, total, inv_n, fisher_beta, one_minus_fisher_beta;
   double level_x;  // the water level (fastmask::inclusion_prob)
   UpdateScalars update;
@@ -182,24 +183,26 @@ struct Pass2Consts {
 // selection (uniforms, MODE kSample; the segment's unit weight, kTable) and rescale.
 // The SGD/Adam arithmetic is fastmask::base_update<KIND>, inlined (the CUDA kernel calls the
 // same function); the bit-exact backend tests hold both to the reference.
+// The arrays start at the block's first element (index l); g is the gradient as stored, or its
+// block already divided by grad_scale (then c.unscale is the sign alone).
 template <typename P, typename G, int KIND, int MODE, int RESCALE, bool EMA>
 inline void update_elements(P* __restrict p, const G* __restrict g, float* __restrict m, float* __restrict v,
                             float* __restrict buf, float* __restrict fisher, const float* __restrict uniforms,
-                            const float* __restrict noise, float unit_weight, const Pass2Consts& k, int64_t lo,
-                            int64_t hi, double& pi_sum, double& sel_sum) {
+                            const float* __restrict noise, float unit_weight, const Pass2Consts& k, int64_t n,
+                            double& pi_sum, double& sel_sum) {
   const Pass2Consts c = k;  // a local copy: stores through the arrays cannot alias it
   // fp32 sums within the block (at most kBlock terms), added to the fp64 totals once: fp64
   // lanes in the element loop cost ~0.2 ns per element (measured); only stats read them
   float block_pi = 0, block_sel = 0;
   // omp simd: vectorise despite the selects; only the stats counters are reassociated
 #pragma omp simd reduction(+ : block_pi, block_sel)
-  for (int64_t i = lo; i < hi; ++i) {
-    const int64_t l = i - lo;
-    const float x = (static_cast<float>(g[i]) / c.grad_scale) * c.sign;
+  for (int64_t l = 0; l < n; ++l) {
+    // (g / grad_scale) * sign, in one multiply: both are g * sign / grad_scale rounded once
+    const float x = static_cast<float>(g[l]) * c.unscale;
     float gm = x * c.coefficient;
     const float nz = noise[l];
     gm = c.ge != 0.0f ? gm + nz : gm;
-    const float f_old = EMA ? fisher[i] : 0.0f;
+    const float f_old = EMA ? fisher[l] : 0.0f;
     const float f_new = EMA ? fastmask::importance_ema(f_old, x, c.fisher_beta, c.one_minus_fisher_beta) : 0.0f;
     bool selected = true;
     if (MODE == kSample) {
@@ -219,19 +222,19 @@ inline void update_elements(P* __restrict p, const G* __restrict g, float* __res
     }
     // (a select on a loop-invariant bool, as a frozen table row would give, is not vectorised)
     const bool update = MODE == kSample && c.freeze != 0.0f ? selected : true;
-    const float p_old = static_cast<float>(p[i]);
-    const float m_old = KIND == kAdam ? m[i] : 0.0f, v_old = KIND == kAdam ? v[i] : 0.0f;
-    const float b_old = KIND == kSgdMomentum ? buf[i] : 0.0f;
+    const float p_old = static_cast<float>(p[l]);
+    const float m_old = KIND == kAdam ? m[l] : 0.0f, v_old = KIND == kAdam ? v[l] : 0.0f;
+    const float b_old = KIND == kSgdMomentum ? buf[l] : 0.0f;
     float m_new = m_old, v_new = v_old, b_new = b_old;
     float p_new = fastmask::base_update<KIND>(c.update, p_old, gm, m_new, v_new, b_new);
     if (KIND == kAdam) {
-      m[i] = update ? m_new : m_old;
-      v[i] = update ? v_new : v_old;
+      m[l] = update ? m_new : m_old;
+      v[l] = update ? v_new : v_old;
     }
-    if (KIND == kSgdMomentum) buf[i] = update ? b_new : b_old;
+    if (KIND == kSgdMomentum) buf[l] = update ? b_new : b_old;
     p_new = c.modulate_update != 0.0f ? fastmask::modulated(p_old, p_new, c.update_coefficient) : p_new;
-    p[i] = static_cast<P>(update ? p_new : p_old);
-    if (EMA) fisher[i] = f_new;
+    p[l] = static_cast<P>(update ? p_new : p_old);
+    if (EMA) fisher[l] = f_new;
   }
   pi_sum += block_pi;
   sel_sum += block_sel;
@@ -239,14 +242,21 @@ inline void update_elements(P* __restrict p, const G* __restrict g, float* __res
 
 // F' = beta F + (1 - beta) x^2 on a frozen row [lo, hi) (as update_elements computes it)
 template <typename G>
-inline void frozen_fisher(const G* __restrict g, float* __restrict fisher, const Pass2Consts& k, int64_t lo,
-                          int64_t hi) {
-  const float grad_scale = k.grad_scale, beta = k.fisher_beta, one_minus_beta = k.one_minus_fisher_beta;
+inline void frozen_fisher(const G* __restrict g, float* __restrict fisher, float grad_scale, const Pass2Consts& k,
+                          int64_t lo, int64_t hi) {
+  const float beta = k.fisher_beta, one_minus_beta = k.one_minus_fisher_beta;
 #pragma omp simd
   for (int64_t i = lo; i < hi; ++i) {
     const float x = static_cast<float>(g[i]) / grad_scale;
     fisher[i] = fastmask::importance_ema(fisher[i], x, beta, one_minus_beta);
   }
+}
+
+// 1 / x is exact and finite (x is a power of two: 1 without AMP, GradScaler's scales), so
+// g * (1 / x) is g / x, both rounded once from the same real number.
+inline bool exact_reciprocal(float x) {
+  int exponent;
+  return std::isfinite(x) && x != 0.0f && std::fabs(std::frexp(x, &exponent)) == 0.5f && std::isfinite(1.0f / x);
 }
 
 // OGM-GE noise std * z for local elements [b, e)
@@ -268,7 +278,10 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Pas
   const double* level = pt.level;
   const Config& c = a.c;
   auto flag = [](bool b) { return b ? 1.0f : 0.0f; };
-  const Pass2Consts k{a.grad_scale, c.maximize ? -1.0f : 1.0f, static_cast<float>(c.grad_coefficient), flag(c.ge),
+  const float sign = c.maximize ? -1.0f : 1.0f;
+  const bool exact_unscale = exact_reciprocal(a.grad_scale);
+  const Pass2Consts k{exact_unscale ? sign * (1.0f / a.grad_scale) : sign, static_cast<float>(c.grad_coefficient),
+                      flag(c.ge),
                       static_cast<float>(c.update_coefficient), flag(c.modulate_update), flag(c.masked && c.freeze),
                       flag(!c.poisson || sc.degenerate), flag(sc.degenerate),
                       static_cast<float>(c.ratio), static_cast<float>(c.min_prob),
@@ -276,6 +289,23 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Pas
                       a.one_minus_fisher_beta, level ? level[0] : 0.0, sc.update};
   alignas(64) float uniforms[kBlock] = {};
   alignas(64) float noise[kBlock] = {};
+  alignas(64) float unscaled[kBlock];
+  // The elements [b, e) of the tensor, with `weight` (kTable: the row's unit weight). A scale
+  // whose reciprocal is not exact divides the block into `unscaled` first (k's unscale is then
+  // the sign alone): one division per element either way, the loop itself has none.
+  auto update_block = [&](int64_t b, int64_t e, float weight) {
+    auto from_b = [b](float* x) { return x ? x + b : x; };
+    if (exact_unscale) {
+      update_elements<P, G, KIND, MODE, RESCALE, EMA>(pt.p + b, pt.g + b, from_b(pt.m), from_b(pt.v), from_b(pt.buf),
+                                                      from_b(pt.fisher), uniforms, noise, weight, k, e - b, pi_sum,
+                                                      sel_sum);
+      return;
+    }
+    for (int64_t i = b; i < e; ++i) unscaled[i - b] = static_cast<float>(pt.g[i]) / a.grad_scale;
+    update_elements<P, float, KIND, MODE, RESCALE, EMA>(pt.p + b, unscaled, from_b(pt.m), from_b(pt.v),
+                                                        from_b(pt.buf), from_b(pt.fisher), uniforms, noise, weight,
+                                                        k, e - b, pi_sum, sel_sum);
+  };
   if (MODE == kTable) {
     // one unit weight per row segment, so the element loop keeps a loop-invariant weight.
     // A frozen row keeps param and moments: it is not even read (only an EMA F moves), so
@@ -285,15 +315,14 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Pas
       const int64_t row = lo / pt.row_size;
       const int64_t hi = std::min(end, (row + 1) * pt.row_size);
       if (freeze && pt.table[row] == 0.0f) {
-        if (EMA) frozen_fisher(pt.g, pt.fisher, k, lo, hi);
+        if (EMA) frozen_fisher(pt.g, pt.fisher, a.grad_scale, k, lo, hi);
         lo = hi;
         continue;
       }
       for (int64_t b = lo; b < hi; b += kBlock) {
         const int64_t e = std::min<int64_t>(hi, b + kBlock);
         if (c.ge) fill_noise(sc, pt.first_element, a, b, e, noise);
-        update_elements<P, G, KIND, MODE, RESCALE, EMA>(pt.p, pt.g, pt.m, pt.v, pt.buf, pt.fisher, uniforms, noise,
-                                               pt.table[row], k, b, e, pi_sum, sel_sum);
+        update_block(b, e, pt.table[row]);
       }
       lo = hi;
     }
@@ -304,8 +333,7 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Pas
     if (MODE == kSample)
       uniform_block(static_cast<uint64_t>(pt.first_element + b), sc.step_word, sc.mask_hi, a.k0, a.k1, uniforms);
     if (c.ge) fill_noise(sc, pt.first_element, a, b, e, noise);
-    update_elements<P, G, KIND, MODE, RESCALE, EMA>(pt.p, pt.g, pt.m, pt.v, pt.buf, pt.fisher, uniforms, noise, 0.0f,
-                                           k, b, e, pi_sum, sel_sum);
+    update_block(b, e, 0.0f);
   }
 }
 

@@ -80,6 +80,22 @@ def test_grad_scale_found_inf_and_nonfinite(backend):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("name", ["amss+-adamw-grad2", "amss+-row-legacy-ema", "amss+-zero-grad-maximize"])
+@pytest.mark.parametrize("grad_scale", [0.25, 3.0])
+def test_grad_scales_with_and_without_an_exact_reciprocal(backend, name, grad_scale):
+    """g / grad_scale, bit for bit: a power of two (GradScaler's scales) and a scale whose
+    reciprocal is inexact (the cpp step multiplies by 1 / scale only when that is exact)."""
+    cls, kwargs = CONFIGS[name]
+    scale = torch.tensor(grad_scale, device=DEVICE)
+    ref_model, ref = _run("torch", cls, kwargs, steps=3, grad_scale=scale)
+    model, opt = _run(backend, cls, kwargs, steps=3, grad_scale=scale)
+    assert _selected(opt) == _selected(ref)
+    assert torch.equal(flat_params(model), flat_params(ref_model))
+    for p, p_ref in zip(model.parameters(), ref_model.parameters()):
+        assert all(torch.equal(opt.state[p][k].cpu(), v.cpu()) for k, v in ref.state[p_ref].items())
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("granularity", ["element", "row"])
 def test_many_small_noncontiguous_and_empty_tensors(backend, granularity):
     def run(b):
