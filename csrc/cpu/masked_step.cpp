@@ -183,6 +183,14 @@ struct Pass2Consts {
 // selection (uniforms, MODE kSample; the segment's unit weight, kTable) and rescale.
 // The SGD/Adam arithmetic is fastmask::base_update<KIND>, inlined (the CUDA kernel calls the
 // same function); the bit-exact backend tests hold both to the reference.
+// update ? x : old in bit operations. Written as a select, GCC's phiopt turns the store of the
+// kept value into a masked store (vmaskmovps) and the loads feeding x into masked loads:
+// microcoded and slow on AMD's Zen cores; a blend and a plain store cost the same everywhere.
+inline float new_or_kept(bool update, float x, float old) {
+  const uint32_t take_new = 0u - static_cast<uint32_t>(update);
+  return fastmask::bits_float((fastmask::float_bits(x) & take_new) | (fastmask::float_bits(old) & ~take_new));
+}
+
 // The arrays start at the block's first element (index l); g is the gradient as stored, or its
 // block already divided by grad_scale (then c.unscale is the sign alone).
 template <typename P, typename G, int KIND, int MODE, int RESCALE, bool EMA>
@@ -228,12 +236,12 @@ inline void update_elements(P* __restrict p, const G* __restrict g, float* __res
     float m_new = m_old, v_new = v_old, b_new = b_old;
     float p_new = fastmask::base_update<KIND>(c.update, p_old, gm, m_new, v_new, b_new);
     if (KIND == kAdam) {
-      m[l] = update ? m_new : m_old;
-      v[l] = update ? v_new : v_old;
+      m[l] = new_or_kept(update, m_new, m_old);
+      v[l] = new_or_kept(update, v_new, v_old);
     }
-    if (KIND == kSgdMomentum) buf[l] = update ? b_new : b_old;
+    if (KIND == kSgdMomentum) buf[l] = new_or_kept(update, b_new, b_old);
     p_new = c.modulate_update != 0.0f ? fastmask::modulated(p_old, p_new, c.update_coefficient) : p_new;
-    p[l] = static_cast<P>(update ? p_new : p_old);
+    p[l] = static_cast<P>(new_or_kept(update, p_new, p_old));
     if (EMA) fisher[l] = f_new;
   }
   pi_sum += block_pi;
