@@ -37,12 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["step-speed"]:
         import argparse
 
-        from fastmask.demo import data, train
+        from fastmask.demo.data import load
+        from fastmask.demo.train import step_speed
 
         parser = argparse.ArgumentParser(prog="fastmask.bench.avx2_machine step-speed")
         parser.add_argument("--dataset", default="avdigits")
         args = parser.parse_args(argv[1:])
-        ms = train.step_speed(data.load(args.dataset, None, 0))
+        ms = step_speed(load(args.dataset, None, 0))
         print(f"{args.dataset}, one step, median ms (torch on AVX2, cpp without AVX-512): "
               + ", ".join(f"{name} {t:.3f}" for name, t in ms.items()))
         return 0
