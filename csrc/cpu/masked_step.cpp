@@ -58,8 +58,9 @@ inline float load(const T* p, int64_t i) {
 // 8: each lane's fp64 add chain waits on the previous add, and twice the chains keep the adders
 // busy (measured on AVX2 and AVX-512, one core: 0.37 -> 0.26 ns per element).
 // BINS: also write each element's importance bin (fastmask::importance_bin, NaN bits clamped to
-// the last bin) to bins[i - begin], in the same vectorised loop.
-template <typename G, bool BINS = false>
+// the last bin) to bins[i - begin], in the same vectorised loop. SUM_S, SUM_G: sum s, and g and
+// g^2 (else left 0): the count of non-finite x is always taken.
+template <typename G, bool BINS, bool SUM_S, bool SUM_G>
 Partial chunk_partial(const G* __restrict g, const float* __restrict fisher, int64_t begin, int64_t end,
                       float grad_scale, float fisher_beta, float one_minus_fisher_beta,
                       uint16_t* __restrict bins = nullptr) {
@@ -70,11 +71,15 @@ Partial chunk_partial(const G* __restrict g, const float* __restrict fisher, int
   auto accumulate = [&](int64_t o, int l) {
     const int64_t i = begin + o + l;
     const float x = load(g, i) / grad_scale;
-    const float s = fisher ? fastmask::importance_ema(fisher[i], x, fisher_beta, one_minus_fisher_beta) : x * x;
-    if (BINS) bins[o + l] = static_cast<uint16_t>(std::min<uint32_t>(fastmask::importance_bin(s), 2047u));
-    s_acc[l] += s;
-    g_acc[l] += x;
-    g2_acc[l] += static_cast<double>(x) * x;
+    if (SUM_S || BINS) {
+      const float s = fisher ? fastmask::importance_ema(fisher[i], x, fisher_beta, one_minus_fisher_beta) : x * x;
+      if (BINS) bins[o + l] = static_cast<uint16_t>(std::min<uint32_t>(fastmask::importance_bin(s), 2047u));
+      if (SUM_S) s_acc[l] += s;
+    }
+    if (SUM_G) {
+      g_acc[l] += x;
+      g2_acc[l] += static_cast<double>(x) * x;
+    }
     bad_acc[l] += fastmask::is_nonfinite(x);
   };
   int64_t o = 0;
@@ -113,13 +118,14 @@ inline void atomic_add(double* x, double v) {
 // Pass 1 of a chunk of elements with water-filling: its partial sums, and its counts per
 // importance bin added to `hist` (the tensor's kBins histogram columns of the sums); `sole`:
 // the chunk is its tensor's only one, so no other thread adds to `hist`.
-template <typename G>
+template <typename G, bool SUM_G>
 Partial chunk_partial_histogram(const G* __restrict g, const float* __restrict fisher, int64_t begin, int64_t end,
                                 float grad_scale, float fisher_beta, float one_minus_fisher_beta, double* hist,
                                 bool sole) {
   static_assert(kChunk <= (1 << 16), "bins and counts of one chunk fit in 16 and 32 bits");
   uint16_t bins[kChunk];
-  const Partial p = chunk_partial<G, true>(g, fisher, begin, end, grad_scale, fisher_beta, one_minus_fisher_beta, bins);
+  const Partial p =
+      chunk_partial<G, true, true, SUM_G>(g, fisher, begin, end, grad_scale, fisher_beta, one_minus_fisher_beta, bins);
   const int64_t n = end - begin;
   if (n == 0) return p;
   uint16_t lo = kBins - 1, hi = 0;
@@ -423,14 +429,16 @@ Layout layout_of(const std::vector<at::Tensor>& params, const Config& c) {
 // from fp64 partials per chunk summed in chunk order (so they do not depend on the thread
 // count), followed for water-filling (masked, poisson) by the histogram of the units'
 // importance (kBins exact counts; [T, 4 + kBins]), and in row mode each row's importance s_u
-// (fp32, [n_units]). Rows of one element
-// take the element path and have no entry of their own: `zero_unused` sets theirs to 0 (a
-// table handed to the caller), else they stay unwritten (a 1-D tensor's rows are as many as
-// its elements: writing them would cost a pass).
+// (fp32, [n_units]). `handed_out`: the caller reads the result (the op's); else only this
+// extension's finish does, which reads sum s only when it samples (masked) and sum g, g^2 only
+// for GE's std: the columns it does not read are left 0, and a dense step's pass 1 is its
+// non-finite count alone. Rows of one element take the element path and have no entry of their
+// own: handed out, theirs are set to 0, else they stay unwritten (a 1-D tensor's rows are as many
+// as its elements: writing them would cost a pass).
 template <typename G>
 std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::Tensor>& grads,
                                          const std::vector<at::Tensor>& fishers, const Config& c, float gs,
-                                         bool zero_unused) {
+                                         bool handed_out) {
   const float fisher_beta = static_cast<float>(c.fisher_beta);
   const float one_minus_fisher_beta = static_cast<float>(1.0 - c.fisher_beta);
   std::vector<Partial> partials(L.items1.size());
@@ -439,10 +447,28 @@ std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::
   at::Tensor sums = at::zeros({L.n_tensors, width}, at::TensorOptions().dtype(at::kDouble));
   double* out = sums.data_ptr<double>();
   at::Tensor unit_importance = at::empty({L.n_units}, at::TensorOptions().dtype(at::kFloat));
-  if (zero_unused)
+  if (handed_out)
     for (int64_t t = 0; t < L.n_tensors; ++t)
       if (c.row && !L.by_rows[t]) unit_importance.narrow(0, L.unit_offset[t], L.units[t]).zero_();
   float* row_importance = unit_importance.data_ptr<float>();
+  const bool sum_s = handed_out || c.masked, sum_g = handed_out || c.ge;
+  // the element chunk's partial with the terms asked for (a template each: the loop keeps no test)
+  auto element_partial = [&](const G* g, const float* f, const Item& it, double* tensor_hist, bool sole) {
+    const int64_t b = it.begin, e = it.end;
+    const float fb = fisher_beta, omfb = one_minus_fisher_beta;
+    if (hist)
+      return sum_g ? chunk_partial_histogram<G, true>(g, f, b, e, gs, fb, omfb, tensor_hist, sole)
+                   : chunk_partial_histogram<G, false>(g, f, b, e, gs, fb, omfb, tensor_hist, sole);
+    if (sum_g)
+      return sum_s ? chunk_partial<G, false, true, true>(g, f, b, e, gs, fb, omfb)
+                   : chunk_partial<G, false, false, true>(g, f, b, e, gs, fb, omfb);
+    return sum_s ? chunk_partial<G, false, true, false>(g, f, b, e, gs, fb, omfb)
+                 : chunk_partial<G, false, false, false>(g, f, b, e, gs, fb, omfb);
+  };
+  auto row_partial = [&](const G* g, const float* f, int64_t b, int64_t e) {
+    return sum_g ? chunk_partial<G, false, true, true>(g, f, b, e, gs, fisher_beta, one_minus_fisher_beta)
+                 : chunk_partial<G, false, true, false>(g, f, b, e, gs, fisher_beta, one_minus_fisher_beta);
+  };
   at::parallel_for(0, static_cast<int64_t>(L.items1.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const Item& it = L.items1[k];
@@ -451,15 +477,13 @@ std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::
       double* tensor_hist = hist ? out + width * it.tensor + fastmask::kSumCols : nullptr;
       if (!L.by_rows[it.tensor]) {
         const bool sole = L.first_item1[it.tensor + 1] - L.first_item1[it.tensor] == 1;
-        partials[k] = hist ? chunk_partial_histogram(g, f, it.begin, it.end, gs, fisher_beta, one_minus_fisher_beta,
-                                                     tensor_hist, sole)
-                           : chunk_partial(g, f, it.begin, it.end, gs, fisher_beta, one_minus_fisher_beta);
+        partials[k] = element_partial(g, f, it, tensor_hist, sole);
         continue;
       }
       Partial acc;
       const int64_t rs = L.row_size[it.tensor];
       for (int64_t r = it.begin; r < it.end; ++r) {
-        const Partial row = chunk_partial(g, f, r * rs, (r + 1) * rs, gs, fisher_beta, one_minus_fisher_beta);
+        const Partial row = row_partial(g, f, r * rs, (r + 1) * rs);
         const float row_s = static_cast<float>(row.s);  // s_u is fp32; S sums the rounded s_u
         row_importance[L.unit_offset[it.tensor] + r] = row_s;
         if (hist) atomic_add(tensor_hist + std::min<uint32_t>(fastmask::importance_bin(row_s), kBins - 1), 1.0);
@@ -624,8 +648,8 @@ void with_dtypes(const std::vector<at::Tensor>& params, const std::vector<at::Te
 }  // namespace
 
 // Pass 1 of a batch: (sums [T, 4] or [T, 4 + kBins] float64, unit_importance fp32); see pass1.
-// `handed_out`: the caller may read unit_importance (the op's result), so the entries that no
-// row of its own fills are zeroed; a backend that passes it straight to masked_step skips that.
+// `handed_out`: the caller reads the result (the op's), whole; a backend that passes it straight
+// to masked_step asks only for what the finish reads (see pass1).
 std::tuple<at::Tensor, at::Tensor> masked_step_sums(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
                                                     std::vector<at::Tensor> fishers, const Config& c,
                                                     c10::optional<at::Tensor> grad_scale, bool handed_out) {

@@ -318,8 +318,9 @@ def native_masked_step_sums(extension: ModuleType, group: TensorGroup, cfg: Step
                             settings_in_memory: bool = False, handed_out: bool = True
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """An extension's pass 1 alone: (sums float64 [T, cfg.sums_width], unit_importance fp32).
-    ``handed_out=False``: the unit importances go straight to the extension's finish (cpp: the
-    entries no row fills are left unwritten, a pass saved for 1-D tensors in row mode)."""
+    ``handed_out=False``: the result goes straight to the extension's finish (and the level
+    solve), which reads only some of it. cpp: sum g and g^2 are left 0 without GE, and the unit
+    importances no row fills are left unwritten (a pass saved for 1-D tensors in row mode)."""
     cfg, _, work, _, config = _native_inputs(extension, group, cfg, settings_in_memory)
     return _extension_pass1(extension, group, cfg, work, config, grad_scale, settings_in_memory, handed_out)
 
