@@ -25,7 +25,7 @@ import time
 import torch
 
 from fastmask.backends import cpp
-from fastmask.backends.native import native_masked_step_, native_masked_step_sums, reference_select
+from fastmask.backends.native import NativeStep
 from fastmask.reference.spec import StepConfig, TensorGroup
 
 from .suites import _params, resnet18_shapes, torch_adamw_step
@@ -74,15 +74,12 @@ def time_paths(shapes: list[tuple[int, ...]], rounds: int) -> dict[str, float]:
         params, grads, m, v = _tensors(shapes)
         group = TensorGroup(params, grads, [torch.tensor(0.0) for _ in params], list(range(len(params))),
                             exp_avgs=m, exp_avg_sqs=v)
-        def levels(sums, cfg, module=module):
-            return cpp.cpp_water_levels(sums, cfg, module)
-
-        steps[name] = (lambda module=module, group=group, levels=levels: native_masked_step_(
-            module, group, cfg, None, None, reference_select(cfg.seed), solve_levels=levels))
-        steps[f"{name} pass 1"] = (lambda module=module, group=group: native_masked_step_sums(
-            module, group, cfg, None, handed_out=False))
-        sums, _ = native_masked_step_sums(module, group, cfg, None, handed_out=False)
-        steps[f"{name} level"] = lambda sums=sums, levels=levels: levels(sums, cfg)
+        step = NativeStep(lambda module=module: module, settings_in_memory=False)
+        steps[name] = lambda step=step, group=group: step.masked_step_(group, cfg, None, None)
+        steps[f"{name} pass 1"] = lambda step=step, group=group: step.masked_step_sums(group, cfg, None,
+                                                                                      handed_out=False)
+        sums, _ = step.masked_step_sums(group, cfg, None, handed_out=False)
+        steps[f"{name} level"] = lambda sums=sums, module=module: cpp.cpp_water_levels(sums, cfg, module)
     steps["torch fused AdamW"] = torch_adamw_step(_params({"m": shapes}, torch.device("cpu")), fused=True)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(2):  # warm-up: first touches, thread pools

@@ -253,13 +253,6 @@ struct UpdateScalars {
 // The three forms of the base update (base_update's template argument).
 enum UpdateKind : int { kUpdateSgd = 0, kUpdateSgdMomentum = 1, kUpdateAdam = 2 };
 
-// The step-config terms the per-tensor reduce reads, in the host's double precision.
-struct ReduceTerms {
-  int base;
-  double lr, momentum, dampening, beta1, beta2, eps, weight_decay;
-  bool nesterov, lr_is_tensor;
-};
-
 // X(C++ type, name, default), in the order of the Python KernelConfig's fields.
 #define FASTMASK_KERNEL_CONFIG_FIELDS(X)                                                    \
   X(int, base, kAdamW) /* enum Base */                                                      \
@@ -280,10 +273,12 @@ struct KernelFields {
 #define FASTMASK_DECLARE_FIELD(type, name, init) type name = init;
   FASTMASK_KERNEL_CONFIG_FIELDS(FASTMASK_DECLARE_FIELD)
 #undef FASTMASK_DECLARE_FIELD
-  // What the per-tensor reduce (tensor_scalars) reads.
-  FM_HD ReduceTerms reduce_terms(bool lr_is_tensor) const {
-    return ReduceTerms{base, lr, momentum, dampening, beta1, beta2, eps, weight_decay, nesterov, lr_is_tensor};
-  }
+  // Terms every C++ kernel derives alike: the Philox key (the seed's 32-bit halves, as
+  // fastmask.reference.philox.split_seed) and the EMA's fp32 factors.
+  FM_HD uint32_t key0() const { return static_cast<uint32_t>(seed); }
+  FM_HD uint32_t key1() const { return static_cast<uint32_t>(seed >> 32); }
+  FM_HD float fisher_beta32() const { return static_cast<float>(fisher_beta); }
+  FM_HD float one_minus_fisher_beta32() const { return static_cast<float>(1.0 - fisher_beta); }
 };
 
 // Per-tensor scalars of one step, from the tensor's pass-1 sums (DESIGN §5's reduce).
@@ -299,9 +294,10 @@ struct TensorScalars {
 // the GE std and the base optimizer's scalars (Adam bias corrections from fp64). `sums`:
 // [sum s, sum g, sum g^2, non-finite count] of the full tensor; N = `full_units` and
 // `full_numel` elements; `stream_hi` = 2 * the param's slot; `lr_value`: the lr tensor's
-// value when terms.lr_is_tensor.
-FM_HD TensorScalars tensor_scalars(const ReduceTerms& c, const double* sums, float old_step, bool inf_flag,
-                                   int64_t full_units, int64_t full_numel, uint32_t stream_hi, float lr_value) {
+// value when `lr_is_tensor` (else c.lr).
+FM_HD TensorScalars tensor_scalars(const KernelFields& c, bool lr_is_tensor, const double* sums, float old_step,
+                                   bool inf_flag, int64_t full_units, int64_t full_numel, uint32_t stream_hi,
+                                   float lr_value) {
   TensorScalars sc;
   sc.ok = sums[3] == 0.0 && !inf_flag;
   sc.new_step = old_step + 1.0f;
@@ -321,7 +317,7 @@ FM_HD TensorScalars tensor_scalars(const ReduceTerms& c, const double* sums, flo
   // as the reference: a float lr is a double and 1 - lr * wd is computed in double, then
   // rounded; a tensor lr is fp32 and 1 - lr * wd is fp32 arithmetic
   double lr64;
-  if (c.lr_is_tensor) {
+  if (lr_is_tensor) {
     u.lr = lr_value;
     lr64 = lr_value;
     u.decay = 1.0f - lr_value * static_cast<float>(c.weight_decay);

@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -52,26 +53,48 @@ inline float load(const T* p, int64_t i) {
   return static_cast<float>(p[i]);
 }
 
-// fp64 sums over [begin, end) in kLanes fixed lanes (lane = offset mod kLanes), so the loop
-// vectorises while the result depends only on the chunk, not on the thread count; the
-// non-finite count in int32 lanes (a chunk has at most kChunk elements). Whole rounds of lanes
-// (a fixed trip count) vectorise: 0.37 -> 0.26 ns per element for the sums; 16 lanes rather than
-// 8, since each lane's fp64 add chain waits on its previous add: 0.76 -> 0.60 ns with the bins
-// and their count (a standalone copy of the loops, one core, AVX2).
-// BINS: also write each element's importance bin (fastmask::importance_bin, NaN bits clamped to
-// the last bin) to bins[i - begin], in the same vectorised loop. SUM_S, SUM_G: sum s, and g and
-// g^2 (else left 0): the count of non-finite x is always taken.
+constexpr int kBins = fastmask::kHistBins;
+static_assert(kBins - 1 == 2047, "chunk_partial clamps bins to 2047");
+static_assert(kChunk <= (1 << 16), "bins and counts of one chunk fit in 16 and 32 bits");
+
+// x += v on a double shared between threads (a compare-and-swap loop): the histogram's counts
+// are integers, exact in a double, so the result does not depend on the order of the adds.
+inline void atomic_add(double* x, double v) {
+  uint64_t old_bits = __atomic_load_n(reinterpret_cast<uint64_t*>(x), __ATOMIC_RELAXED);
+  for (;;) {
+    double old_value;
+    std::memcpy(&old_value, &old_bits, sizeof old_value);
+    const double new_value = old_value + v;
+    uint64_t new_bits;
+    std::memcpy(&new_bits, &new_value, sizeof new_bits);
+    if (__atomic_compare_exchange_n(reinterpret_cast<uint64_t*>(x), &old_bits, new_bits, true, __ATOMIC_RELAXED,
+                                    __ATOMIC_RELAXED))
+      return;
+  }
+}
+
+// Pass 1 of one chunk [begin, end) of a tensor's elements (at most kChunk), x = g * inv_scale
+// (an exact reciprocal: see scaled_grads): fp64 sums in kLanes fixed lanes (lane = offset mod
+// kLanes), so the loop vectorises while the result depends only on the chunk, not on the thread
+// count; the non-finite count in int32 lanes. Whole rounds of lanes (a fixed trip count)
+// vectorise: 0.37 -> 0.26 ns per element for the sums; 16 lanes rather than 8, since each lane's
+// fp64 add chain waits on its previous add: 0.76 -> 0.60 ns with the bins and their count (a
+// standalone copy of the loops, one core, AVX2).
+// SUM_S, SUM_G: sum s, and g and g^2 (else left 0): the count of non-finite x is always taken.
+// BINS (water-filling): also each element's importance bin (fastmask::importance_bin, NaN bits
+// clamped to the last bin), counted into `hist` (the tensor's kBins histogram columns of the
+// sums); `sole`: the chunk is its tensor's only one, so no other thread adds to `hist`.
 template <typename G, bool BINS, bool SUM_S, bool SUM_G>
 Partial chunk_partial(const G* __restrict g, const float* __restrict fisher, int64_t begin, int64_t end,
-                      float grad_scale, float fisher_beta, float one_minus_fisher_beta,
-                      uint16_t* __restrict bins = nullptr) {
+                      float inv_scale, float fisher_beta, float one_minus_fisher_beta, double* hist, bool sole) {
   constexpr int kLanes = 16;
   double s_acc[kLanes] = {}, g_acc[kLanes] = {}, g2_acc[kLanes] = {};
   int32_t bad_acc[kLanes] = {};
+  uint16_t bins[BINS ? kChunk : 1];
   const int64_t n = end - begin;
   auto accumulate = [&](int64_t o, int l) {
     const int64_t i = begin + o + l;
-    const float x = load(g, i) / grad_scale;
+    const float x = static_cast<float>(g[i]) * inv_scale;
     if (SUM_S || BINS) {
       const float s = fisher ? fastmask::importance_ema(fisher[i], x, fisher_beta, one_minus_fisher_beta) : x * x;
       if (BINS) bins[o + l] = static_cast<uint16_t>(std::min<uint32_t>(fastmask::importance_bin(s), 2047u));
@@ -94,41 +117,7 @@ Partial chunk_partial(const G* __restrict g, const float* __restrict fisher, int
     out.g2 += g2_acc[l];
     out.bad += bad_acc[l];
   }
-  return out;
-}
-
-constexpr int kBins = fastmask::kHistBins;
-static_assert(kBins - 1 == 2047, "chunk_partial clamps bins to 2047");
-
-// x += v on a double shared between threads (a compare-and-swap loop): the histogram's counts
-// are integers, exact in a double, so the result does not depend on the order of the adds.
-inline void atomic_add(double* x, double v) {
-  uint64_t old_bits = __atomic_load_n(reinterpret_cast<uint64_t*>(x), __ATOMIC_RELAXED);
-  for (;;) {
-    double old_value;
-    std::memcpy(&old_value, &old_bits, sizeof old_value);
-    const double new_value = old_value + v;
-    uint64_t new_bits;
-    std::memcpy(&new_bits, &new_value, sizeof new_bits);
-    if (__atomic_compare_exchange_n(reinterpret_cast<uint64_t*>(x), &old_bits, new_bits, true, __ATOMIC_RELAXED,
-                                    __ATOMIC_RELAXED))
-      return;
-  }
-}
-
-// Pass 1 of a chunk of elements with water-filling: its partial sums, and its counts per
-// importance bin added to `hist` (the tensor's kBins histogram columns of the sums); `sole`:
-// the chunk is its tensor's only one, so no other thread adds to `hist`.
-template <typename G, bool SUM_G>
-Partial chunk_partial_histogram(const G* __restrict g, const float* __restrict fisher, int64_t begin, int64_t end,
-                                float grad_scale, float fisher_beta, float one_minus_fisher_beta, double* hist,
-                                bool sole) {
-  static_assert(kChunk <= (1 << 16), "bins and counts of one chunk fit in 16 and 32 bits");
-  uint16_t bins[kChunk];
-  const Partial p =
-      chunk_partial<G, true, true, SUM_G>(g, fisher, begin, end, grad_scale, fisher_beta, one_minus_fisher_beta, bins);
-  const int64_t n = end - begin;
-  if (n == 0) return p;
+  if (!BINS || n == 0) return out;
   uint16_t lo = kBins - 1, hi = 0;
   for (int64_t i = 0; i < n; ++i) {  // a vectorised min / max
     lo = std::min(lo, bins[i]);
@@ -152,7 +141,18 @@ Partial chunk_partial_histogram(const G* __restrict g, const float* __restrict f
     else if (c)
       atomic_add(hist + b, static_cast<double>(c));
   }
-  return p;
+  return out;
+}
+
+template <typename G>
+using ChunkPartial = Partial (*)(const G*, const float*, int64_t, int64_t, float, float, float, double*, bool);
+
+// The chunk_partial that sums what is asked for (a template each: the loop keeps no test).
+template <typename G>
+ChunkPartial<G> chunk_partial_for(bool bins, bool sum_s, bool sum_g) {
+  if (bins) return sum_g ? &chunk_partial<G, true, true, true> : &chunk_partial<G, true, true, false>;
+  if (sum_g) return sum_s ? &chunk_partial<G, false, true, true> : &chunk_partial<G, false, false, true>;
+  return sum_s ? &chunk_partial<G, false, true, false> : &chunk_partial<G, false, false, false>;
 }
 
 enum Mode : int { kDense = 0, kSample = 1, kTable = 2 };
@@ -161,12 +161,6 @@ enum Mode : int { kDense = 0, kSample = 1, kTable = 2 };
 // block, and the element loop's constants are set up once per block.
 constexpr int64_t kPass2Block = 4 * kBlock;
 constexpr int kSgd = fastmask::kUpdateSgd, kSgdMomentum = fastmask::kUpdateSgdMomentum, kAdam = fastmask::kUpdateAdam;
-
-struct Pass2Args {
-  const Config& c;
-  uint32_t k0, k1;
-  float grad_scale, fisher_beta, one_minus_fisher_beta;
-};
 
 template <typename P, typename G>
 struct Pass2Tensor {
@@ -179,96 +173,23 @@ struct Pass2Tensor {
   int64_t first_element;  // the RNG index of the tensor's first local element
 };
 
-// Loop-invariant flags of pass 2 as floats, each tested by one comparison in a select:
-// GCC vectorises that, but not a select on a scalar bool (which is what a combination
-// of invariant conditions, e.g. a && b, gets hoisted into).
-struct Pass2Consts {
-  float unscale;  // sign / grad_scale, exact (a power-of-two scale; else the caller unscales g)
+// One tensor's scalars as pass 2's element loop reads them: the loop-invariant flags as floats,
+// each tested by one comparison in a select (GCC vectorises that, but not a select on a scalar
+// bool, which is what a combination of invariant conditions, e.g. a && b, gets hoisted into).
+struct ElementScalars {
+  float unscale;  // sign / grad_scale (an exact reciprocal)
   float coefficient, ge, update_coefficient, modulate_update, freeze;
   float const_pi, degenerate, ratio, min_prob, p0, total, inv_n, fisher_beta, one_minus_fisher_beta;
   double level_x;  // the water level (fastmask::inclusion_prob)
   UpdateScalars update;
 };
 
-// Pass 2 on elements [lo, hi): the base update of each element after importance,
-// selection (uniforms, MODE kSample; the segment's unit weight, kTable) and rescale.
-// The SGD/Adam arithmetic is fastmask::base_update<KIND>, inlined (the CUDA kernel calls the
-// same function); the bit-exact backend tests hold both to the reference.
 // update ? x : old in bit operations. Written as a select, GCC's phiopt turns the store of the
 // kept value into a masked store (vmaskmovps) and the loads feeding x into masked loads:
 // microcoded and slow on AMD's Zen cores; a blend and a plain store cost the same everywhere.
 inline float new_or_kept(bool update, float x, float old) {
   const uint32_t take_new = 0u - static_cast<uint32_t>(update);
   return fastmask::bits_float((fastmask::float_bits(x) & take_new) | (fastmask::float_bits(old) & ~take_new));
-}
-
-// The arrays start at the block's first element (index l); g is the gradient as stored, or its
-// block already divided by grad_scale (then c.unscale is the sign alone).
-template <typename P, typename G, int KIND, int MODE, int RESCALE, bool EMA>
-inline void update_elements(P* __restrict p, const G* __restrict g, float* __restrict m, float* __restrict v,
-                            float* __restrict buf, float* __restrict fisher, const float* __restrict uniforms,
-                            const float* __restrict noise, float unit_weight, const Pass2Consts& k, int64_t n,
-                            double& pi_sum, double& sel_sum) {
-  const Pass2Consts c = k;  // a local copy: stores through the arrays cannot alias it
-  // fp32 sums within the block (at most kPass2Block terms), added to the fp64 totals once: fp64
-  // lanes in the element loop cost ~0.2 ns per element (measured); only stats read them
-  float block_pi = 0, block_sel = 0;
-  // omp simd: vectorise despite the selects; only the stats counters are reassociated
-#pragma omp simd reduction(+ : block_pi, block_sel)
-  for (int64_t l = 0; l < n; ++l) {
-    // (g / grad_scale) * sign, in one multiply: both are g * sign / grad_scale rounded once
-    const float x = static_cast<float>(g[l]) * c.unscale;
-    float gm = x * c.coefficient;
-    const float nz = noise[l];
-    gm = c.ge != 0.0f ? gm + nz : gm;
-    const float f_old = EMA ? fisher[l] : 0.0f;
-    const float f_new = EMA ? fastmask::importance_ema(f_old, x, c.fisher_beta, c.one_minus_fisher_beta) : 0.0f;
-    bool selected = true;
-    if (MODE == kSample) {
-      const float s = EMA ? f_new : x * x;
-      const float pi =
-          c.const_pi != 0.0f ? c.ratio : fastmask::inclusion_prob(s, c.level_x, c.p0, false, 0.0f, c.min_prob, true);
-      selected = uniforms[l] < pi;
-      if (RESCALE == fastmask::kHT) gm = gm * (1.0f / pi);
-      if (RESCALE == fastmask::kLegacy) gm = gm * (1.0f / ((c.degenerate != 0.0f ? c.inv_n : s / c.total) + c.inv_n));
-      gm = selected ? gm : 0.0f;
-      block_pi += pi;
-      block_sel += selected ? 1.0f : 0.0f;
-    } else if (MODE == kTable) {
-      // the caller passes frozen rows to frozen_fisher, never here: every element updates
-      if (RESCALE != fastmask::kNoRescale) gm = gm * unit_weight;
-      gm = unit_weight != 0.0f ? gm : 0.0f;
-    }
-    // (a select on a loop-invariant bool, as a frozen table row would give, is not vectorised)
-    const bool update = MODE == kSample && c.freeze != 0.0f ? selected : true;
-    const float p_old = static_cast<float>(p[l]);
-    const float m_old = KIND == kAdam ? m[l] : 0.0f, v_old = KIND == kAdam ? v[l] : 0.0f;
-    const float b_old = KIND == kSgdMomentum ? buf[l] : 0.0f;
-    float m_new = m_old, v_new = v_old, b_new = b_old;
-    float p_new = fastmask::base_update<KIND>(c.update, p_old, gm, m_new, v_new, b_new);
-    if (KIND == kAdam) {
-      m[l] = new_or_kept(update, m_new, m_old);
-      v[l] = new_or_kept(update, v_new, v_old);
-    }
-    if (KIND == kSgdMomentum) buf[l] = new_or_kept(update, b_new, b_old);
-    p_new = c.modulate_update != 0.0f ? fastmask::modulated(p_old, p_new, c.update_coefficient) : p_new;
-    p[l] = static_cast<P>(new_or_kept(update, p_new, p_old));
-    if (EMA) fisher[l] = f_new;
-  }
-  pi_sum += block_pi;
-  sel_sum += block_sel;
-}
-
-// F' = beta F + (1 - beta) x^2 on a frozen row [lo, hi) (as update_elements computes it)
-template <typename G>
-inline void frozen_fisher(const G* __restrict g, float* __restrict fisher, float grad_scale, const Pass2Consts& k,
-                          int64_t lo, int64_t hi) {
-  const float beta = k.fisher_beta, one_minus_beta = k.one_minus_fisher_beta;
-#pragma omp simd
-  for (int64_t i = lo; i < hi; ++i) {
-    const float x = static_cast<float>(g[i]) / grad_scale;
-    fisher[i] = fastmask::importance_ema(fisher[i], x, beta, one_minus_beta);
-  }
 }
 
 // 1 / x is exact and finite (x is a power of two: 1 without AMP, GradScaler's scales), so
@@ -278,83 +199,114 @@ inline bool exact_reciprocal(float x) {
   return std::isfinite(x) && x != 0.0f && std::fabs(std::frexp(x, &exponent)) == 0.5f && std::isfinite(1.0f / x);
 }
 
-// OGM-GE noise std * z for local elements [b, e)
-inline void fill_noise(const TensorScalars& sc, int64_t first_element, const Pass2Args& a, int64_t b, int64_t e,
-                       float* noise) {
-  for (int64_t i = b; i < e; ++i)
-    noise[i - b] = fastmask::normal_at(static_cast<uint64_t>(first_element + i), sc.step_word, sc.noise_hi, a.k0,
-                                       a.k1) * sc.std;
-}
-
-// Pass 2 over elements [begin, end) of one tensor (skipped entirely when the tensor is
-// not ok: its step changes nothing), specialised on the base optimizer, the masking
-// mode and the EMA. x / 1, x * 1 and an unselected select are exact, so terms that a
-// configuration does not use cost no accuracy.
+// Pass 2 over elements [begin, end) of one tensor (skipped entirely when the tensor is not ok:
+// its step changes nothing), specialised on the base optimizer, the masking mode and the EMA:
+// per block of at most kPass2Block elements (of one row for MODE kTable) its uniforms (kSample)
+// and OGM-GE noise, then one read-modify-write per element: importance, selection (uniforms,
+// kSample; the row's unit weight, kTable), rescale and fastmask::base_update<KIND> (inlined; the
+// CUDA kernel calls the same function; the bit-exact backend tests hold both to the reference).
+// x / 1, x * 1 and an unselected select are exact, so terms that a configuration does not use
+// cost no accuracy.
 template <typename P, typename G, int KIND, int MODE, int RESCALE, bool EMA>
-void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Pass2Args& a, int64_t begin,
-                 int64_t end, double& pi_sum, double& sel_sum) {
+void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Config& cfg, float inv_scale,
+                 int64_t begin, int64_t end, double& pi_sum, double& sel_sum) {
   if (!sc.ok) return;
   const double* level = pt.level;
-  const Config& c = a.c;
+  const uint32_t k0 = cfg.key0(), k1 = cfg.key1();
   auto flag = [](bool b) { return b ? 1.0f : 0.0f; };
-  const float sign = c.maximize ? -1.0f : 1.0f;
-  const bool exact_unscale = exact_reciprocal(a.grad_scale);
-  const Pass2Consts k{exact_unscale ? sign * (1.0f / a.grad_scale) : sign, static_cast<float>(c.grad_coefficient),
-                      flag(c.ge),
-                      static_cast<float>(c.update_coefficient), flag(c.modulate_update), flag(c.masked && c.freeze),
-                      flag(!c.poisson || sc.degenerate), flag(sc.degenerate),
-                      static_cast<float>(c.ratio), static_cast<float>(c.min_prob),
-                      level ? static_cast<float>(level[1]) : 0.0f, sc.total, sc.inv_n, a.fisher_beta,
-                      a.one_minus_fisher_beta, level ? level[0] : 0.0, sc.update};
+  const float sign = cfg.maximize ? -1.0f : 1.0f;
+  const ElementScalars c{sign * inv_scale, static_cast<float>(cfg.grad_coefficient), flag(cfg.ge),
+                         static_cast<float>(cfg.update_coefficient), flag(cfg.modulate_update), flag(cfg.freeze),
+                         flag(!cfg.poisson || sc.degenerate), flag(sc.degenerate),
+                         static_cast<float>(cfg.ratio), static_cast<float>(cfg.min_prob),
+                         level ? static_cast<float>(level[1]) : 0.0f, sc.total, sc.inv_n, cfg.fisher_beta32(),
+                         cfg.one_minus_fisher_beta32(), level ? level[0] : 0.0, sc.update};
   alignas(64) float uniforms[kPass2Block] = {};
   alignas(64) float noise[kPass2Block] = {};
-  alignas(64) float unscaled[kPass2Block];
-  // The elements [b, e) of the tensor, with `weight` (kTable: the row's unit weight). A scale
-  // whose reciprocal is not exact divides the block into `unscaled` first (k's unscale is then
-  // the sign alone): one division per element either way, the loop itself has none.
-  auto update_block = [&](int64_t b, int64_t e, float weight) {
-    auto from_b = [b](float* x) { return x ? x + b : x; };
-    if (exact_unscale) {
-      update_elements<P, G, KIND, MODE, RESCALE, EMA>(pt.p + b, pt.g + b, from_b(pt.m), from_b(pt.v), from_b(pt.buf),
-                                                      from_b(pt.fisher), uniforms, noise, weight, k, e - b, pi_sum,
-                                                      sel_sum);
-      return;
-    }
-    for (int64_t i = b; i < e; ++i) unscaled[i - b] = static_cast<float>(pt.g[i]) / a.grad_scale;
-    update_elements<P, float, KIND, MODE, RESCALE, EMA>(pt.p + b, unscaled, from_b(pt.m), from_b(pt.v),
-                                                        from_b(pt.buf), from_b(pt.fisher), uniforms, noise, weight,
-                                                        k, e - b, pi_sum, sel_sum);
-  };
-  if (MODE == kTable) {
-    // one unit weight per row segment, so the element loop keeps a loop-invariant weight.
-    // A frozen row keeps param and moments: it is not even read (only an EMA F moves), so
-    // a step moves about ratio x the bytes of a dense one.
-    const bool freeze = c.masked && c.freeze;
-    for (int64_t lo = begin; lo < end;) {
-      const int64_t row = lo / pt.row_size;
-      const int64_t hi = std::min(end, (row + 1) * pt.row_size);
-      if (freeze && pt.table[row] == 0.0f) {
-        if (EMA) frozen_fisher(pt.g, pt.fisher, a.grad_scale, k, lo, hi);
-        lo = hi;
+  for (int64_t b = begin, e; b < end; b = e) {
+    e = std::min<int64_t>(end, b + kPass2Block);
+    float unit_weight = 0.0f;
+    if (MODE == kTable) {  // one unit weight per row segment: the element loop keeps it invariant
+      const int64_t row = b / pt.row_size, row_end = std::min(end, (row + 1) * pt.row_size);
+      e = std::min(e, row_end);
+      unit_weight = pt.table[row];
+      if (cfg.freeze && unit_weight == 0.0f) {
+        // a frozen row keeps param and moments: it is not even read (only an EMA F moves), so a
+        // step moves about ratio x the bytes of a dense one
+        e = row_end;
+        if (EMA) {
+#pragma omp simd
+          for (int64_t i = b; i < e; ++i) {
+            const float x = static_cast<float>(pt.g[i]) * inv_scale;
+            pt.fisher[i] = fastmask::importance_ema(pt.fisher[i], x, c.fisher_beta, c.one_minus_fisher_beta);
+          }
+        }
         continue;
       }
-      for (int64_t b = lo; b < hi; b += kPass2Block) {
-        const int64_t e = std::min<int64_t>(hi, b + kPass2Block);
-        if (c.ge) fill_noise(sc, pt.first_element, a, b, e, noise);
-        update_block(b, e, pt.table[row]);
-      }
-      lo = hi;
     }
-    return;
-  }
-  for (int64_t b = begin; b < end; b += kPass2Block) {
-    const int64_t e = std::min<int64_t>(end, b + kPass2Block);
     if (MODE == kSample)
       for (int64_t u = 0; u < e - b; u += kBlock)
-        uniform_block(static_cast<uint64_t>(pt.first_element + b + u), sc.step_word, sc.mask_hi, a.k0, a.k1,
+        uniform_block(static_cast<uint64_t>(pt.first_element + b + u), sc.step_word, sc.mask_hi, k0, k1,
                       uniforms + u);
-    if (c.ge) fill_noise(sc, pt.first_element, a, b, e, noise);
-    update_block(b, e, 0.0f);
+    if (cfg.ge)  // OGM-GE noise std * z
+      for (int64_t i = b; i < e; ++i)
+        noise[i - b] = fastmask::normal_at(static_cast<uint64_t>(pt.first_element + i), sc.step_word, sc.noise_hi, k0,
+                                           k1) * sc.std;
+    // the block's arrays from its first element; fp32 sums within the block (at most
+    // kPass2Block terms), added to the fp64 totals once: fp64 lanes in the element loop cost
+    // ~0.2 ns per element (measured); only stats read them
+    P* __restrict p = pt.p + b;
+    const G* __restrict g = pt.g + b;
+    float* __restrict m = pt.m ? pt.m + b : nullptr;
+    float* __restrict v = pt.v ? pt.v + b : nullptr;
+    float* __restrict buf = pt.buf ? pt.buf + b : nullptr;
+    float* __restrict fisher = pt.fisher ? pt.fisher + b : nullptr;
+    float block_pi = 0, block_sel = 0;
+    // omp simd: vectorise despite the selects; only the stats counters are reassociated
+#pragma omp simd reduction(+ : block_pi, block_sel)
+    for (int64_t l = 0; l < e - b; ++l) {
+      // (g / grad_scale) * sign, in one multiply: both are g * sign / grad_scale rounded once
+      const float x = static_cast<float>(g[l]) * c.unscale;
+      float gm = x * c.coefficient;
+      const float nz = noise[l];
+      gm = c.ge != 0.0f ? gm + nz : gm;
+      const float f_old = EMA ? fisher[l] : 0.0f;
+      const float f_new = EMA ? fastmask::importance_ema(f_old, x, c.fisher_beta, c.one_minus_fisher_beta) : 0.0f;
+      bool selected = true;
+      if (MODE == kSample) {
+        const float s = EMA ? f_new : x * x;
+        const float pi =
+            c.const_pi != 0.0f ? c.ratio : fastmask::inclusion_prob(s, c.level_x, c.p0, false, 0.0f, c.min_prob, true);
+        selected = uniforms[l] < pi;
+        if (RESCALE == fastmask::kHT) gm = gm * (1.0f / pi);
+        if (RESCALE == fastmask::kLegacy)
+          gm = gm * (1.0f / ((c.degenerate != 0.0f ? c.inv_n : s / c.total) + c.inv_n));
+        gm = selected ? gm : 0.0f;
+        block_pi += pi;
+        block_sel += selected ? 1.0f : 0.0f;
+      } else if (MODE == kTable) {
+        // frozen rows were skipped above: every element here updates
+        if (RESCALE != fastmask::kNoRescale) gm = gm * unit_weight;
+        gm = unit_weight != 0.0f ? gm : 0.0f;
+      }
+      // (a select on a loop-invariant bool, as a frozen table row would give, is not vectorised)
+      const bool update = MODE == kSample && c.freeze != 0.0f ? selected : true;
+      const float p_old = static_cast<float>(p[l]);
+      const float m_old = KIND == kAdam ? m[l] : 0.0f, v_old = KIND == kAdam ? v[l] : 0.0f;
+      const float b_old = KIND == kSgdMomentum ? buf[l] : 0.0f;
+      float m_new = m_old, v_new = v_old, b_new = b_old;
+      float p_new = fastmask::base_update<KIND>(c.update, p_old, gm, m_new, v_new, b_new);
+      if (KIND == kAdam) {
+        m[l] = new_or_kept(update, m_new, m_old);
+        v[l] = new_or_kept(update, v_new, v_old);
+      }
+      if (KIND == kSgdMomentum) buf[l] = new_or_kept(update, b_new, b_old);
+      p_new = c.modulate_update != 0.0f ? fastmask::modulated(p_old, p_new, c.update_coefficient) : p_new;
+      p[l] = static_cast<P>(new_or_kept(update, p_new, p_old));
+      if (EMA) fisher[l] = f_new;
+    }
+    pi_sum += block_pi;
+    sel_sum += block_sel;
   }
 }
 
@@ -363,8 +315,8 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Pas
 // variants beyond none and a weight (kHT reads the row's weight, whatever the rule), a dense
 // range none.
 template <typename P, typename G>
-using Pass2Loop = void (*)(const Pass2Tensor<P, G>&, const TensorScalars&, const Pass2Args&, int64_t, int64_t,
-                           double&, double&);
+using Pass2Loop = void (*)(const Pass2Tensor<P, G>&, const TensorScalars&, const Config&, float, int64_t,
+                           int64_t, double&, double&);
 
 constexpr int compiled_rescale(int mode, int rescale) {
   if (mode == kDense) return fastmask::kNoRescale;
@@ -438,10 +390,9 @@ Layout layout_of(const std::vector<at::Tensor>& params, const Config& c) {
 // as its elements: writing them would cost a pass).
 template <typename G>
 std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::Tensor>& grads,
-                                         const std::vector<at::Tensor>& fishers, const Config& c, float gs,
+                                         const std::vector<at::Tensor>& fishers, const Config& c, float inv_scale,
                                          bool handed_out) {
-  const float fisher_beta = static_cast<float>(c.fisher_beta);
-  const float one_minus_fisher_beta = static_cast<float>(1.0 - c.fisher_beta);
+  const float fb = c.fisher_beta32(), omfb = c.one_minus_fisher_beta32();
   std::vector<Partial> partials(L.items1.size());
   const bool hist = c.water_filling;
   const int64_t width = c.sums_width;
@@ -453,49 +404,34 @@ std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::
       if (c.row && !L.by_rows[t]) unit_importance.narrow(0, L.unit_offset[t], L.units[t]).zero_();
   float* row_importance = unit_importance.data_ptr<float>();
   const bool sum_s = handed_out || c.masked, sum_g = handed_out || c.ge;
-  // the element chunk's partial with the terms asked for (a template each: the loop keeps no test)
-  auto element_partial = [&](const G* g, const float* f, const Item& it, double* tensor_hist, bool sole) {
-    const int64_t b = it.begin, e = it.end;
-    const float fb = fisher_beta, omfb = one_minus_fisher_beta;
-    if (hist)
-      return sum_g ? chunk_partial_histogram<G, true>(g, f, b, e, gs, fb, omfb, tensor_hist, sole)
-                   : chunk_partial_histogram<G, false>(g, f, b, e, gs, fb, omfb, tensor_hist, sole);
-    if (sum_g)
-      return sum_s ? chunk_partial<G, false, true, true>(g, f, b, e, gs, fb, omfb)
-                   : chunk_partial<G, false, false, true>(g, f, b, e, gs, fb, omfb);
-    return sum_s ? chunk_partial<G, false, true, false>(g, f, b, e, gs, fb, omfb)
-                 : chunk_partial<G, false, false, false>(g, f, b, e, gs, fb, omfb);
-  };
-  auto row_partial = [&](const G* g, const float* f, int64_t b, int64_t e) {
-    return sum_g ? chunk_partial<G, false, true, true>(g, f, b, e, gs, fisher_beta, one_minus_fisher_beta)
-                 : chunk_partial<G, false, true, false>(g, f, b, e, gs, fisher_beta, one_minus_fisher_beta);
-  };
-  at::parallel_for(0, static_cast<int64_t>(L.items1.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      const Item& it = L.items1[k];
-      const G* g = grads[it.tensor].data_ptr<G>();
-      const float* f = c.ema ? fishers[it.tensor].data_ptr<float>() : nullptr;
-      double* tensor_hist = hist ? out + width * it.tensor + fastmask::kSumCols : nullptr;
-      if (!L.by_rows[it.tensor]) {
-        const bool sole = L.first_item1[it.tensor + 1] - L.first_item1[it.tensor] == 1;
-        partials[k] = element_partial(g, f, it, tensor_hist, sole);
-        continue;
-      }
-      Partial acc;
-      const int64_t rs = L.row_size[it.tensor];
-      for (int64_t r = it.begin; r < it.end; ++r) {
-        const Partial row = row_partial(g, f, r * rs, (r + 1) * rs);
-        const float row_s = static_cast<float>(row.s);  // s_u is fp32; S sums the rounded s_u
-        row_importance[L.unit_offset[it.tensor] + r] = row_s;
-        if (hist) atomic_add(tensor_hist + std::min<uint32_t>(fastmask::importance_bin(row_s), kBins - 1), 1.0);
-        acc.s += row_s;
-        acc.g += row.g;
-        acc.g2 += row.g2;
-        acc.bad += row.bad;
-      }
-      partials[k] = acc;
+  const ChunkPartial<G> element_partial = chunk_partial_for<G>(hist, sum_s, sum_g);
+  const ChunkPartial<G> row_partial = chunk_partial_for<G>(false, true, sum_g);
+  const int64_t n_items = static_cast<int64_t>(L.items1.size());
+#pragma omp parallel for schedule(static) if (in_parallel(n_items))
+  for (int64_t k = 0; k < n_items; ++k) {
+    const Item& it = L.items1[k];
+    const G* g = grads[it.tensor].data_ptr<G>();
+    const float* f = c.ema ? fishers[it.tensor].data_ptr<float>() : nullptr;
+    double* tensor_hist = hist ? out + width * it.tensor + fastmask::kSumCols : nullptr;
+    if (!L.by_rows[it.tensor]) {
+      const bool sole = L.first_item1[it.tensor + 1] - L.first_item1[it.tensor] == 1;
+      partials[k] = element_partial(g, f, it.begin, it.end, inv_scale, fb, omfb, tensor_hist, sole);
+      continue;
     }
-  });
+    Partial acc;
+    const int64_t rs = L.row_size[it.tensor];
+    for (int64_t r = it.begin; r < it.end; ++r) {
+      const Partial row = row_partial(g, f, r * rs, (r + 1) * rs, inv_scale, fb, omfb, nullptr, false);
+      const float row_s = static_cast<float>(row.s);  // s_u is fp32; S sums the rounded s_u
+      row_importance[L.unit_offset[it.tensor] + r] = row_s;
+      if (hist) atomic_add(tensor_hist + std::min<uint32_t>(fastmask::importance_bin(row_s), kBins - 1), 1.0);
+      acc.s += row_s;
+      acc.g += row.g;
+      acc.g2 += row.g2;
+      acc.bad += row.bad;
+    }
+    partials[k] = acc;
+  }
   for (int64_t t = 0; t < L.n_tensors; ++t) {
     double* row = out + width * t;
     for (int64_t k = L.first_item1[t]; k < L.first_item1[t + 1]; ++k) {
@@ -508,22 +444,23 @@ std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::
   return {sums, unit_importance};
 }
 
+// The inputs of a step beside the config (the binding's arguments, checked).
+struct StepInputs {
+  const std::vector<at::Tensor>&params, &grads, &steps, &exp_avgs, &exp_avg_sqs, &momentum_buffers, &fishers;
+  const std::vector<int64_t>& slots;
+  const c10::optional<at::Tensor>&lr_tensor, &found_inf, &unit_weight, &stats;
+  const std::vector<int64_t>& unit_offsets;
+  float inv_scale;  // 1 / grad_scale, exact
+};
+
 // The per-tensor reduce and pass 2, from pass 1's `sums` (for shards: their totals over the
-// shards) and `row_importance` (pass 1's unit_importance).
+// shards), `row_importance` (pass 1's unit_importance) and, for water-filling, the `levels`.
 template <typename P, typename G>
-void finish(const Layout& L, const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-            const std::vector<at::Tensor>& steps, const std::vector<at::Tensor>& exp_avgs,
-            const std::vector<at::Tensor>& exp_avg_sqs, const std::vector<at::Tensor>& momentum_buffers,
-            const std::vector<at::Tensor>& fishers, const std::vector<int64_t>& slots, const Config& c,
-            const c10::optional<at::Tensor>& lr_tensor, float gs, const c10::optional<at::Tensor>& found_inf,
-            const c10::optional<at::Tensor>& unit_weight_in, const std::vector<int64_t>& unit_offsets,
-            const c10::optional<at::Tensor>& stats, const double* sums, int64_t sums_width, const float* row_importance,
+void finish(const Layout& L, const StepInputs& in, const Config& c, const double* sums, const float* row_importance,
             const double* levels) {
-  const int64_t n_tensors = L.n_tensors;
-  const bool inf_flag = found_inf.has_value() && found_inf->item<float>() != 0.0f;
-  const float fisher_beta = static_cast<float>(c.fisher_beta);
-  const float one_minus_fisher_beta = static_cast<float>(1.0 - c.fisher_beta);
-  const uint32_t k0 = static_cast<uint32_t>(c.seed), k1 = static_cast<uint32_t>(c.seed >> 32);
+  const int64_t n_tensors = L.n_tensors, sums_width = c.sums_width;
+  const bool inf_flag = in.found_inf.has_value() && in.found_inf->item<float>() != 0.0f;
+  const uint32_t k0 = c.key0(), k1 = c.key1();
   const std::vector<int64_t>&units = L.units, &numel = L.numel, &row_size = L.row_size;
   const std::vector<char>& by_rows = L.by_rows;
   const bool sharded = c.sharded();
@@ -533,18 +470,19 @@ void finish(const Layout& L, const std::vector<at::Tensor>& params, const std::v
   std::vector<int64_t> first_elements(n_tensors);
   std::vector<std::vector<float>> row_weight(n_tensors);
   double stat_pi = 0, stat_sel = 0, stat_units = 0, stat_skipped = 0;
-  const float* exact_weight = unit_weight_in.has_value() ? unit_weight_in->data_ptr<float>() : nullptr;
-  const fastmask::ReduceTerms terms = c.reduce_terms(lr_tensor.has_value());
-  const float lr_value = lr_tensor.has_value() ? lr_tensor->item<float>() : 0.0f;
+  const float* exact_weight = in.unit_weight.has_value() ? in.unit_weight->data_ptr<float>() : nullptr;
+  const bool lr_is_tensor = in.lr_tensor.has_value();
+  const float lr_value = lr_is_tensor ? in.lr_tensor->item<float>() : 0.0f;
   for (int64_t t = 0; t < n_tensors; ++t) {
     const int64_t full_units = sharded ? c.full_units[t] : units[t];
     const int64_t full_numel = sharded ? c.full_numels[t] : numel[t];
     const int64_t first_unit = sharded ? c.first_units[t] : 0;
     first_elements[t] = sharded ? c.first_elements[t] : 0;
-    float* step_ptr = steps[t].data_ptr<float>();
+    float* step_ptr = in.steps[t].data_ptr<float>();
     const double* tensor_sums = sums + sums_width * t;
-    TensorScalars& sc = scalars[t] = fastmask::tensor_scalars(terms, tensor_sums, *step_ptr, inf_flag, full_units,
-                                                              full_numel, static_cast<uint32_t>(2 * slots[t]), lr_value);
+    TensorScalars& sc = scalars[t] =
+        fastmask::tensor_scalars(c, lr_is_tensor, tensor_sums, *step_ptr, inf_flag, full_units, full_numel,
+                                 static_cast<uint32_t>(2 * in.slots[t]), lr_value);
     if (sc.ok) *step_ptr = sc.new_step;
     stat_skipped += (tensor_sums[3] != 0.0 && !inf_flag) ? 1.0 : 0.0;
 
@@ -575,7 +513,7 @@ void finish(const Layout& L, const std::vector<at::Tensor>& params, const std::v
       }
     } else if (c.exact && sc.ok) {
       double sel = 0;
-      for (int64_t r = 0; r < units[t]; ++r) sel += exact_weight[unit_offsets[t] + r] != 0.0f ? 1.0 : 0.0;
+      for (int64_t r = 0; r < units[t]; ++r) sel += exact_weight[in.unit_offsets[t] + r] != 0.0f ? 1.0 : 0.0;
       stat_pi += sel;
       stat_sel += sel;
     }
@@ -583,37 +521,37 @@ void finish(const Layout& L, const std::vector<at::Tensor>& params, const std::v
 
   // ---- pass 2: one read-modify-write per element
   const std::vector<Item>& items2 = L.items2;
+  const int64_t n_items = static_cast<int64_t>(items2.size());
   std::vector<double> item_pi(items2.size(), 0.0), item_sel(items2.size(), 0.0);
-  const Pass2Args args{c, k0, k1, gs, fisher_beta, one_minus_fisher_beta};
   auto mode_of = [&](int64_t t) { return !c.masked ? kDense : ((by_rows[t] || c.exact) ? kTable : kSample); };
   const int kind = c.base == fastmask::kSGD ? (c.momentum != 0.0 ? kSgdMomentum : kSgd) : kAdam;
-  at::parallel_for(0, static_cast<int64_t>(items2.size()), 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      const Item& it = items2[k];
-      const int64_t t = it.tensor;
-      Pass2Tensor pt{params[t].data_ptr<P>(),
-                     grads[t].data_ptr<G>(),
-                     kind == kAdam ? exp_avgs[t].data_ptr<float>() : nullptr,
-                     kind == kAdam ? exp_avg_sqs[t].data_ptr<float>() : nullptr,
-                     kind == kSgdMomentum ? momentum_buffers[t].data_ptr<float>() : nullptr,
-                     c.ema ? fishers[t].data_ptr<float>() : nullptr,
-                     c.exact ? exact_weight + unit_offsets[t] : (by_rows[t] ? row_weight[t].data() : nullptr),
-                     levels ? levels + 2 * t : nullptr, row_size[t], first_elements[t]};
-      double pi_sum = 0, sel_sum = 0;
-      pass2_loop<P, G>(kind, mode_of(t), c.rescale, c.ema)(pt, scalars[t], args, it.begin, it.end, pi_sum, sel_sum);
-      if (scalars[t].ok) {
-        item_pi[k] = pi_sum;
-        item_sel[k] = sel_sum;
-      }
+#pragma omp parallel for schedule(static) if (in_parallel(n_items))
+  for (int64_t k = 0; k < n_items; ++k) {
+    const Item& it = items2[k];
+    const int64_t t = it.tensor;
+    Pass2Tensor pt{in.params[t].data_ptr<P>(),
+                   in.grads[t].data_ptr<G>(),
+                   kind == kAdam ? in.exp_avgs[t].data_ptr<float>() : nullptr,
+                   kind == kAdam ? in.exp_avg_sqs[t].data_ptr<float>() : nullptr,
+                   kind == kSgdMomentum ? in.momentum_buffers[t].data_ptr<float>() : nullptr,
+                   c.ema ? in.fishers[t].data_ptr<float>() : nullptr,
+                   c.exact ? exact_weight + in.unit_offsets[t] : (by_rows[t] ? row_weight[t].data() : nullptr),
+                   levels ? levels + 2 * t : nullptr, row_size[t], first_elements[t]};
+    double pi_sum = 0, sel_sum = 0;
+    pass2_loop<P, G>(kind, mode_of(t), c.rescale, c.ema)(pt, scalars[t], c, in.inv_scale, it.begin, it.end,
+                                                                  pi_sum, sel_sum);
+    if (scalars[t].ok) {
+      item_pi[k] = pi_sum;
+      item_sel[k] = sel_sum;
     }
-  });
+  }
 
-  if (stats.has_value()) {
+  if (in.stats.has_value()) {
     for (size_t k = 0; k < items2.size(); ++k) {
       stat_pi += item_pi[k];
       stat_sel += item_sel[k];
     }
-    double* s = stats->data_ptr<double>();
+    double* s = in.stats->data_ptr<double>();
     s[0] += stat_pi;
     s[1] += stat_sel;
     s[2] += stat_units;
@@ -621,16 +559,30 @@ void finish(const Layout& L, const std::vector<at::Tensor>& params, const std::v
   }
 }
 
-float grad_scale_value(const c10::optional<at::Tensor>& grad_scale) {
-  return grad_scale.has_value() ? grad_scale->item<float>() : 1.0f;
+// pass1 and finish for a batch's (param, grad) dtypes, the pairs that training produces
+// (fastmask.backends.native converts other grads to fp32); check_batch has checked the pair.
+using Pass1Fn = std::tuple<at::Tensor, at::Tensor> (*)(const Layout&, const std::vector<at::Tensor>&,
+                                                       const std::vector<at::Tensor>&, const Config&, float, bool);
+using FinishFn = void (*)(const Layout&, const StepInputs&, const Config&, const double*, const float*,
+                          const double*);
+
+Pass1Fn pass1_for(at::ScalarType g) {
+  if (g == at::kBFloat16) return &pass1<c10::BFloat16>;
+  if (g == at::kHalf) return &pass1<c10::Half>;
+  return &pass1<float>;
 }
 
-// Calls step(P{}, G{}) with the batch's (param, grad) dtype pair: the pairs that training
-// produces (fastmask.backends.native converts other grads to fp32).
-template <typename Step>
-void with_dtypes(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads, const char* op,
-                 Step step) {
+FinishFn finish_for(at::ScalarType p, at::ScalarType g) {
+  if (p == at::kBFloat16) return g == at::kFloat ? &finish<c10::BFloat16, float> : &finish<c10::BFloat16, c10::BFloat16>;
+  if (p == at::kHalf) return g == at::kFloat ? &finish<c10::Half, float> : &finish<c10::Half, c10::Half>;
+  return &finish<float, float>;
+}
+
+// Raises unless params and grads are contiguous CPU tensors of one supported (param, grad)
+// dtype pair: (fp32, fp32), (bf16, bf16), (fp16, fp16), (bf16, fp32), (fp16, fp32).
+void check_batch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads, const char* op) {
   TORCH_CHECK(!params.empty(), op, ": no params");
+  TORCH_CHECK(grads.size() == params.size(), op, ": one grad per param");
   const auto p_type = params[0].scalar_type(), g_type = grads[0].scalar_type();
   for (size_t t = 0; t < params.size(); ++t) {
     TORCH_CHECK(params[t].device().is_cpu() && params[t].is_contiguous() && grads[t].is_contiguous(), op,
@@ -638,12 +590,29 @@ void with_dtypes(const std::vector<at::Tensor>& params, const std::vector<at::Te
     TORCH_CHECK(params[t].scalar_type() == p_type && grads[t].scalar_type() == g_type, op,
                 ": one param dtype and one grad dtype per batch");
   }
-  if (p_type == at::kFloat && g_type == at::kFloat) return step(float{}, float{});
-  if (p_type == at::kBFloat16 && g_type == at::kBFloat16) return step(c10::BFloat16{}, c10::BFloat16{});
-  if (p_type == at::kHalf && g_type == at::kHalf) return step(c10::Half{}, c10::Half{});
-  if (p_type == at::kBFloat16 && g_type == at::kFloat) return step(c10::BFloat16{}, float{});
-  if (p_type == at::kHalf && g_type == at::kFloat) return step(c10::Half{}, float{});
-  TORCH_CHECK(false, op, ": unsupported (param, grad) dtypes ", p_type, ", ", g_type);
+  const bool supported = (p_type == g_type && (p_type == at::kFloat || p_type == at::kBFloat16 || p_type == at::kHalf)) ||
+                         ((p_type == at::kBFloat16 || p_type == at::kHalf) && g_type == at::kFloat);
+  TORCH_CHECK(supported, op, ": unsupported (param, grad) dtypes ", p_type, ", ", g_type);
+}
+
+// The grads as the passes read them, and 1 / grad_scale: a scale whose reciprocal is exact (1
+// without AMP; GradScaler's powers of two) is multiplied out in the passes, g * (1 / scale)
+// being g / scale; any other scale is divided out here, into fp32 copies (g / scale as the
+// reference rounds it), so that the passes never divide.
+std::pair<std::vector<at::Tensor>, float> scaled_grads(const std::vector<at::Tensor>& grads,
+                                                       const c10::optional<at::Tensor>& grad_scale) {
+  const float scale = grad_scale.has_value() ? grad_scale->item<float>() : 1.0f;
+  if (exact_reciprocal(scale)) return {grads, 1.0f / scale};
+  std::vector<at::Tensor> divided;
+  for (const at::Tensor& g : grads) {
+    at::Tensor x = g.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+    float* d = x.data_ptr<float>();
+    const int64_t n = x.numel();
+#pragma omp parallel for simd schedule(static) if (in_parallel(n / kChunk))
+    for (int64_t i = 0; i < n; ++i) d[i] = d[i] / scale;
+    divided.push_back(x);
+  }
+  return {divided, 1.0f};
 }
 
 }  // namespace
@@ -654,17 +623,16 @@ void with_dtypes(const std::vector<at::Tensor>& params, const std::vector<at::Te
 std::tuple<at::Tensor, at::Tensor> masked_step_sums(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
                                                     std::vector<at::Tensor> fishers, const Config& c,
                                                     c10::optional<at::Tensor> grad_scale, bool handed_out) {
-  std::tuple<at::Tensor, at::Tensor> out;
-  with_dtypes(params, grads, "cpp masked_step_sums", [&](auto, auto g) {
-    out = pass1<decltype(g)>(layout_of(params, c), grads, fishers, c, grad_scale_value(grad_scale), handed_out);
-  });
-  return out;
+  check_batch(params, grads, "cpp masked_step_sums");
+  const auto [passed_grads, inv_scale] = scaled_grads(grads, grad_scale);
+  return pass1_for(passed_grads[0].scalar_type())(layout_of(params, c), passed_grads, fishers, c, inv_scale,
+                                                  handed_out);
 }
 
-// The whole step; with `sums` (and, in row mode, `unit_importance`) from masked_step_sums,
-// only its reduce and pass 2: the finish of a sharded step whose sums were all-reduced.
-// Water-filling (masked, poisson) needs the sums and `levels`, each tensor's water level
-// (x, p0) float64 [T, 2], which fastmask.reference.sampling.water_level computes from them.
+// The whole step: pass 1 (unless `sums`, and in row mode `unit_importance`, come from
+// masked_step_sums: the finish of a sharded step whose sums were all-reduced), for
+// water-filling each tensor's water level (`level_events`: sampling.level_events' breakpoints
+// (x, a, c); none without water-filling), the reduce and pass 2.
 void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
                  std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
                  std::vector<at::Tensor> momentum_buffers, std::vector<at::Tensor> fishers,
@@ -672,37 +640,33 @@ void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, 
                  c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
                  c10::optional<at::Tensor> unit_weight, std::vector<int64_t> unit_offsets,
                  c10::optional<at::Tensor> stats, c10::optional<at::Tensor> sums_in,
-                 c10::optional<at::Tensor> unit_importance_in, c10::optional<at::Tensor> levels_in) {
-  with_dtypes(params, grads, "cpp masked_step", [&](auto p, auto g) {
-    using P = decltype(p);
-    using G = decltype(g);
-    const Layout L = layout_of(params, c);
-    const float gs = grad_scale_value(grad_scale);
-    const bool water = c.water_filling;
-    const int64_t width = c.sums_width;
-    at::Tensor sums, unit_importance, levels;
-    TORCH_CHECK(!water || (sums_in.has_value() && levels_in.has_value()),
-                "cpp masked_step: water-filling needs pass 1's sums and the water levels");
-    if (water) {
-      levels = levels_in->contiguous();
-      TORCH_CHECK(levels.scalar_type() == at::kDouble && levels.numel() == 2 * L.n_tensors,
-                  "cpp masked_step: levels must be float64 [", L.n_tensors, ", 2]");
-    }
-    if (sums_in.has_value()) {
-      sums = sums_in->contiguous();
-      unit_importance = unit_importance_in.has_value() ? unit_importance_in->contiguous() : at::Tensor();
-      TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.numel() == width * L.n_tensors,
-                  "cpp masked_step: sums must be float64 [", L.n_tensors, ", ", width, "]");
-      TORCH_CHECK(!c.row || (unit_importance.defined() && unit_importance.scalar_type() == at::kFloat &&
-                             unit_importance.numel() == L.n_units),
-                  "cpp masked_step: row units need pass 1's unit_importance, fp32 [", L.n_units, "]");
-    } else {
-      std::tie(sums, unit_importance) = pass1<G>(L, grads, fishers, c, gs, false);
-    }
-    finish<P, G>(L, params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, c, lr_tensor, gs,
-                 found_inf, unit_weight, unit_offsets, stats, sums.data_ptr<double>(), width,
-                 c.row ? unit_importance.data_ptr<float>() : nullptr, water ? levels.data_ptr<double>() : nullptr);
-  });
+                 c10::optional<at::Tensor> unit_importance_in, std::vector<at::Tensor> level_events) {
+  check_batch(params, grads, "cpp masked_step");
+  TORCH_CHECK(level_events.size() == (c.water_filling ? 3u : 0u),
+              "cpp masked_step: water-filling takes sampling.level_events' (x, a, c), else none");
+  const auto [passed_grads, inv_scale] = scaled_grads(grads, grad_scale);
+  const Layout L = layout_of(params, c);
+  at::Tensor sums, unit_importance, levels;
+  if (sums_in.has_value()) {
+    sums = sums_in->contiguous();
+    unit_importance = unit_importance_in.has_value() ? unit_importance_in->contiguous() : at::Tensor();
+    TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.dim() == 2 && sums.size(0) == L.n_tensors &&
+                    sums.size(1) == c.sums_width,
+                "cpp masked_step: sums must be float64 [", L.n_tensors, ", ", c.sums_width, "]");
+    TORCH_CHECK(!c.row || (unit_importance.defined() && unit_importance.scalar_type() == at::kFloat &&
+                           unit_importance.numel() == L.n_units),
+                "cpp masked_step: row units need pass 1's unit_importance, fp32 [", L.n_units, "]");
+  } else {
+    std::tie(sums, unit_importance) =
+        pass1_for(passed_grads[0].scalar_type())(L, passed_grads, fishers, c, inv_scale, false);
+  }
+  if (c.water_filling)
+    levels = water_levels(sums, c.ratio, c.min_prob, level_events[0], level_events[1], level_events[2]);
+  const StepInputs in{params, passed_grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots,
+                      lr_tensor, found_inf, unit_weight, stats, unit_offsets, inv_scale};
+  finish_for(params[0].scalar_type(), passed_grads[0].scalar_type())(
+      L, in, c, sums.data_ptr<double>(), c.row ? unit_importance.data_ptr<float>() : nullptr,
+      c.water_filling ? levels.data_ptr<double>() : nullptr);
 }
 
 }  // namespace fastmask_cpu

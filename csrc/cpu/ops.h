@@ -3,6 +3,7 @@
 // units (units.cpp). Host code (torch).
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -15,6 +16,12 @@ namespace fastmask_cpu {
 
 constexpr int64_t kChunk = 1 << 14;  // elements (or rows) per work item; a multiple of 4
 
+// Whether a loop over n work items runs in parallel, as at::parallel_for decides: more than one
+// item and thread, not inside another parallel region. The loops are `omp parallel for` with a
+// static schedule (contiguous runs of items per thread, at::parallel_for's split), and no
+// num_threads clause (torch avoids it: GOMP's thread pool, pytorch#32008).
+inline bool in_parallel(int64_t n) { return n > 1 && at::get_num_threads() > 1 && !at::in_parallel_region(); }
+
 std::tuple<at::Tensor, at::Tensor> masked_step_sums(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
                                                     std::vector<at::Tensor> fishers,
                                                     const fastmask::KernelConfig& c,
@@ -26,7 +33,7 @@ void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, 
                  c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
                  c10::optional<at::Tensor> unit_weight, std::vector<int64_t> unit_offsets,
                  c10::optional<at::Tensor> stats, c10::optional<at::Tensor> sums_in,
-                 c10::optional<at::Tensor> unit_importance_in, c10::optional<at::Tensor> levels_in);
+                 c10::optional<at::Tensor> unit_importance_in, std::vector<at::Tensor> level_events);
 
 at::Tensor water_levels(at::Tensor sums, double ratio, double min_prob, at::Tensor events_x, at::Tensor events_a,
                         at::Tensor events_c);

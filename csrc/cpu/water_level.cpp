@@ -1,7 +1,5 @@
 // The cpp backend's water levels: fastmask::water_level (fastmask_math.h, shared with the CUDA
 // reduce) over one tensor's histogram per task.
-#include <ATen/Parallel.h>
-
 #include <vector>
 
 #include "../fastmask_math.h"
@@ -51,10 +49,12 @@ at::Tensor water_levels(at::Tensor sums, double ratio, double min_prob, at::Tens
   const double* hist_all = in.data_ptr<double>();
   double* level = out.data_ptr<double>();
   const float ratio32 = static_cast<float>(ratio);
-  at::parallel_for(0, n_tensors, 16, [&](int64_t t_lo, int64_t t_hi) {
+#pragma omp parallel if (in_parallel(n_tensors / 16))
+  {
     std::vector<double> counts(kPositive + 1);
     std::vector<fastmask::Mass> masses(kPositive + 1);
-    for (int64_t t = t_lo; t < t_hi; ++t) {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < n_tensors; ++t) {
       const double* hist = hist_all + width * t + fastmask::kSumCols;  // hist[p + 1]: positive bin p
       OccupiedPrefix prefix{counts.data(), masses.data(), 0, kPositive - 1, 0.0, fastmask::mass_zero()};
       while (prefix.lo < kPositive && hist[prefix.lo + 1] == 0) ++prefix.lo;
@@ -69,7 +69,7 @@ at::Tensor water_levels(at::Tensor sums, double ratio, double min_prob, at::Tens
                             ea.data_ptr<int64_t>(), ec.data_ptr<int64_t>(), ex.numel(), level + 2 * t,
                             level + 2 * t + 1);
     }
-  });
+  }
   return out;
 }
 

@@ -19,18 +19,6 @@ namespace {
 
 using namespace fastmask_cuda;
 
-DeviceConfig device_config(const fastmask::KernelConfig& h, bool lr_is_tensor) {
-  DeviceConfig c;
-  c.fields = h;  // the declared fields, without the shards' host vectors
-  c.terms = h.reduce_terms(lr_is_tensor);
-  c.min_prob = static_cast<float>(h.min_prob);
-  c.fisher_beta = static_cast<float>(h.fisher_beta);
-  c.one_minus_fisher_beta = static_cast<float>(1.0 - h.fisher_beta);
-  c.k0 = static_cast<uint32_t>(h.seed);
-  c.k1 = static_cast<uint32_t>(h.seed >> 32);
-  return c;
-}
-
 at::Tensor device_table(const std::vector<int64_t>& values, const at::Device& device, at::ScalarType type) {
   auto host = at::tensor(values, at::TensorOptions().dtype(at::kLong)).to(type).pin_memory();
   return host.to(device, /*non_blocking=*/true);
@@ -78,25 +66,23 @@ Tables cached_tables(const std::vector<int64_t>& meta, const std::vector<int64_t
   return tables;
 }
 
-// kWhole: the step. kSums: pass 1 alone, into *sums_out = (sums [T, 4] float64, or
-// [T, 4 + kHistBins] with water-filling, row importance fp32 [n_units] in row mode, else
-// empty). kFinish: the reduce and pass 2, from those (the sums all-reduced over the shards in
-// between). Water-filling: the reduce solves the levels, from `level_events`
-// (sampling.level_events' x float64, a and c int64, on the device).
-enum class Phase { kWhole, kSums, kFinish };
+// The launch arguments of one phase of a step, and the device buffers they point into (held
+// here until the launch). In row mode the finish reads pass 1's `unit_importance_in`.
+struct Launch {
+  LaunchArgs args;
+  Tables tables;
+  at::Tensor partials, row_importance, unit_weight, scalars, tensor_stats, block_stats, lr32, levels;
+};
 
-void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-            const std::vector<at::Tensor>& steps, const std::vector<at::Tensor>& exp_avgs,
-            const std::vector<at::Tensor>& exp_avg_sqs, const std::vector<at::Tensor>& momentum_buffers,
-            const std::vector<at::Tensor>& fishers, const std::vector<int64_t>& slots, const DeviceConfig& c,
-            const c10::optional<at::Tensor>& lr_tensor, const c10::optional<at::Tensor>& grad_scale,
-            const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& unit_weight_in,
-            const c10::optional<at::Tensor>& stats, const fastmask::KernelConfig& h, const at::Tensor& settings,
-            Phase phase, const c10::optional<at::Tensor>& sums_in, const c10::optional<at::Tensor>& unit_importance_in,
-            const std::vector<at::Tensor>& level_events, std::tuple<at::Tensor, at::Tensor>* sums_out) {
+Launch prepare(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+               const std::vector<at::Tensor>& steps, const std::vector<at::Tensor>& exp_avgs,
+               const std::vector<at::Tensor>& exp_avg_sqs, const std::vector<at::Tensor>& momentum_buffers,
+               const std::vector<at::Tensor>& fishers, const std::vector<int64_t>& slots,
+               const fastmask::KernelConfig& h, const c10::optional<at::Tensor>& lr_tensor,
+               const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
+               const c10::optional<at::Tensor>& unit_weight_in, const at::Tensor& settings, Phase phase,
+               const c10::optional<at::Tensor>& unit_importance_in, const std::vector<at::Tensor>& level_events) {
   const auto device = params[0].device();
-  const c10::cuda::CUDAGuard guard(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n_tensors = static_cast<int64_t>(params.size());
   std::vector<int64_t> meta, ptrs, block_tensor, row_tensor;
   int64_t blocks = 0, units_total = 0;
@@ -106,7 +92,7 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   };
   for (int64_t t = 0; t < n_tensors; ++t) {
     const int64_t n = params[t].numel();
-    const int64_t units = c.fields.row ? (params[t].dim() ? params[t].size(0) : 1) : n;
+    const int64_t units = h.row ? (params[t].dim() ? params[t].size(0) : 1) : n;
     const int64_t nb = (n + kBlockElems - 1) / kBlockElems;
     // each column written by its name in masked_step.h's MetaCol / PtrCol: the one layout
     int64_t mrow[kMetaCols], prow[kPtrCols];
@@ -114,8 +100,8 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
     mrow[kUnits] = units;
     mrow[kRowSize] = units ? std::max<int64_t>(n / units, 1) : 1;
     mrow[kSlot2] = 2 * slots[t];
-    mrow[kPartStart] = c.fields.row ? units_total : blocks;
-    mrow[kNumParts] = c.fields.row ? units : nb;
+    mrow[kPartStart] = h.row ? units_total : blocks;
+    mrow[kNumParts] = h.row ? units : nb;
     mrow[kUnitOffset] = units_total;
     mrow[kBlockStart] = blocks;
     mrow[kFullUnits] = sharded ? h.full_units[t] : units;
@@ -138,21 +124,17 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
   }
   const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
   const auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
-  const Tables tables = cached_tables(meta, ptrs, block_tensor, row_tensor, device);
-  const at::Tensor &meta_d = tables.meta, &ptrs_d = tables.ptrs, &blocks_d = tables.blocks, &rows_d = tables.rows;
-  at::Tensor partials = at::empty({std::max<int64_t>(c.fields.row ? units_total : blocks, 1), 4}, f64);
-  at::Tensor row_importance = phase == Phase::kFinish && c.fields.row ? unit_importance_in->contiguous()
-                                                                : at::empty({std::max<int64_t>(units_total, 1)}, f32);
-  at::Tensor unit_weight =
-      unit_weight_in.has_value() ? *unit_weight_in : at::zeros({std::max<int64_t>(units_total, 1)}, f32);
-  at::Tensor scalars = at::empty({n_tensors * static_cast<int64_t>(sizeof(TensorScalars))}, f32.dtype(at::kByte));
-  at::Tensor tensor_stats = at::zeros({n_tensors, 4}, f64);
-  at::Tensor block_stats = at::zeros({std::max<int64_t>(blocks, 1), 2}, f64);
-  at::Tensor lr32 = lr_tensor.has_value() ? lr_tensor->to(device, at::kFloat) : at::Tensor();
-  const bool water = h.water_filling;
-  const int64_t sums_width = h.sums_width;
-  at::Tensor levels, hist;
-  if (water && phase != Phase::kSums) {
+  Launch l;
+  l.tables = cached_tables(meta, ptrs, block_tensor, row_tensor, device);
+  l.partials = at::empty({std::max<int64_t>(h.row ? units_total : blocks, 1), 4}, f64);
+  l.row_importance = phase == Phase::kFinish && h.row ? unit_importance_in->contiguous()
+                                                      : at::empty({std::max<int64_t>(units_total, 1)}, f32);
+  l.unit_weight = unit_weight_in.has_value() ? *unit_weight_in : at::zeros({std::max<int64_t>(units_total, 1)}, f32);
+  l.scalars = at::empty({n_tensors * static_cast<int64_t>(sizeof(TensorScalars))}, f32.dtype(at::kByte));
+  l.tensor_stats = at::zeros({n_tensors, 4}, f64);
+  l.block_stats = at::zeros({std::max<int64_t>(blocks, 1), 2}, f64);
+  l.lr32 = lr_tensor.has_value() ? lr_tensor->to(device, at::kFloat) : at::Tensor();
+  if (h.water_filling && phase != Phase::kSums) {
     TORCH_CHECK(level_events.size() == 3 && level_events[0].scalar_type() == at::kDouble &&
                     level_events[1].scalar_type() == at::kLong && level_events[2].scalar_type() == at::kLong &&
                     level_events[0].numel() > 0 && level_events[1].numel() == level_events[0].numel() &&
@@ -161,62 +143,37 @@ void launch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>
     for (const at::Tensor& e : level_events)
       TORCH_CHECK(e.device() == device && e.is_contiguous(), "cuda masked_step: level events must be contiguous on ",
                   device);
-    levels = at::empty({n_tensors, 2}, f64);
-    if (phase == Phase::kWhole) hist = at::zeros({n_tensors, sums_width}, f64);
+    l.levels = at::empty({n_tensors, 2}, f64);
   }
 
-  LaunchArgs a;
+  LaunchArgs& a = l.args;
   a.param_dtype = dtype_code(params[0].scalar_type());
   a.grad_dtype = dtype_code(grads[0].scalar_type());
   a.n_tensors = n_tensors;
   a.n_blocks = blocks;
   a.n_units = units_total;
-  a.meta = meta_d.data_ptr<int64_t>();
-  a.ptrs = ptrs_d.data_ptr<int64_t>();
-  a.block_tensor = blocks_d.data_ptr<int32_t>();
-  a.row_tensor = rows_d.data_ptr<int32_t>();
-  a.partials = partials.data_ptr<double>();
-  a.row_importance = row_importance.data_ptr<float>();
-  a.unit_weight = unit_weight.data_ptr<float>();
-  a.scalars = reinterpret_cast<TensorScalars*>(scalars.data_ptr());
-  a.tensor_stats = tensor_stats.data_ptr<double>();
-  a.block_stats = block_stats.data_ptr<double>();
+  a.meta = l.tables.meta.data_ptr<int64_t>();
+  a.ptrs = l.tables.ptrs.data_ptr<int64_t>();
+  a.block_tensor = l.tables.blocks.data_ptr<int32_t>();
+  a.row_tensor = l.tables.rows.data_ptr<int32_t>();
+  a.partials = l.partials.data_ptr<double>();
+  a.row_importance = l.row_importance.data_ptr<float>();
+  a.unit_weight = l.unit_weight.data_ptr<float>();
+  a.scalars = reinterpret_cast<TensorScalars*>(l.scalars.data_ptr());
+  a.tensor_stats = l.tensor_stats.data_ptr<double>();
+  a.block_stats = l.block_stats.data_ptr<double>();
   a.grad_scale = optional_ptr(grad_scale);
   a.found_inf = optional_ptr(found_inf);
-  a.lr = lr32.defined() ? lr32.data_ptr<float>() : nullptr;
+  a.lr = l.lr32.defined() ? l.lr32.data_ptr<float>() : nullptr;
   a.settings = settings.data_ptr<float>();
-  a.levels = levels.defined() ? levels.data_ptr<double>() : nullptr;
-  a.events_x = levels.defined() ? level_events[0].data_ptr<double>() : nullptr;
-  a.events_a = levels.defined() ? level_events[1].data_ptr<int64_t>() : nullptr;
-  a.events_c = levels.defined() ? level_events[2].data_ptr<int64_t>() : nullptr;
-  a.n_events = levels.defined() ? level_events[0].numel() : 0;
-  a.config = c;
-  if (phase == Phase::kSums) {
-    at::Tensor sums = at::zeros({n_tensors, sums_width}, f64);
-    const cudaError_t err = fastmask_cuda::masked_step_sums(a, sums.data_ptr<double>(), stream);
-    TORCH_CHECK(err == cudaSuccess, "cuda masked_step_sums: ", cudaGetErrorString(err));
-    *sums_out = {sums, c.fields.row ? row_importance.narrow(0, 0, units_total) : at::empty({0}, f32)};
-    return;
-  }
-  if (phase == Phase::kFinish) {
-    const at::Tensor sums = sums_in->to(device, at::kDouble).contiguous();
-    TORCH_CHECK(sums.numel() == sums_width * n_tensors, "cuda masked_step: sums must be float64 [", n_tensors, ", ",
-                sums_width, "]");
-    const cudaError_t err = fastmask_cuda::masked_step_finish(a, sums.data_ptr<double>(), stream);
-    TORCH_CHECK(err == cudaSuccess, "cuda masked_step: ", cudaGetErrorString(err));
-  } else {
-    const cudaError_t err = fastmask_cuda::masked_step(a, hist.defined() ? hist.data_ptr<double>() : nullptr, stream);
-    TORCH_CHECK(err == cudaSuccess, "cuda masked_step: ", cudaGetErrorString(err));
-  }
-  if (stats.has_value()) {
-    at::Tensor per_tensor = tensor_stats.sum(0);
-    if (c.fields.masked && !c.fields.row && !c.fields.exact) {
-      stats->slice(0, 0, 2).add_(block_stats.sum(0));
-      stats->slice(0, 2, 4).add_(per_tensor.slice(0, 2, 4));
-    } else {
-      stats->add_(per_tensor);
-    }
-  }
+  const bool levels = l.levels.defined();
+  a.levels = levels ? l.levels.data_ptr<double>() : nullptr;
+  a.events_x = levels ? level_events[0].data_ptr<double>() : nullptr;
+  a.events_a = levels ? level_events[1].data_ptr<int64_t>() : nullptr;
+  a.events_c = levels ? level_events[2].data_ptr<int64_t>() : nullptr;
+  a.n_events = levels ? level_events[0].numel() : 0;
+  a.config = h;  // the declared fields, without the shards' host vectors
+  return l;
 }
 
 void check_batch(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
@@ -251,9 +208,33 @@ void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor>
   check_batch(params, grads, settings);
   TORCH_CHECK(!sums.has_value() || !h.row || unit_importance.has_value(),
               "cuda masked_step: row units need pass 1's unit_importance");
-  launch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots,
-         device_config(h, lr_tensor.has_value()), lr_tensor, grad_scale, found_inf, unit_weight, stats, h, settings,
-         sums.has_value() ? Phase::kFinish : Phase::kWhole, sums, unit_importance, level_events, nullptr);
+  const auto device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const int64_t n_tensors = static_cast<int64_t>(params.size());
+  const Phase phase = sums.has_value() ? Phase::kFinish : Phase::kWhole;
+  const Launch l = prepare(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, h, lr_tensor,
+                           grad_scale, found_inf, unit_weight, settings, phase, unit_importance, level_events);
+  // the finish's all-reduced sums, or the whole step's histogram buffer (water-filling)
+  at::Tensor sums_d;
+  if (phase == Phase::kFinish) {
+    sums_d = sums->to(device, at::kDouble).contiguous();
+    TORCH_CHECK(sums_d.numel() == h.sums_width * n_tensors, "cuda masked_step: sums must be float64 [", n_tensors,
+                ", ", h.sums_width, "]");
+  } else if (h.water_filling) {
+    sums_d = at::zeros({n_tensors, h.sums_width}, at::TensorOptions().dtype(at::kDouble).device(device));
+  }
+  const cudaError_t err = fastmask_cuda::masked_step(l.args, phase, sums_d.defined() ? sums_d.data_ptr<double>() : nullptr,
+                                                     c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "cuda masked_step: ", cudaGetErrorString(err));
+  if (stats.has_value()) {
+    at::Tensor per_tensor = l.tensor_stats.sum(0);
+    if (h.masked && !h.row && !h.exact) {
+      stats->slice(0, 0, 2).add_(l.block_stats.sum(0));
+      stats->slice(0, 2, 4).add_(per_tensor.slice(0, 2, 4));
+    } else {
+      stats->add_(per_tensor);
+    }
+  }
 }
 
 // Pass 1 of a batch: (sums [T, 4] or [T, 4 + kHistBins] float64, unit_importance fp32 [units] in
@@ -264,11 +245,18 @@ std::tuple<at::Tensor, at::Tensor> masked_step_sums_binding(
     std::vector<at::Tensor> fishers, std::vector<int64_t> slots, const fastmask::KernelConfig& h,
     c10::optional<at::Tensor> grad_scale, at::Tensor settings) {
   check_batch(params, grads, settings);
-  std::tuple<at::Tensor, at::Tensor> out;
-  launch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, device_config(h, false),
-         c10::nullopt, grad_scale, c10::nullopt, c10::nullopt, c10::nullopt, h, settings, Phase::kSums, c10::nullopt,
-         c10::nullopt, {}, &out);
-  return out;
+  const auto device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const int64_t n_tensors = static_cast<int64_t>(params.size());
+  const Launch l = prepare(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, h,
+                           c10::nullopt, grad_scale, c10::nullopt, c10::nullopt, settings, Phase::kSums, c10::nullopt,
+                           {});
+  at::Tensor sums = at::zeros({n_tensors, h.sums_width}, at::TensorOptions().dtype(at::kDouble).device(device));
+  const cudaError_t err =
+      fastmask_cuda::masked_step(l.args, Phase::kSums, sums.data_ptr<double>(), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "cuda masked_step_sums: ", cudaGetErrorString(err));
+  const int64_t units = l.args.n_units;
+  return {sums, h.row ? l.row_importance.narrow(0, 0, units) : at::empty({0}, l.row_importance.options())};
 }
 
 }  // namespace

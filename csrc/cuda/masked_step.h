@@ -26,16 +26,6 @@ enum DType { kF32 = 0, kBF16 = 1, kF16 = 2 };
 // The per-group settings the kernels read from device memory (the Python StepConfig.device_settings).
 enum Setting { kRatio = 0, kGradCoefficient, kUpdateCoefficient };
 
-// What the kernels read of the step config: its declared fields as the host received them
-// (fastmask::KernelFields), the reduce's terms (fastmask::tensor_scalars) and the fp32 copies and
-// Philox key the element passes use.
-struct DeviceConfig {
-  fastmask::KernelFields fields;
-  fastmask::ReduceTerms terms;
-  float min_prob, fisher_beta, one_minus_fisher_beta;  // fields' values rounded to fp32 once
-  uint32_t k0, k1;                                     // the seed's 32-bit halves
-};
-
 using fastmask::TensorScalars;
 
 // Device buffers of one step, all allocated by the caller.
@@ -61,20 +51,19 @@ struct LaunchArgs {
   const int64_t* events_a;
   const int64_t* events_c;
   int64_t n_events;
-  DeviceConfig config;          // config.fields.sums_width: the per-tensor sums' columns
+  fastmask::KernelFields config;  // the step's kernel config (the host's, without the shards' vectors)
 };
 
-// Launches pass 1, the reduce and pass 2 on `stream`; returns the launch error, if any.
-// Water-filling: `hist` is a zeroed [n_tensors, sums_width] buffer, to whose columns after
-// the first 4 pass 1 adds the importance histograms, and from which the reduce solves each
-// tensor's water level into `levels` for pass 2 (else nullptr).
-cudaError_t masked_step(const LaunchArgs& args, double* hist, cudaStream_t stream);
+// What masked_step launches. kWhole: pass 1, the reduce and pass 2, with `sums` a zeroed
+// [n_tensors, sums_width] buffer for water-filling (pass 1 adds the importance histograms to its
+// columns after the first 4, from which the reduce solves each tensor's water level into
+// `levels`), else nullptr. kSums: pass 1 alone, its per-tensor sums into `sums` (zeroed, [n_tensors,
+// sums_width]). kFinish: the reduce and pass 2 from `sums` (kSums's, all-reduced over the shards of
+// larger tensors in between).
+enum class Phase { kWhole, kSums, kFinish };
 
-// The same step in two halves, for shards of larger tensors: pass 1 and the per-tensor
-// sums [n_tensors, sums_width] into `sums` (zeroed by the caller: pass 1 adds its importance
-// histograms to the columns after the first 4); the caller all-reduces them; then the reduce
-// (reading `sums`, and solving the water levels from their histograms) and pass 2.
-cudaError_t masked_step_sums(const LaunchArgs& args, double* sums, cudaStream_t stream);
-cudaError_t masked_step_finish(const LaunchArgs& args, const double* sums, cudaStream_t stream);
+// Launches `phase` on `stream`; returns the launch error, if any (cudaErrorInvalidValue for a
+// (param, grad) dtype pair it has no kernels for).
+cudaError_t masked_step(const LaunchArgs& args, Phase phase, double* sums, cudaStream_t stream);
 
 }  // namespace fastmask_cuda

@@ -95,7 +95,7 @@ __device__ void block_water_level(const double* hist_row, float ratio, const Lau
   for (int p = threadIdx.x; p < fastmask::kPositiveBins; p += blockDim.x) n_pos[0] += row[p];
   block_sum_exact(n_pos, shared);
   const BlockBins bins{row, shared};
-  fastmask::water_level(bins, hist_row[4], n_pos[0], ratio, a.config.fields.min_prob, a.events_x, a.events_a,
+  fastmask::water_level(bins, hist_row[4], n_pos[0], ratio, a.config.min_prob, a.events_x, a.events_a,
                         a.events_c, a.n_events, x, p0);
 }
 
@@ -103,10 +103,10 @@ constexpr uint32_t kLastBin = fastmask::kHistBins - 1;
 
 // `bins`: the block's shared importance histogram, or nullptr (no water-filling).
 template <typename G>
-__device__ void accumulate(const G* g, const float* fisher, int64_t i, float grad_scale, const DeviceConfig& c,
+__device__ void accumulate(const G* g, const float* fisher, int64_t i, float grad_scale, const fastmask::KernelFields& c,
                            double acc[4], unsigned int* bins) {
   const float x = to_float(g[i]) / grad_scale;
-  const float s = c.fields.ema ? fastmask::importance_ema(fisher[i], x, c.fisher_beta, c.one_minus_fisher_beta) : x * x;
+  const float s = c.ema ? fastmask::importance_ema(fisher[i], x, c.fisher_beta32(), c.one_minus_fisher_beta32()) : x * x;
   if (bins) atomicAdd(bins + min(fastmask::importance_bin(s), kLastBin), 1u);  // NaN bits: the last bin
   acc[0] += s;
   acc[1] += x;
@@ -132,7 +132,7 @@ __device__ void flush_bins(const unsigned int* bins, double* hist_row) {
 
 template <typename G>
 __global__ void pass1_blocks(const int64_t* ptrs, const int64_t* meta, const int32_t* block_tensor, double* partials,
-                             double* hist, int64_t sums_width, const float* grad_scale, DeviceConfig c) {
+                             double* hist, int64_t sums_width, const float* grad_scale, fastmask::KernelFields c) {
   __shared__ double shared[kThreads];
   __shared__ unsigned int bin_counts[fastmask::kHistBins];
   const int64_t t = block_tensor[blockIdx.x];
@@ -142,7 +142,7 @@ __global__ void pass1_blocks(const int64_t* ptrs, const int64_t* meta, const int
   const G* g = reinterpret_cast<const G*>(ptrs[t * kPtrCols + kGrad]);
   const float* fisher = reinterpret_cast<const float*>(ptrs[t * kPtrCols + kFisher]);
   const float gs = grad_scale ? *grad_scale : 1.0f;
-  unsigned int* bins = clear_bins(bin_counts, c.fields.water_filling);
+  unsigned int* bins = clear_bins(bin_counts, c.water_filling);
   double acc[4] = {0, 0, 0, 0};
   for (int j = 0; j < kVec; ++j) {
     const int64_t i = first + threadIdx.x * kVec + j;
@@ -159,7 +159,7 @@ __global__ void pass1_blocks(const int64_t* ptrs, const int64_t* meta, const int
 template <typename G>
 __global__ void pass1_rows(const int64_t* ptrs, const int64_t* meta, const int32_t* row_tensor, double* partials,
                            float* row_importance, double* hist, int64_t sums_width, const float* grad_scale,
-                           DeviceConfig c) {
+                           fastmask::KernelFields c) {
   __shared__ double shared[kThreads];
   const int64_t t = row_tensor[blockIdx.x];
   const int64_t* mrow = meta + t * kMetaCols;
@@ -176,7 +176,7 @@ __global__ void pass1_rows(const int64_t* ptrs, const int64_t* meta, const int32
   if (threadIdx.x == 0) {
     const float row_s = static_cast<float>(sums[0]);  // s_u is fp32; S sums the rounded s_u
     row_importance[blockIdx.x] = row_s;
-    if (c.fields.water_filling) atomicAdd(hist + t * sums_width + min(fastmask::importance_bin(row_s), kLastBin), 1.0);
+    if (c.water_filling) atomicAdd(hist + t * sums_width + min(fastmask::importance_bin(row_s), kLastBin), 1.0);
     double* out = partials + static_cast<int64_t>(blockIdx.x) * 4;
     out[0] = row_s;
     out[1] = sums[1];
@@ -209,12 +209,12 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
                                const double* pre_summed, const double* hist, LaunchArgs a,
                                const float* row_importance, float* unit_weight,
                                TensorScalars* scalars, double* tensor_stats, const float* found_inf,
-                               const float* lr_ptr, const float* settings, DeviceConfig c) {
+                               const float* lr_ptr, const float* settings, fastmask::KernelFields c) {
   __shared__ double shared[kThreads];
   __shared__ double level_row[fastmask::kPositiveBins];
   __shared__ TensorScalars sc_shared;
   const int64_t t = blockIdx.x;
-  const int64_t sums_width = a.config.fields.sums_width;
+  const int64_t sums_width = a.config.sums_width;
   const int64_t* mrow = meta + t * kMetaCols;
   double sums[4];
   if (pre_summed)
@@ -227,7 +227,7 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
   const bool dense_ratio = ratio >= 1.0f;  // a ratio of 1 (read here, on the device): the base optimizer
   if (threadIdx.x == 0) {
     float* step_ptr = reinterpret_cast<float*>(ptrs[t * kPtrCols + kStep]);
-    const TensorScalars sc = fastmask::tensor_scalars(c.terms, sums, *step_ptr, inf_flag, full_units, n,
+    const TensorScalars sc = fastmask::tensor_scalars(c, lr_ptr != nullptr, sums, *step_ptr, inf_flag, full_units, n,
                                                       static_cast<uint32_t>(mrow[kSlot2]), lr_ptr ? *lr_ptr : 0.0f);
     if (sc.ok) *step_ptr = sc.new_step;
     sc_shared = sc;
@@ -244,17 +244,17 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
     }
   }
   double pi_sum = 0, sel = 0;
-  if (c.fields.masked && c.fields.row && !c.fields.exact) {
+  if (c.masked && c.row && !c.exact) {
     const float p0 = static_cast<float>(level_p0);
     for (int64_t r = threadIdx.x; r < units; r += blockDim.x) {
       const fastmask::UnitDraw d =
           fastmask::draw_unit(row_importance[mrow[kUnitOffset] + r], static_cast<uint64_t>(mrow[kFirstUnit] + r), sc,
-                              level_x, p0, ratio, c.min_prob, c.fields.poisson, c.fields.rescale, c.k0, c.k1, dense_ratio);
+                              level_x, p0, ratio, static_cast<float>(c.min_prob), c.poisson, c.rescale, c.key0(), c.key1(), dense_ratio);
       unit_weight[mrow[kUnitOffset] + r] = d.weight;
       pi_sum += d.pi;
       sel += d.chosen ? 1.0 : 0.0;
     }
-  } else if (c.fields.masked && c.fields.exact) {
+  } else if (c.masked && c.exact) {
     for (int64_t r = threadIdx.x; r < units; r += blockDim.x) sel += unit_weight[mrow[kUnitOffset] + r] != 0.0f;
     pi_sum = sel;
   }
@@ -262,7 +262,7 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
   sel = block_sum(sel, shared);
   if (threadIdx.x == 0) {
     double* out = tensor_stats + t * 4;
-    const bool dense = !c.fields.masked;
+    const bool dense = !c.masked;
     out[0] = sc.ok ? (dense ? static_cast<double>(units) : pi_sum) : 0.0;
     out[1] = sc.ok ? (dense ? static_cast<double>(units) : sel) : 0.0;
     out[2] = sc.ok ? static_cast<double>(units) : 0.0;
@@ -273,7 +273,7 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
 template <typename P, typename G>
 __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* block_tensor,
                       const TensorScalars* scalars, const double* levels, const float* unit_weight,
-                      double* block_stats, const float* grad_scale, const float* settings, DeviceConfig c) {
+                      double* block_stats, const float* grad_scale, const float* settings, fastmask::KernelFields c) {
   __shared__ double shared[kThreads];
   const int64_t t = block_tensor[blockIdx.x];
   const int64_t* mrow = meta + t * kMetaCols;
@@ -296,16 +296,16 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
   const float p0 = levels ? static_cast<float>(levels[2 * t + 1]) : 0.0f;
   double pi_sum = 0, sel_sum = 0;
   if (sc.ok && i0 < n) {
-    const bool sample_here = c.fields.masked && !c.fields.row && !c.fields.exact;
+    const bool sample_here = c.masked && !c.row && !c.exact;
     // one Philox call serves the thread's 4 elements when they start at a multiple of 4 of
     // the full tensor (always, unless a shard starts elsewhere: then one call per element)
     const bool aligned = (first & 3) == 0;
     uint32_t words[4] = {0, 0, 0, 0};
     if (sample_here && aligned)
-      fastmask::philox_call(static_cast<uint64_t>(first + i0) >> 2, sc.step_word, sc.mask_hi, c.k0, c.k1, words);
+      fastmask::philox_call(static_cast<uint64_t>(first + i0) >> 2, sc.step_word, sc.mask_hi, c.key0(), c.key1(), words);
     // With a unit table (rows, exact) and "freeze", the thread's units are known before any
     // element is read: one with no selected element reads and writes nothing but its Fisher EMA.
-    const bool from_table = c.fields.masked && (c.fields.row || c.fields.exact);
+    const bool from_table = c.masked && (c.row || c.exact);
     float table_w[kVec] = {1.0f, 1.0f, 1.0f, 1.0f};
     bool any_selected = true;
     if (from_table) {
@@ -315,7 +315,7 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
         any_selected = any_selected || table_w[j] != 0.0f;
       }
     }
-    const bool skip_frozen = from_table && c.fields.freeze;  // unselected elements: no p, m, v, buffer traffic
+    const bool skip_frozen = from_table && c.freeze;  // unselected elements: no p, m, v, buffer traffic
     // 16-byte loads and stores of the fp32 arrays when all four elements are in bounds and aligned
     const bool vec = i0 + kVec <= n && (!m || reinterpret_cast<uintptr_t>(m + i0) % 16 == 0) &&
                      (any_selected || !skip_frozen);
@@ -328,36 +328,36 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
       const int64_t i = i0 + j;
       if (i >= n) break;
       if (skip_frozen && table_w[j] == 0.0f) {
-        if (c.fields.ema) {
+        if (c.ema) {
           const float x = to_float(g[i]) / gs;  // the sign does not reach x * x
-          fisher[i] = fastmask::importance_ema(fisher[i], x, c.fisher_beta, c.one_minus_fisher_beta);
+          fisher[i] = fastmask::importance_ema(fisher[i], x, c.fisher_beta32(), c.one_minus_fisher_beta32());
         }
         continue;
       }
-      const float x = (to_float(g[i]) / gs) * (c.fields.maximize ? -1.0f : 1.0f);
+      const float x = (to_float(g[i]) / gs) * (c.maximize ? -1.0f : 1.0f);
       float gm = x * grad_coefficient;  // x * 1 is x exactly
-      if (c.fields.ge)
-        gm = gm + fastmask::normal_at(static_cast<uint64_t>(first + i), sc.step_word, sc.noise_hi, c.k0, c.k1) * sc.std;
-      const float f_new = c.fields.ema ? fastmask::importance_ema(fisher[i], x, c.fisher_beta, c.one_minus_fisher_beta) : 0.0f;
+      if (c.ge)
+        gm = gm + fastmask::normal_at(static_cast<uint64_t>(first + i), sc.step_word, sc.noise_hi, c.key0(), c.key1()) * sc.std;
+      const float f_new = c.ema ? fastmask::importance_ema(fisher[i], x, c.fisher_beta32(), c.one_minus_fisher_beta32()) : 0.0f;
       bool selected = true;
       if (sample_here) {
-        const float s = c.fields.ema ? f_new : x * x;
+        const float s = c.ema ? f_new : x * x;
         const float pi =
             dense_ratio ? 1.0f
-                        : fastmask::inclusion_prob(s, level_x, p0, sc.degenerate, ratio, c.min_prob, c.fields.poisson);
+                        : fastmask::inclusion_prob(s, level_x, p0, sc.degenerate, ratio, static_cast<float>(c.min_prob), c.poisson);
         const float u = aligned ? fastmask::uniform_from_word(words[j])
                                 : fastmask::uniform_at(static_cast<uint64_t>(first + i), sc.step_word, sc.mask_hi,
-                                                       c.k0, c.k1);
+                                                       c.key0(), c.key1());
         selected = u < pi;
-        if (c.fields.rescale != fastmask::kNoRescale && !dense_ratio)
-          gm = gm * fastmask::rescale_weight(c.fields.rescale, pi, s, sc.total, sc.degenerate, sc.inv_n);
+        if (c.rescale != fastmask::kNoRescale && !dense_ratio)
+          gm = gm * fastmask::rescale_weight(c.rescale, pi, s, sc.total, sc.degenerate, sc.inv_n);
         gm = selected ? gm : 0.0f;
         pi_sum += pi;
         sel_sum += selected ? 1.0 : 0.0;
-      } else if (c.fields.masked) {
+      } else if (c.masked) {
         const float w = table_w[j];
         selected = w != 0.0f;
-        if (c.fields.rescale != fastmask::kNoRescale) gm = gm * w;
+        if (c.rescale != fastmask::kNoRescale) gm = gm * w;
         gm = selected ? gm : 0.0f;
       }
       const float p_old = to_float(p[i]);
@@ -365,8 +365,8 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
       float b_i = buf ? buf[i] : 0.0f;
       const float m_old = m_i, v_old = v_i;
       float p_new = fastmask::base_update(sc.update, p_old, gm, m_i, v_i, b_i);
-      if (c.fields.modulate_update && update_coefficient != 1.0f) p_new = fastmask::modulated(p_old, p_new, update_coefficient);
-      const bool update = !c.fields.masked || !c.fields.freeze || selected;
+      if (c.modulate_update && update_coefficient != 1.0f) p_new = fastmask::modulated(p_old, p_new, update_coefficient);
+      const bool update = !c.masked || !c.freeze || selected;
       if (update) p[i] = from_float<P>(p_new);
       if (m) {
         mv[j] = update ? m_i : m_old;
@@ -377,7 +377,7 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
         }
       }
       if (buf && update) buf[i] = b_i;
-      if (c.fields.ema) fisher[i] = f_new;
+      if (c.ema) fisher[i] = f_new;
     }
     if (vec && m) {
       *reinterpret_cast<float4*>(m + i0) = *reinterpret_cast<const float4*>(mv);
@@ -392,66 +392,61 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
   }
 }
 
-// `hist`: the sums' histogram columns (water-filling), or nullptr.
-template <typename G>
-void launch_pass1(const LaunchArgs& a, double* hist, cudaStream_t stream) {
-  const DeviceConfig& c = a.config;
-  if (c.fields.row && a.n_units)
-    pass1_rows<G><<<a.n_units, kThreads, 0, stream>>>(a.ptrs, a.meta, a.row_tensor, a.partials, a.row_importance,
-                                                     hist, a.config.fields.sums_width, a.grad_scale, c);
-  else if (!c.fields.row && a.n_blocks)
-    pass1_blocks<G><<<a.n_blocks, kThreads, 0, stream>>>(a.ptrs, a.meta, a.block_tensor, a.partials, hist,
-                                                         a.config.fields.sums_width, a.grad_scale, c);
-}
+// The kernels of a batch's (param, grad) dtype pair.
+struct Kernels {
+  decltype(&pass1_rows<float>) pass1_rows;
+  decltype(&pass1_blocks<float>) pass1_blocks;
+  decltype(&pass2<float, float>) pass2;
+};
 
-// `pre_summed`: the all-reduced sums (or nullptr: the reduce sums pass 1's partials); `hist`:
-// the histograms' [n_tensors, sums_width] buffer (water-filling; else nullptr).
 template <typename P, typename G>
-void launch_finish(const LaunchArgs& a, const double* pre_summed, const double* hist, cudaStream_t stream) {
-  const DeviceConfig& c = a.config;
-  reduce_tensors<<<a.n_tensors, kThreads, 0, stream>>>(a.ptrs, a.meta, a.partials, pre_summed, hist, a,
-                                                       a.row_importance, a.unit_weight, a.scalars,
-                                                       a.tensor_stats, a.found_inf, a.lr, a.settings, c);
-  if (a.n_blocks)
-    pass2<P, G><<<a.n_blocks, kThreads, 0, stream>>>(a.ptrs, a.meta, a.block_tensor, a.scalars, a.levels,
-                                                     a.unit_weight, a.block_stats, a.grad_scale, a.settings, c);
+constexpr Kernels kernels_of() {
+  return {&pass1_rows<G>, &pass1_blocks<G>, &pass2<P, G>};
 }
 
-// Calls launch(P{}, G{}) with the batch's (param, grad) dtype pair; false if unsupported.
-template <typename Launch>
-bool with_dtypes(const LaunchArgs& a, Launch launch) {
-  if (a.param_dtype == kF32 && a.grad_dtype == kF32) launch(float{}, float{});
-  else if (a.param_dtype == kBF16 && a.grad_dtype == kBF16) launch(__nv_bfloat16{}, __nv_bfloat16{});
-  else if (a.param_dtype == kF16 && a.grad_dtype == kF16) launch(__half{}, __half{});
-  else if (a.param_dtype == kBF16 && a.grad_dtype == kF32) launch(__nv_bfloat16{}, float{});
-  else if (a.param_dtype == kF16 && a.grad_dtype == kF32) launch(__half{}, float{});
-  else return false;
-  return true;
+// The pairs that training produces (fastmask.backends.native converts other grads to fp32); a
+// Kernels of null pointers for any other pair.
+Kernels kernels_for(int param_dtype, int grad_dtype) {
+  if (param_dtype == kF32 && grad_dtype == kF32) return kernels_of<float, float>();
+  if (param_dtype == kBF16 && grad_dtype == kBF16) return kernels_of<__nv_bfloat16, __nv_bfloat16>();
+  if (param_dtype == kF16 && grad_dtype == kF16) return kernels_of<__half, __half>();
+  if (param_dtype == kBF16 && grad_dtype == kF32) return kernels_of<__nv_bfloat16, float>();
+  if (param_dtype == kF16 && grad_dtype == kF32) return kernels_of<__half, float>();
+  return {};
 }
 
 }  // namespace
 
-cudaError_t masked_step_sums(const LaunchArgs& a, double* sums, cudaStream_t stream) {
-  double* hist = a.config.fields.water_filling ? sums + 4 : nullptr;
-  const bool known = with_dtypes(a, [&](auto, auto g) { launch_pass1<decltype(g)>(a, hist, stream); });
-  if (!known) return cudaErrorInvalidValue;
-  sum_partials<<<a.n_tensors, kThreads, 0, stream>>>(a.meta, a.partials, sums, a.config.fields.sums_width);
+cudaError_t masked_step(const LaunchArgs& a, Phase phase, double* sums, cudaStream_t stream) {
+  const Kernels k = kernels_for(a.param_dtype, a.grad_dtype);
+  if (!k.pass2) return cudaErrorInvalidValue;
+  const fastmask::KernelFields& c = a.config;
+  // pass 1 adds its histograms to the sums' columns after the first 4; the reduce reads them
+  double* hist = c.water_filling ? sums : nullptr;
+  if (phase != Phase::kFinish) {
+    const auto pass1_rows = k.pass1_rows;
+    const auto pass1_blocks = k.pass1_blocks;
+    if (c.row && a.n_units)
+      pass1_rows<<<a.n_units, kThreads, 0, stream>>>(a.ptrs, a.meta, a.row_tensor, a.partials, a.row_importance,
+                                                     hist ? hist + 4 : nullptr, c.sums_width, a.grad_scale, c);
+    else if (!c.row && a.n_blocks)
+      pass1_blocks<<<a.n_blocks, kThreads, 0, stream>>>(a.ptrs, a.meta, a.block_tensor, a.partials,
+                                                         hist ? hist + 4 : nullptr, c.sums_width, a.grad_scale, c);
+  }
+  if (phase == Phase::kSums) {
+    sum_partials<<<a.n_tensors, kThreads, 0, stream>>>(a.meta, a.partials, sums, c.sums_width);
+    return cudaGetLastError();
+  }
+  // the finish reads the all-reduced sums whole; the whole step sums pass 1's partials itself
+  const double* pre_summed = phase == Phase::kFinish ? sums : nullptr;
+  reduce_tensors<<<a.n_tensors, kThreads, 0, stream>>>(a.ptrs, a.meta, a.partials, pre_summed, hist, a,
+                                                       a.row_importance, a.unit_weight, a.scalars, a.tensor_stats,
+                                                       a.found_inf, a.lr, a.settings, c);
+  const auto pass2 = k.pass2;
+  if (a.n_blocks)
+    pass2<<<a.n_blocks, kThreads, 0, stream>>>(a.ptrs, a.meta, a.block_tensor, a.scalars, a.levels, a.unit_weight,
+                                               a.block_stats, a.grad_scale, a.settings, c);
   return cudaGetLastError();
-}
-
-cudaError_t masked_step_finish(const LaunchArgs& a, const double* sums, cudaStream_t stream) {
-  const double* hist = a.config.fields.water_filling ? sums : nullptr;
-  const bool known =
-      with_dtypes(a, [&](auto p, auto g) { launch_finish<decltype(p), decltype(g)>(a, sums, hist, stream); });
-  return known ? cudaGetLastError() : cudaErrorInvalidValue;
-}
-
-cudaError_t masked_step(const LaunchArgs& a, double* hist, cudaStream_t stream) {
-  const bool known = with_dtypes(a, [&](auto p, auto g) {
-    launch_pass1<decltype(g)>(a, hist ? hist + 4 : nullptr, stream);
-    launch_finish<decltype(p), decltype(g)>(a, nullptr, hist, stream);
-  });
-  return known ? cudaGetLastError() : cudaErrorInvalidValue;
 }
 
 }  // namespace fastmask_cuda

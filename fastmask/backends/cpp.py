@@ -17,9 +17,8 @@ from types import ModuleType
 import torch
 
 from ..reference import sampling
-from ..reference.spec import StepConfig, TensorGroup
-from .native import (JitExtension, as_units, native_masked_step_, native_masked_step_sums, reference_select,
-                     unit_level)
+from ..reference.spec import StepConfig
+from .native import JitExtension, NativeStep, as_units, unit_level
 from .registry import register, register_probe
 
 # -ffp-contract=off: no fused multiply-adds, so every operation rounds as the reference's.
@@ -76,21 +75,11 @@ def cpp_water_levels(sums: torch.Tensor, cfg: StepConfig, module: ModuleType | N
     return (module or _ext()).water_levels(sums, float(cfg.ratio), cfg.min_prob, x, a, c)
 
 
-@register("masked_step_", "cpp")
-def cpp_masked_step_(group: TensorGroup, cfg: StepConfig, grad_scale, found_inf) -> None:
-    native_masked_step_(_ext(), group, cfg, grad_scale, found_inf, reference_select(cfg.seed),
-                        solve_levels=cpp_water_levels)
-
-
-@register("masked_step_sums", "cpp")
-def cpp_masked_step_sums(group: TensorGroup, cfg: StepConfig, grad_scale) -> tuple[torch.Tensor, torch.Tensor]:
-    return native_masked_step_sums(_ext(), group, cfg, grad_scale)
-
-
-@register("masked_step_finish", "cpp")
-def cpp_masked_step_finish(group: TensorGroup, cfg: StepConfig, sums, unit_importance, grad_scale, found_inf) -> None:
-    native_masked_step_(_ext(), group, cfg, grad_scale, found_inf, reference_select(cfg.seed), sums=sums,
-                        unit_importance=unit_importance, solve_levels=cpp_water_levels)
+# the fused step: the extension's binding, one call per batch (water levels solved inside it)
+STEP = NativeStep(_ext, settings_in_memory=False)
+register("masked_step_", "cpp")(STEP.masked_step_)
+register("masked_step_sums", "cpp")(STEP.masked_step_sums)
+register("masked_step_finish", "cpp")(STEP.masked_step_finish)
 
 
 @register("fisher_update_", "cpp")

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference.spec import StepConfig, TensorGroup
-from .native import JitExtension, native_masked_step_, native_masked_step_sums, reference_select
+from .native import JitExtension, NativeStep
 from .registry import register, register_probe
 
 EXTENSION = JitExtension(
@@ -45,18 +44,8 @@ def _ext():
     return module
 
 
-@register("masked_step_", "cuda")
-def cuda_masked_step_(group: TensorGroup, cfg: StepConfig, grad_scale, found_inf) -> None:
-    native_masked_step_(_ext(), group, cfg, grad_scale, found_inf, reference_select(cfg.seed), settings_in_memory=True,
-                        levels_in_kernel=True)
-
-
-@register("masked_step_sums", "cuda")
-def cuda_masked_step_sums(group: TensorGroup, cfg: StepConfig, grad_scale) -> tuple[torch.Tensor, torch.Tensor]:
-    return native_masked_step_sums(_ext(), group, cfg, grad_scale, settings_in_memory=True)
-
-
-@register("masked_step_finish", "cuda")
-def cuda_masked_step_finish(group: TensorGroup, cfg: StepConfig, sums, unit_importance, grad_scale, found_inf) -> None:
-    native_masked_step_(_ext(), group, cfg, grad_scale, found_inf, reference_select(cfg.seed), settings_in_memory=True,
-                        sums=sums, unit_importance=unit_importance, levels_in_kernel=True)
+# the fused step: the extension's binding, one call per batch (settings read from device memory)
+STEP = NativeStep(_ext, settings_in_memory=True)
+register("masked_step_", "cuda")(STEP.masked_step_)
+register("masked_step_sums", "cuda")(STEP.masked_step_sums)
+register("masked_step_finish", "cuda")(STEP.masked_step_finish)

@@ -20,7 +20,7 @@ import torch
 
 from ..reference import sampling
 from ..reference.philox import rng_stream
-from ..reference.spec import SUM_COLS, KernelConfig, StepConfig, TensorGroup, exact_count
+from ..reference.spec import KernelConfig, StepConfig, TensorGroup, exact_count
 
 BATCH_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "momentum_buffers", "fishers")
 
@@ -242,66 +242,72 @@ class JitExtension:
             return self._module
 
 
-def _native_inputs(extension: ModuleType, group: TensorGroup, cfg: StepConfig, settings_in_memory: bool):
-    """(cfg as the extension reads it, working copies, their write-backs, the typed C++ config)."""
-    if not settings_in_memory:
-        cfg = cfg.on_host()
-    work, write_back = working_copies(group)
-    p_dtype = work["params"][0].dtype
-    if any(g.dtype not in (p_dtype, torch.float32) for g in work["grads"]):  # the kernels' dtype pairs
-        work["grads"] = [g.to(torch.float32) for g in work["grads"]]
-    kcfg = KernelConfig.from_step(cfg, ema=bool(work["fishers"]))
-    return cfg, kcfg, work, write_back, native_config(extension, kcfg, group)
+class NativeStep:
+    """The fused step of a compiled extension (cpp, cuda), whose methods those backends
+    register as their ``masked_step_``, ``masked_step_sums`` and ``masked_step_finish``: each
+    prepares the batch on the host (working copies, the typed config, exact-mode unit tables) and
+    calls the extension's binding once. Water-filling: the binding solves the water levels
+    itself, from ``sampling.level_events``' breakpoints (x, a, c).
 
+    ``module()`` returns the extension. ``settings_in_memory``: it reads the ratio and
+    coefficients from a device tensor (cuda, its argument after ``stats``); otherwise tensor
+    settings are read on the host first (cpp: CPU tensors, no sync)."""
 
-LevelSolver = Callable[[torch.Tensor, StepConfig], torch.Tensor]
+    def __init__(self, module: Callable[[], ModuleType], settings_in_memory: bool) -> None:
+        self.module, self.settings_in_memory = module, settings_in_memory
 
+    def inputs(self, group: TensorGroup, cfg: StepConfig) -> tuple:
+        """(cfg as the extension reads it, its KernelConfig, the working copies, their write-backs,
+        the typed C++ config)."""
+        if not self.settings_in_memory:
+            cfg = cfg.on_host()
+        work, write_back = working_copies(group)
+        p_dtype = work["params"][0].dtype
+        if any(g.dtype not in (p_dtype, torch.float32) for g in work["grads"]):  # the kernels' dtype pairs
+            work["grads"] = [g.to(torch.float32) for g in work["grads"]]
+        kcfg = KernelConfig.from_step(cfg, ema=bool(work["fishers"]))
+        return cfg, kcfg, work, write_back, native_config(self.module(), kcfg, group)
 
-def native_masked_step_(extension: ModuleType, group: TensorGroup, cfg: StepConfig, grad_scale, found_inf,
-                        select: Selector, settings_in_memory: bool = False, sums: torch.Tensor | None = None,
-                        unit_importance: torch.Tensor | None = None, solve_levels: LevelSolver | None = None,
-                        levels_in_kernel: bool = False) -> None:
-    """Run an extension's ``masked_step`` on a batch (the cpp and cuda backends); with ``sums``
-    and ``unit_importance`` (``native_masked_step_sums``'s, all-reduced), only its finish.
-    Water-filling: pass 1 runs first (if not given), then ``solve_levels(sums, cfg)`` (default
-    ``reference_water_levels``; the cpp backend passes its bit-identical C++ copy), and the
-    extension reads the levels; with ``levels_in_kernel`` (cuda) the extension's reduce solves
-    them itself, from ``sampling.level_events``, in the same launches.
+    def masked_step_(self, group: TensorGroup, cfg: StepConfig, grad_scale, found_inf,
+                     sums: torch.Tensor | None = None, unit_importance: torch.Tensor | None = None) -> None:
+        """The whole step of a batch; with ``sums`` and ``unit_importance`` (``masked_step_sums``'s,
+        all-reduced), only its finish."""
+        cfg, kcfg, work, write_back, config = self.inputs(group, cfg)
+        device = work["params"][0].device
+        events = list(sampling.level_events(cfg.min_prob, device)[1:]) if kcfg.water_filling else []
+        unit_weight, offsets = None, []
+        if kcfg.exact:
+            unit_weight, offsets = exact_unit_weights(work, group, cfg, grad_scale, reference_select(cfg.seed))
+        lr = cfg.lr.to(torch.float32) if isinstance(cfg.lr, torch.Tensor) else None
+        settings = (cfg.device_settings(device),) if self.settings_in_memory else ()
+        self.module().masked_step(
+            work["params"], work["grads"], group.steps, work["exp_avgs"], work["exp_avg_sqs"],
+            work["momentum_buffers"], work["fishers"], group.slots, config, lr, grad_scale, found_inf, unit_weight,
+            offsets, group.stats, *settings, sums, unit_importance, events,
+        )
+        for original, copy in write_back:
+            original.copy_(copy)
 
-    ``settings_in_memory``: the extension reads the ratio and coefficients from a device tensor
-    (cuda, its argument after ``stats``); otherwise tensor settings are read on the host first
-    (cpp: CPU tensors, no sync)."""
-    if levels_in_kernel and solve_levels is not None:
-        raise ValueError("native_masked_step_: solve_levels and levels_in_kernel exclude each other")
-    cfg, kcfg, work, write_back, config = _native_inputs(extension, group, cfg, settings_in_memory)
-    device = work["params"][0].device
-    if levels_in_kernel:  # the binding takes the breakpoints (x, a, c), or none
-        levels = list(sampling.level_events(cfg.min_prob, device)[1:]) if kcfg.water_filling else []
-    elif kcfg.water_filling:
-        if sums is None:
-            sums, unit_importance = _extension_pass1(extension, group, cfg, work, config, grad_scale,
-                                                     settings_in_memory, handed_out=False)
-        levels = (solve_levels or reference_water_levels)(sums, cfg)
-    else:
-        levels = None
-    unit_weight, offsets = None, []
-    if kcfg.exact:
-        unit_weight, offsets = exact_unit_weights(work, group, cfg, grad_scale, select)
-    lr = cfg.lr.to(torch.float32) if isinstance(cfg.lr, torch.Tensor) else None
-    settings = (cfg.device_settings(device),) if settings_in_memory else ()
-    extension.masked_step(
-        work["params"], work["grads"], group.steps, work["exp_avgs"], work["exp_avg_sqs"],
-        work["momentum_buffers"], work["fishers"], group.slots, config, lr, grad_scale, found_inf, unit_weight,
-        offsets, group.stats, *settings, sums, unit_importance, levels,
-    )
-    for original, copy in write_back:
-        original.copy_(copy)
+    def masked_step_sums(self, group: TensorGroup, cfg: StepConfig, grad_scale, handed_out: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pass 1 alone: (sums float64 [T, cfg.sums_width], unit_importance fp32).
+        ``handed_out=False`` (cpp): only the extension's own finish reads the result, which reads
+        only some of it: sum g and g^2 are left 0 without GE, and the unit importances no row
+        fills are left unwritten."""
+        cfg, _, work, _, config = self.inputs(group, cfg)
+        if self.settings_in_memory:
+            return self.module().masked_step_sums(
+                work["params"], work["grads"], group.steps, work["exp_avgs"], work["exp_avg_sqs"],
+                work["momentum_buffers"], work["fishers"], group.slots, config, grad_scale,
+                cfg.device_settings(work["params"][0].device),
+            )
+        return self.module().masked_step_sums(work["params"], work["grads"], work["fishers"], config, grad_scale,
+                                              handed_out)
 
-
-def reference_water_levels(sums: torch.Tensor, cfg: StepConfig) -> torch.Tensor:
-    """Each tensor's water level (x, p0), float64 [T, 2], from pass 1's (all-reduced) histogram
-    columns: ``sampling.water_level``, the definition."""
-    return sampling.water_level(sums[:, SUM_COLS:], cfg.ratio, cfg.min_prob).contiguous()
+    def masked_step_finish(self, group: TensorGroup, cfg: StepConfig, sums: torch.Tensor,
+                           unit_importance: torch.Tensor, grad_scale, found_inf) -> None:
+        """The reduce and pass 2 of a sharded batch, from its all-reduced pass-1 ``sums``."""
+        self.masked_step_(group, cfg, grad_scale, found_inf, sums, unit_importance)
 
 
 def unit_level(s_units: torch.Tensor, ratio: float, sampling_mode: str, min_prob: float) -> tuple[float, float, bool]:
@@ -312,29 +318,6 @@ def unit_level(s_units: torch.Tensor, ratio: float, sampling_mode: str, min_prob
         return 0.0, 0.0, degenerate
     x, p0 = sampling.water_level(sampling.unit_histogram(s_units)[None], ratio, min_prob)[0].tolist()
     return x, p0, degenerate
-
-
-def native_masked_step_sums(extension: ModuleType, group: TensorGroup, cfg: StepConfig, grad_scale,
-                            settings_in_memory: bool = False, handed_out: bool = True
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """An extension's pass 1 alone: (sums float64 [T, cfg.sums_width], unit_importance fp32).
-    ``handed_out=False``: the result goes straight to the extension's finish (and the level
-    solve), which reads only some of it. cpp: sum g and g^2 are left 0 without GE, and the unit
-    importances no row fills are left unwritten (a pass saved for 1-D tensors in row mode)."""
-    cfg, _, work, _, config = _native_inputs(extension, group, cfg, settings_in_memory)
-    return _extension_pass1(extension, group, cfg, work, config, grad_scale, settings_in_memory, handed_out)
-
-
-def _extension_pass1(extension: ModuleType, group: TensorGroup, cfg: StepConfig, work: dict, config: object, grad_scale,
-           settings_in_memory: bool, handed_out: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The extension's pass-1 call on ``_native_inputs``'s working copies and config."""
-    if settings_in_memory:
-        return extension.masked_step_sums(
-            work["params"], work["grads"], group.steps, work["exp_avgs"], work["exp_avg_sqs"],
-            work["momentum_buffers"], work["fishers"], group.slots, config, grad_scale,
-            cfg.device_settings(work["params"][0].device),
-        )
-    return extension.masked_step_sums(work["params"], work["grads"], work["fishers"], config, grad_scale, handed_out)
 
 
 def reference_select(seed: int) -> Selector:

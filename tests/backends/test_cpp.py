@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastmask.backends import cpp
-from fastmask.backends.native import native_masked_step_sums
+from fastmask.backends.native import NativeStep
 from fastmask.reference.spec import StepConfig, TensorGroup
 
 pytestmark = pytest.mark.skipif(cpp.EXTENSION.module() is None, reason="the cpp extension cannot be built here")
@@ -31,9 +31,9 @@ def test_pass1_for_the_finish_leaves_only_unread_columns_zero(cfg, read):
     if cfg.importance == "ema":
         group.fishers = [torch.rand_like(p) for p in group.params]
     group.grads[1][5, 7] = float("nan")
-    module = cpp.EXTENSION.module()
-    whole, _ = native_masked_step_sums(module, group, cfg, None, handed_out=True)
-    for_finish, _ = native_masked_step_sums(module, group, cfg, None, handed_out=False)
+    step = NativeStep(cpp.EXTENSION.module, settings_in_memory=False)
+    whole, _ = step.masked_step_sums(group, cfg, None, handed_out=True)
+    for_finish, _ = step.masked_step_sums(group, cfg, None, handed_out=False)
     assert whole.shape == for_finish.shape and whole[1, 3] == 1
     unread = [c for c in range(4) if c not in read]
     bits = lambda x: x.contiguous().view(torch.int64)  # noqa: E731 (NaN sums compare by their bits)

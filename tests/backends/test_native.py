@@ -76,9 +76,10 @@ class _Recording:
         self.calls.append(args)
 
 
-def test_levels_in_kernel_hands_the_extension_the_breakpoints_and_runs_no_pass_1_first():
-    """The cuda backend's mode, on the cpp extension's config type: the binding gets
-    ``sampling.level_events``' (x, a, c) (none without water-filling), no sums and no levels."""
+def test_the_binding_gets_the_level_breakpoints_and_runs_no_pass_1_first():
+    """The step calls the extension once: with ``sampling.level_events``' (x, a, c) for
+    water-filling (none without), no sums and no unit importances (its binding runs pass 1 and
+    solves the levels itself)."""
     import torch
 
     from fastmask.backends import cpp
@@ -94,8 +95,8 @@ def test_levels_in_kernel_hands_the_extension_the_breakpoints_and_runs_no_pass_1
     for ratio, min_prob in ((0.5, 0.0), (0.5, 0.05), (1.0, 0.0)):
         recording = _Recording(module)
         cfg = StepConfig(ratio=ratio, unbiased=True, min_prob=min_prob)
-        native.native_masked_step_(recording, group, cfg, None, None, native.reference_select(0),
-                                   levels_in_kernel=True)
+        native.NativeStep(lambda: recording, settings_in_memory=False).masked_step_(group, cfg, None, None)
+        assert len(recording.calls) == 1
         *_, sums, unit_importance, levels = recording.calls[0]
         assert sums is None and unit_importance is None
         if cfg.water_filling:
@@ -103,6 +104,3 @@ def test_levels_in_kernel_hands_the_extension_the_breakpoints_and_runs_no_pass_1
             assert len(levels) == 3
         else:
             assert levels == []
-    with pytest.raises(ValueError, match="solve_levels and levels_in_kernel"):
-        native.native_masked_step_(module, group, StepConfig(ratio=0.5), None, None, native.reference_select(0),
-                                   solve_levels=native.reference_water_levels, levels_in_kernel=True)

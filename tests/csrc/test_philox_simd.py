@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastmask.backends import cpp
-from fastmask.backends.native import native_masked_step_, reference_select
+from fastmask.backends.native import NativeStep
 from fastmask.reference.spec import Shard, StepConfig, TensorGroup
 
 pytestmark = pytest.mark.skipif(cpp.EXTENSION.module() is None, reason="the cpp backend cannot be built here")
@@ -30,8 +30,9 @@ def _run(extension, cfg: StepConfig, shard: Shard | None) -> list[torch.Tensor]:
     m, v = torch.zeros_like(p), torch.zeros_like(p)
     step = torch.tensor(0.0)
     group = TensorGroup([p], [g], [step], [5], exp_avgs=[m], exp_avg_sqs=[v], shards=[shard] if shard else [])
+    native = NativeStep(lambda: extension, settings_in_memory=False)
     for _ in range(3):
-        native_masked_step_(extension, group, cfg, None, None, reference_select(cfg.seed))
+        native.masked_step_(group, cfg, None, None)
     return [p, m, v, step]
 
 
