@@ -253,23 +253,23 @@ struct UpdateScalars {
 // The three forms of the base update (base_update's template argument).
 enum UpdateKind : int { kUpdateSgd = 0, kUpdateSgdMomentum = 1, kUpdateAdam = 2 };
 
-// X(C++ type, name, default), in the order of the Python KernelConfig's fields.
+// X(C++ type, name, default): the step's kernel config, in the order of
+// fastmask.reference.spec.StepConfig.kernel_fields (a test checks names, order and types).
 #define FASTMASK_KERNEL_CONFIG_FIELDS(X)                                                    \
-  X(int, base, kAdamW) /* enum Base */                                                      \
-  X(int, rescale, kNoRescale) /* enum Rescale */                                            \
+  X(int, base_id, kAdamW) /* enum Base */                                                   \
+  X(int, rescale_id, kNoRescale) /* enum Rescale */                                         \
   X(double, lr, 0) X(double, momentum, 0) X(double, dampening, 0) X(double, beta1, 0)       \
   X(double, beta2, 0) X(double, eps, 0) X(double, weight_decay, 0) X(double, ratio, 1)      \
   X(double, min_prob, 0) X(double, fisher_beta, 0) X(double, grad_coefficient, 1)           \
   X(double, update_coefficient, 1) X(bool, nesterov, false) X(bool, maximize, false)        \
-  X(bool, masked, false) X(bool, poisson, true) X(bool, ema, false) X(bool, row, false)     \
-  X(bool, freeze, false) X(bool, ge, false) X(bool, modulate_update, false)                 \
+  X(bool, is_masked, false) X(bool, poisson, true) X(bool, ema, false) X(bool, row, false)  \
+  X(bool, freeze, false) X(bool, ge_noise, false) X(bool, modulate_update, false)           \
   X(bool, exact, false) X(bool, water_filling, false) X(int64_t, sums_width, kSumCols)      \
   X(uint64_t, seed, 0)
 
-// The kernel config's declared fields (fastmask.reference.spec.KernelConfig; the host's
-// fastmask::KernelConfig of kernel_config.h adds the shards' index spaces), plain data that a
-// CUDA kernel can take by value.
-struct KernelFields {
+// The step's kernel config, one per batch: StepConfig.kernel_fields as the CPU and CUDA code
+// reads it (the binding: kernel_config.h), plain data that a CUDA kernel takes by value.
+struct KernelConfig {
 #define FASTMASK_DECLARE_FIELD(type, name, init) type name = init;
   FASTMASK_KERNEL_CONFIG_FIELDS(FASTMASK_DECLARE_FIELD)
 #undef FASTMASK_DECLARE_FIELD
@@ -295,7 +295,7 @@ struct TensorScalars {
 // [sum s, sum g, sum g^2, non-finite count] of the full tensor; N = `full_units` and
 // `full_numel` elements; `stream_hi` = 2 * the param's slot; `lr_value`: the lr tensor's
 // value when `lr_is_tensor` (else c.lr).
-FM_HD TensorScalars tensor_scalars(const KernelFields& c, bool lr_is_tensor, const double* sums, float old_step,
+FM_HD TensorScalars tensor_scalars(const KernelConfig& c, bool lr_is_tensor, const double* sums, float old_step,
                                    bool inf_flag, int64_t full_units, int64_t full_numel, uint32_t stream_hi,
                                    float lr_value) {
   TensorScalars sc;
@@ -313,7 +313,7 @@ FM_HD TensorScalars tensor_scalars(const KernelFields& c, bool lr_is_tensor, con
   sc.noise_hi = stream_hi + 1;
 
   UpdateScalars& u = sc.update;
-  u.kind = c.base != kSGD ? kUpdateAdam : (c.momentum != 0.0 ? kUpdateSgdMomentum : kUpdateSgd);
+  u.kind = c.base_id != kSGD ? kUpdateAdam : (c.momentum != 0.0 ? kUpdateSgdMomentum : kUpdateSgd);
   // as the reference: a float lr is a double and 1 - lr * wd is computed in double, then
   // rounded; a tensor lr is fp32 and 1 - lr * wd is fp32 arithmetic
   double lr64;
@@ -335,8 +335,8 @@ FM_HD TensorScalars tensor_scalars(const KernelFields& c, bool lr_is_tensor, con
   u.eps = static_cast<float>(c.eps);
   u.step_size = static_cast<float>(lr64 / (1.0 - power(c.beta1, step_int)));
   u.bc2_sqrt = static_cast<float>(sqrt(1.0 - power(c.beta2, step_int)));
-  u.adamw = c.base == kAdamW ? 1.0f : 0.0f;
-  u.adam_l2 = c.base == kAdam && u.weight_decay != 0.0f ? 1.0f : 0.0f;
+  u.adamw = c.base_id == kAdamW ? 1.0f : 0.0f;
+  u.adam_l2 = c.base_id == kAdam && u.weight_decay != 0.0f ? 1.0f : 0.0f;
   u.nesterov = c.nesterov ? 1.0f : 0.0f;
   u.first_step = sc.new_step == 1.0f ? 1.0f : 0.0f;
   return sc;

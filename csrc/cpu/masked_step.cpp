@@ -215,7 +215,7 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Con
   const uint32_t k0 = cfg.key0(), k1 = cfg.key1();
   auto flag = [](bool b) { return b ? 1.0f : 0.0f; };
   const float sign = cfg.maximize ? -1.0f : 1.0f;
-  const ElementScalars c{sign * inv_scale, static_cast<float>(cfg.grad_coefficient), flag(cfg.ge),
+  const ElementScalars c{sign * inv_scale, static_cast<float>(cfg.grad_coefficient), flag(cfg.ge_noise),
                          static_cast<float>(cfg.update_coefficient), flag(cfg.modulate_update), flag(cfg.freeze),
                          flag(!cfg.poisson || sc.degenerate), flag(sc.degenerate),
                          static_cast<float>(cfg.ratio), static_cast<float>(cfg.min_prob),
@@ -248,7 +248,7 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Con
       for (int64_t u = 0; u < e - b; u += kBlock)
         uniform_block(static_cast<uint64_t>(pt.first_element + b + u), sc.step_word, sc.mask_hi, k0, k1,
                       uniforms + u);
-    if (cfg.ge)  // OGM-GE noise std * z
+    if (cfg.ge_noise)  // OGM-GE noise std * z
       for (int64_t i = b; i < e; ++i)
         noise[i - b] = fastmask::normal_at(static_cast<uint64_t>(pt.first_element + i), sc.step_word, sc.noise_hi, k0,
                                            k1) * sc.std;
@@ -403,7 +403,7 @@ std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::
     for (int64_t t = 0; t < L.n_tensors; ++t)
       if (c.row && !L.by_rows[t]) unit_importance.narrow(0, L.unit_offset[t], L.units[t]).zero_();
   float* row_importance = unit_importance.data_ptr<float>();
-  const bool sum_s = handed_out || c.masked, sum_g = handed_out || c.ge;
+  const bool sum_s = handed_out || c.is_masked, sum_g = handed_out || c.ge_noise;
   const ChunkPartial<G> element_partial = chunk_partial_for<G>(hist, sum_s, sum_g);
   const ChunkPartial<G> row_partial = chunk_partial_for<G>(false, true, sum_g);
   const int64_t n_items = static_cast<int64_t>(L.items1.size());
@@ -450,6 +450,7 @@ struct StepInputs {
   const std::vector<int64_t>& slots;
   const c10::optional<at::Tensor>&lr_tensor, &found_inf, &unit_weight, &stats;
   const std::vector<int64_t>& unit_offsets;
+  const fastmask::ShardSpaces& shards;
   float inv_scale;  // 1 / grad_scale, exact
 };
 
@@ -463,7 +464,8 @@ void finish(const Layout& L, const StepInputs& in, const Config& c, const double
   const uint32_t k0 = c.key0(), k1 = c.key1();
   const std::vector<int64_t>&units = L.units, &numel = L.numel, &row_size = L.row_size;
   const std::vector<char>& by_rows = L.by_rows;
-  const bool sharded = c.sharded();
+  const fastmask::ShardSpaces& shards = in.shards;
+  const bool sharded = shards.sharded();
 
   // ---- reduce: per tensor
   std::vector<TensorScalars> scalars(n_tensors);
@@ -474,10 +476,10 @@ void finish(const Layout& L, const StepInputs& in, const Config& c, const double
   const bool lr_is_tensor = in.lr_tensor.has_value();
   const float lr_value = lr_is_tensor ? in.lr_tensor->item<float>() : 0.0f;
   for (int64_t t = 0; t < n_tensors; ++t) {
-    const int64_t full_units = sharded ? c.full_units[t] : units[t];
-    const int64_t full_numel = sharded ? c.full_numels[t] : numel[t];
-    const int64_t first_unit = sharded ? c.first_units[t] : 0;
-    first_elements[t] = sharded ? c.first_elements[t] : 0;
+    const int64_t full_units = sharded ? shards.full_units[t] : units[t];
+    const int64_t full_numel = sharded ? shards.full_numels[t] : numel[t];
+    const int64_t first_unit = sharded ? shards.first_units[t] : 0;
+    first_elements[t] = sharded ? shards.first_elements[t] : 0;
     float* step_ptr = in.steps[t].data_ptr<float>();
     const double* tensor_sums = sums + sums_width * t;
     TensorScalars& sc = scalars[t] =
@@ -487,7 +489,7 @@ void finish(const Layout& L, const StepInputs& in, const Config& c, const double
     stat_skipped += (tensor_sums[3] != 0.0 && !inf_flag) ? 1.0 : 0.0;
 
     if (sc.ok) stat_units += static_cast<double>(units[t]);
-    if (!c.masked) {
+    if (!c.is_masked) {
       if (sc.ok) {
         stat_pi += static_cast<double>(units[t]);
         stat_sel += static_cast<double>(units[t]);
@@ -502,7 +504,7 @@ void finish(const Layout& L, const StepInputs& in, const Config& c, const double
         const fastmask::UnitDraw d = fastmask::draw_unit(
             s, static_cast<uint64_t>(first_unit + r), sc, levels ? levels[2 * t] : 0.0,
             levels ? static_cast<float>(levels[2 * t + 1]) : 0.0f, static_cast<float>(c.ratio),
-            static_cast<float>(c.min_prob), c.poisson, c.rescale, k0, k1, false);
+            static_cast<float>(c.min_prob), c.poisson, c.rescale_id, k0, k1, false);
         w[r] = d.weight;
         pi_sum += d.pi;
         sel += d.chosen ? 1.0 : 0.0;
@@ -523,8 +525,8 @@ void finish(const Layout& L, const StepInputs& in, const Config& c, const double
   const std::vector<Item>& items2 = L.items2;
   const int64_t n_items = static_cast<int64_t>(items2.size());
   std::vector<double> item_pi(items2.size(), 0.0), item_sel(items2.size(), 0.0);
-  auto mode_of = [&](int64_t t) { return !c.masked ? kDense : ((by_rows[t] || c.exact) ? kTable : kSample); };
-  const int kind = c.base == fastmask::kSGD ? (c.momentum != 0.0 ? kSgdMomentum : kSgd) : kAdam;
+  auto mode_of = [&](int64_t t) { return !c.is_masked ? kDense : ((by_rows[t] || c.exact) ? kTable : kSample); };
+  const int kind = c.base_id == fastmask::kSGD ? (c.momentum != 0.0 ? kSgdMomentum : kSgd) : kAdam;
 #pragma omp parallel for schedule(static) if (in_parallel(n_items))
   for (int64_t k = 0; k < n_items; ++k) {
     const Item& it = items2[k];
@@ -538,7 +540,7 @@ void finish(const Layout& L, const StepInputs& in, const Config& c, const double
                    c.exact ? exact_weight + in.unit_offsets[t] : (by_rows[t] ? row_weight[t].data() : nullptr),
                    levels ? levels + 2 * t : nullptr, row_size[t], first_elements[t]};
     double pi_sum = 0, sel_sum = 0;
-    pass2_loop<P, G>(kind, mode_of(t), c.rescale, c.ema)(pt, scalars[t], c, in.inv_scale, it.begin, it.end,
+    pass2_loop<P, G>(kind, mode_of(t), c.rescale_id, c.ema)(pt, scalars[t], c, in.inv_scale, it.begin, it.end,
                                                                   pi_sum, sel_sum);
     if (scalars[t].ok) {
       item_pi[k] = pi_sum;
@@ -573,7 +575,8 @@ Pass1Fn pass1_for(at::ScalarType g) {
 }
 
 FinishFn finish_for(at::ScalarType p, at::ScalarType g) {
-  if (p == at::kBFloat16) return g == at::kFloat ? &finish<c10::BFloat16, float> : &finish<c10::BFloat16, c10::BFloat16>;
+  if (p == at::kBFloat16)
+    return g == at::kFloat ? &finish<c10::BFloat16, float> : &finish<c10::BFloat16, c10::BFloat16>;
   if (p == at::kHalf) return g == at::kFloat ? &finish<c10::Half, float> : &finish<c10::Half, c10::Half>;
   return &finish<float, float>;
 }
@@ -590,8 +593,8 @@ void check_batch(const std::vector<at::Tensor>& params, const std::vector<at::Te
     TORCH_CHECK(params[t].scalar_type() == p_type && grads[t].scalar_type() == g_type, op,
                 ": one param dtype and one grad dtype per batch");
   }
-  const bool supported = (p_type == g_type && (p_type == at::kFloat || p_type == at::kBFloat16 || p_type == at::kHalf)) ||
-                         ((p_type == at::kBFloat16 || p_type == at::kHalf) && g_type == at::kFloat);
+  const bool half_param = p_type == at::kBFloat16 || p_type == at::kHalf;
+  const bool supported = (p_type == g_type && (p_type == at::kFloat || half_param)) || (half_param && g_type == at::kFloat);
   TORCH_CHECK(supported, op, ": unsupported (param, grad) dtypes ", p_type, ", ", g_type);
 }
 
@@ -636,7 +639,8 @@ std::tuple<at::Tensor, at::Tensor> masked_step_sums(std::vector<at::Tensor> para
 void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
                  std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
                  std::vector<at::Tensor> momentum_buffers, std::vector<at::Tensor> fishers,
-                 std::vector<int64_t> slots, const Config& c, c10::optional<at::Tensor> lr_tensor,
+                 std::vector<int64_t> slots, const Config& c, const fastmask::ShardSpaces& shards,
+                 c10::optional<at::Tensor> lr_tensor,
                  c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
                  c10::optional<at::Tensor> unit_weight, std::vector<int64_t> unit_offsets,
                  c10::optional<at::Tensor> stats, c10::optional<at::Tensor> sums_in,
@@ -663,7 +667,7 @@ void masked_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, 
   if (c.water_filling)
     levels = water_levels(sums, c.ratio, c.min_prob, level_events[0], level_events[1], level_events[2]);
   const StepInputs in{params, passed_grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots,
-                      lr_tensor, found_inf, unit_weight, stats, unit_offsets, inv_scale};
+                      lr_tensor, found_inf, unit_weight, stats, unit_offsets, shards, inv_scale};
   finish_for(params[0].scalar_type(), passed_grads[0].scalar_type())(
       L, in, c, sums.data_ptr<double>(), c.row ? unit_importance.data_ptr<float>() : nullptr,
       c.water_filling ? levels.data_ptr<double>() : nullptr);

@@ -78,7 +78,8 @@ Launch prepare(const std::vector<at::Tensor>& params, const std::vector<at::Tens
                const std::vector<at::Tensor>& steps, const std::vector<at::Tensor>& exp_avgs,
                const std::vector<at::Tensor>& exp_avg_sqs, const std::vector<at::Tensor>& momentum_buffers,
                const std::vector<at::Tensor>& fishers, const std::vector<int64_t>& slots,
-               const fastmask::KernelConfig& h, const c10::optional<at::Tensor>& lr_tensor,
+               const fastmask::KernelConfig& h, const fastmask::ShardSpaces& shards,
+               const c10::optional<at::Tensor>& lr_tensor,
                const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
                const c10::optional<at::Tensor>& unit_weight_in, const at::Tensor& settings, Phase phase,
                const c10::optional<at::Tensor>& unit_importance_in, const std::vector<at::Tensor>& level_events) {
@@ -86,7 +87,7 @@ Launch prepare(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   const int64_t n_tensors = static_cast<int64_t>(params.size());
   std::vector<int64_t> meta, ptrs, block_tensor, row_tensor;
   int64_t blocks = 0, units_total = 0;
-  const bool sharded = h.sharded();  // shards of larger tensors (FSDP2)
+  const bool sharded = shards.sharded();  // shards of larger tensors (FSDP2)
   auto ptr = [](const std::vector<at::Tensor>& values, int64_t t) -> int64_t {
     return values.empty() ? 0 : reinterpret_cast<int64_t>(values[t].data_ptr());
   };
@@ -104,10 +105,10 @@ Launch prepare(const std::vector<at::Tensor>& params, const std::vector<at::Tens
     mrow[kNumParts] = h.row ? units : nb;
     mrow[kUnitOffset] = units_total;
     mrow[kBlockStart] = blocks;
-    mrow[kFullUnits] = sharded ? h.full_units[t] : units;
-    mrow[kFullNumel] = sharded ? h.full_numels[t] : n;
-    mrow[kFirstUnit] = sharded ? h.first_units[t] : 0;
-    mrow[kFirstElement] = sharded ? h.first_elements[t] : 0;
+    mrow[kFullUnits] = sharded ? shards.full_units[t] : units;
+    mrow[kFullNumel] = sharded ? shards.full_numels[t] : n;
+    mrow[kFirstUnit] = sharded ? shards.first_units[t] : 0;
+    mrow[kFirstElement] = sharded ? shards.first_elements[t] : 0;
     prow[kParam] = ptr(params, t);
     prow[kGrad] = ptr(grads, t);
     prow[kExpAvg] = ptr(exp_avgs, t);
@@ -172,7 +173,7 @@ Launch prepare(const std::vector<at::Tensor>& params, const std::vector<at::Tens
   a.events_a = levels ? level_events[1].data_ptr<int64_t>() : nullptr;
   a.events_c = levels ? level_events[2].data_ptr<int64_t>() : nullptr;
   a.n_events = levels ? level_events[0].numel() : 0;
-  a.config = h;  // the declared fields, without the shards' host vectors
+  a.config = h;
   return l;
 }
 
@@ -200,7 +201,8 @@ void check_batch(const std::vector<at::Tensor>& params, const std::vector<at::Te
 void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
                          std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
                          std::vector<at::Tensor> momentum_buffers, std::vector<at::Tensor> fishers,
-                         std::vector<int64_t> slots, const fastmask::KernelConfig& h, c10::optional<at::Tensor> lr_tensor,
+                         std::vector<int64_t> slots, const fastmask::KernelConfig& h,
+                         const fastmask::ShardSpaces& shards, c10::optional<at::Tensor> lr_tensor,
                          c10::optional<at::Tensor> grad_scale, c10::optional<at::Tensor> found_inf,
                          c10::optional<at::Tensor> unit_weight, std::vector<int64_t> /*unit_offsets*/,
                          c10::optional<at::Tensor> stats, at::Tensor settings, c10::optional<at::Tensor> sums,
@@ -212,8 +214,9 @@ void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor>
   const c10::cuda::CUDAGuard guard(device);
   const int64_t n_tensors = static_cast<int64_t>(params.size());
   const Phase phase = sums.has_value() ? Phase::kFinish : Phase::kWhole;
-  const Launch l = prepare(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, h, lr_tensor,
-                           grad_scale, found_inf, unit_weight, settings, phase, unit_importance, level_events);
+  const Launch l = prepare(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, h, shards,
+                           lr_tensor, grad_scale, found_inf, unit_weight, settings, phase, unit_importance,
+                           level_events);
   // the finish's all-reduced sums, or the whole step's histogram buffer (water-filling)
   at::Tensor sums_d;
   if (phase == Phase::kFinish) {
@@ -223,12 +226,12 @@ void masked_step_binding(std::vector<at::Tensor> params, std::vector<at::Tensor>
   } else if (h.water_filling) {
     sums_d = at::zeros({n_tensors, h.sums_width}, at::TensorOptions().dtype(at::kDouble).device(device));
   }
-  const cudaError_t err = fastmask_cuda::masked_step(l.args, phase, sums_d.defined() ? sums_d.data_ptr<double>() : nullptr,
-                                                     c10::cuda::getCurrentCUDAStream());
+  double* sums_ptr = sums_d.defined() ? sums_d.data_ptr<double>() : nullptr;
+  const cudaError_t err = fastmask_cuda::masked_step(l.args, phase, sums_ptr, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "cuda masked_step: ", cudaGetErrorString(err));
   if (stats.has_value()) {
     at::Tensor per_tensor = l.tensor_stats.sum(0);
-    if (h.masked && !h.row && !h.exact) {
+    if (h.is_masked && !h.row && !h.exact) {
       stats->slice(0, 0, 2).add_(l.block_stats.sum(0));
       stats->slice(0, 2, 4).add_(per_tensor.slice(0, 2, 4));
     } else {
@@ -243,12 +246,12 @@ std::tuple<at::Tensor, at::Tensor> masked_step_sums_binding(
     std::vector<at::Tensor> params, std::vector<at::Tensor> grads, std::vector<at::Tensor> steps,
     std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs, std::vector<at::Tensor> momentum_buffers,
     std::vector<at::Tensor> fishers, std::vector<int64_t> slots, const fastmask::KernelConfig& h,
-    c10::optional<at::Tensor> grad_scale, at::Tensor settings) {
+    const fastmask::ShardSpaces& shards, c10::optional<at::Tensor> grad_scale, at::Tensor settings) {
   check_batch(params, grads, settings);
   const auto device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
   const int64_t n_tensors = static_cast<int64_t>(params.size());
-  const Launch l = prepare(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, h,
+  const Launch l = prepare(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, h, shards,
                            c10::nullopt, grad_scale, c10::nullopt, c10::nullopt, settings, Phase::kSums, c10::nullopt,
                            {});
   at::Tensor sums = at::zeros({n_tensors, h.sums_width}, at::TensorOptions().dtype(at::kDouble).device(device));

@@ -51,7 +51,7 @@ struct LaunchArgs {
   const int64_t* events_a;
   const int64_t* events_c;
   int64_t n_events;
-  fastmask::KernelFields config;  // the step's kernel config (the host's, without the shards' vectors)
+  fastmask::KernelConfig config;  // the step's kernel config
 };
 
 // What masked_step launches. kWhole: pass 1, the reduce and pass 2, with `sums` a zeroed

@@ -103,7 +103,7 @@ constexpr uint32_t kLastBin = fastmask::kHistBins - 1;
 
 // `bins`: the block's shared importance histogram, or nullptr (no water-filling).
 template <typename G>
-__device__ void accumulate(const G* g, const float* fisher, int64_t i, float grad_scale, const fastmask::KernelFields& c,
+__device__ void accumulate(const G* g, const float* fisher, int64_t i, float grad_scale, const fastmask::KernelConfig& c,
                            double acc[4], unsigned int* bins) {
   const float x = to_float(g[i]) / grad_scale;
   const float s = c.ema ? fastmask::importance_ema(fisher[i], x, c.fisher_beta32(), c.one_minus_fisher_beta32()) : x * x;
@@ -132,7 +132,7 @@ __device__ void flush_bins(const unsigned int* bins, double* hist_row) {
 
 template <typename G>
 __global__ void pass1_blocks(const int64_t* ptrs, const int64_t* meta, const int32_t* block_tensor, double* partials,
-                             double* hist, int64_t sums_width, const float* grad_scale, fastmask::KernelFields c) {
+                             double* hist, int64_t sums_width, const float* grad_scale, fastmask::KernelConfig c) {
   __shared__ double shared[kThreads];
   __shared__ unsigned int bin_counts[fastmask::kHistBins];
   const int64_t t = block_tensor[blockIdx.x];
@@ -159,7 +159,7 @@ __global__ void pass1_blocks(const int64_t* ptrs, const int64_t* meta, const int
 template <typename G>
 __global__ void pass1_rows(const int64_t* ptrs, const int64_t* meta, const int32_t* row_tensor, double* partials,
                            float* row_importance, double* hist, int64_t sums_width, const float* grad_scale,
-                           fastmask::KernelFields c) {
+                           fastmask::KernelConfig c) {
   __shared__ double shared[kThreads];
   const int64_t t = row_tensor[blockIdx.x];
   const int64_t* mrow = meta + t * kMetaCols;
@@ -209,7 +209,7 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
                                const double* pre_summed, const double* hist, LaunchArgs a,
                                const float* row_importance, float* unit_weight,
                                TensorScalars* scalars, double* tensor_stats, const float* found_inf,
-                               const float* lr_ptr, const float* settings, fastmask::KernelFields c) {
+                               const float* lr_ptr, const float* settings, fastmask::KernelConfig c) {
   __shared__ double shared[kThreads];
   __shared__ double level_row[fastmask::kPositiveBins];
   __shared__ TensorScalars sc_shared;
@@ -244,17 +244,17 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
     }
   }
   double pi_sum = 0, sel = 0;
-  if (c.masked && c.row && !c.exact) {
+  if (c.is_masked && c.row && !c.exact) {
     const float p0 = static_cast<float>(level_p0);
     for (int64_t r = threadIdx.x; r < units; r += blockDim.x) {
       const fastmask::UnitDraw d =
           fastmask::draw_unit(row_importance[mrow[kUnitOffset] + r], static_cast<uint64_t>(mrow[kFirstUnit] + r), sc,
-                              level_x, p0, ratio, static_cast<float>(c.min_prob), c.poisson, c.rescale, c.key0(), c.key1(), dense_ratio);
+                              level_x, p0, ratio, static_cast<float>(c.min_prob), c.poisson, c.rescale_id, c.key0(), c.key1(), dense_ratio);
       unit_weight[mrow[kUnitOffset] + r] = d.weight;
       pi_sum += d.pi;
       sel += d.chosen ? 1.0 : 0.0;
     }
-  } else if (c.masked && c.exact) {
+  } else if (c.is_masked && c.exact) {
     for (int64_t r = threadIdx.x; r < units; r += blockDim.x) sel += unit_weight[mrow[kUnitOffset] + r] != 0.0f;
     pi_sum = sel;
   }
@@ -262,7 +262,7 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
   sel = block_sum(sel, shared);
   if (threadIdx.x == 0) {
     double* out = tensor_stats + t * 4;
-    const bool dense = !c.masked;
+    const bool dense = !c.is_masked;
     out[0] = sc.ok ? (dense ? static_cast<double>(units) : pi_sum) : 0.0;
     out[1] = sc.ok ? (dense ? static_cast<double>(units) : sel) : 0.0;
     out[2] = sc.ok ? static_cast<double>(units) : 0.0;
@@ -273,7 +273,7 @@ __global__ void reduce_tensors(const int64_t* ptrs, const int64_t* meta, const d
 template <typename P, typename G>
 __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* block_tensor,
                       const TensorScalars* scalars, const double* levels, const float* unit_weight,
-                      double* block_stats, const float* grad_scale, const float* settings, fastmask::KernelFields c) {
+                      double* block_stats, const float* grad_scale, const float* settings, fastmask::KernelConfig c) {
   __shared__ double shared[kThreads];
   const int64_t t = block_tensor[blockIdx.x];
   const int64_t* mrow = meta + t * kMetaCols;
@@ -296,7 +296,7 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
   const float p0 = levels ? static_cast<float>(levels[2 * t + 1]) : 0.0f;
   double pi_sum = 0, sel_sum = 0;
   if (sc.ok && i0 < n) {
-    const bool sample_here = c.masked && !c.row && !c.exact;
+    const bool sample_here = c.is_masked && !c.row && !c.exact;
     // one Philox call serves the thread's 4 elements when they start at a multiple of 4 of
     // the full tensor (always, unless a shard starts elsewhere: then one call per element)
     const bool aligned = (first & 3) == 0;
@@ -305,7 +305,7 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
       fastmask::philox_call(static_cast<uint64_t>(first + i0) >> 2, sc.step_word, sc.mask_hi, c.key0(), c.key1(), words);
     // With a unit table (rows, exact) and "freeze", the thread's units are known before any
     // element is read: one with no selected element reads and writes nothing but its Fisher EMA.
-    const bool from_table = c.masked && (c.row || c.exact);
+    const bool from_table = c.is_masked && (c.row || c.exact);
     float table_w[kVec] = {1.0f, 1.0f, 1.0f, 1.0f};
     bool any_selected = true;
     if (from_table) {
@@ -336,7 +336,7 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
       }
       const float x = (to_float(g[i]) / gs) * (c.maximize ? -1.0f : 1.0f);
       float gm = x * grad_coefficient;  // x * 1 is x exactly
-      if (c.ge)
+      if (c.ge_noise)
         gm = gm + fastmask::normal_at(static_cast<uint64_t>(first + i), sc.step_word, sc.noise_hi, c.key0(), c.key1()) * sc.std;
       const float f_new = c.ema ? fastmask::importance_ema(fisher[i], x, c.fisher_beta32(), c.one_minus_fisher_beta32()) : 0.0f;
       bool selected = true;
@@ -349,15 +349,15 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
                                 : fastmask::uniform_at(static_cast<uint64_t>(first + i), sc.step_word, sc.mask_hi,
                                                        c.key0(), c.key1());
         selected = u < pi;
-        if (c.rescale != fastmask::kNoRescale && !dense_ratio)
-          gm = gm * fastmask::rescale_weight(c.rescale, pi, s, sc.total, sc.degenerate, sc.inv_n);
+        if (c.rescale_id != fastmask::kNoRescale && !dense_ratio)
+          gm = gm * fastmask::rescale_weight(c.rescale_id, pi, s, sc.total, sc.degenerate, sc.inv_n);
         gm = selected ? gm : 0.0f;
         pi_sum += pi;
         sel_sum += selected ? 1.0 : 0.0;
-      } else if (c.masked) {
+      } else if (c.is_masked) {
         const float w = table_w[j];
         selected = w != 0.0f;
-        if (c.rescale != fastmask::kNoRescale) gm = gm * w;
+        if (c.rescale_id != fastmask::kNoRescale) gm = gm * w;
         gm = selected ? gm : 0.0f;
       }
       const float p_old = to_float(p[i]);
@@ -366,7 +366,7 @@ __global__ void pass2(const int64_t* ptrs, const int64_t* meta, const int32_t* b
       const float m_old = m_i, v_old = v_i;
       float p_new = fastmask::base_update(sc.update, p_old, gm, m_i, v_i, b_i);
       if (c.modulate_update && update_coefficient != 1.0f) p_new = fastmask::modulated(p_old, p_new, update_coefficient);
-      const bool update = !c.masked || !c.freeze || selected;
+      const bool update = !c.is_masked || !c.freeze || selected;
       if (update) p[i] = from_float<P>(p_new);
       if (m) {
         mv[j] = update ? m_i : m_old;
@@ -420,7 +420,7 @@ Kernels kernels_for(int param_dtype, int grad_dtype) {
 cudaError_t masked_step(const LaunchArgs& a, Phase phase, double* sums, cudaStream_t stream) {
   const Kernels k = kernels_for(a.param_dtype, a.grad_dtype);
   if (!k.pass2) return cudaErrorInvalidValue;
-  const fastmask::KernelFields& c = a.config;
+  const fastmask::KernelConfig& c = a.config;
   // pass 1 adds its histograms to the sums' columns after the first 4; the reduce reads them
   double* hist = c.water_filling ? sums : nullptr;
   if (phase != Phase::kFinish) {

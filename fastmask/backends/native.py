@@ -3,7 +3,6 @@ exact-mode unit tables, the typed C++ step config, and building C++/CUDA extensi
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import importlib.util
 import os
@@ -20,7 +19,7 @@ import torch
 
 from ..reference import sampling
 from ..reference.philox import rng_stream
-from ..reference.spec import KernelConfig, StepConfig, TensorGroup, exact_count
+from ..reference.spec import StepConfig, TensorGroup, exact_count
 
 BATCH_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "momentum_buffers", "fishers")
 
@@ -89,20 +88,22 @@ def exact_unit_weights(
     return table, offsets
 
 
-def native_config(extension: ModuleType, kcfg: KernelConfig, group: TensorGroup) -> object:
-    """The typed C++ ``fastmask::KernelConfig`` of ``extension`` (cpp or cuda) for one batch:
-    ``kcfg``'s fields, and for a sharded batch per tensor the full tensor's units and elements
-    and the full-tensor index of its first local unit and element. An unknown field raises."""
+def native_config(extension: ModuleType, cfg: StepConfig, ema: bool, group: TensorGroup) -> tuple[object, object]:
+    """The typed C++ ``fastmask::KernelConfig`` of ``extension`` (cpp or cuda) for one batch,
+    ``cfg.kernel_fields(ema)`` (an unknown field raises), and its ``fastmask::ShardSpaces``: for a
+    sharded batch per tensor the full tensor's units and elements and the full-tensor index of
+    its first local unit and element (else empty)."""
     config = extension.KernelConfig()
-    for field in dataclasses.fields(kcfg):
-        setattr(config, field.name, getattr(kcfg, field.name))
+    for name, value in cfg.kernel_fields(ema).items():
+        setattr(config, name, value)
+    shards = extension.ShardSpaces()
     if any(group.shards):
-        spaces = [group.index_space(i, "row" if kcfg.row else "element") for i in range(len(group))]
-        config.first_units = [s.first_unit for s in spaces]
-        config.full_units = [s.units for s in spaces]
-        config.full_numels = [s.numel for s in spaces]
-        config.first_elements = [s.first_element for s in spaces]
-    return config
+        spaces = [group.index_space(i, cfg.granularity) for i in range(len(group))]
+        shards.first_units = [s.first_unit for s in spaces]
+        shards.full_units = [s.units for s in spaces]
+        shards.full_numels = [s.numel for s in spaces]
+        shards.first_elements = [s.first_element for s in spaces]
+    return config, shards
 
 
 def csrc_dir() -> Path:
@@ -257,33 +258,32 @@ class NativeStep:
         self.module, self.settings_in_memory = module, settings_in_memory
 
     def inputs(self, group: TensorGroup, cfg: StepConfig) -> tuple:
-        """(cfg as the extension reads it, its KernelConfig, the working copies, their write-backs,
-        the typed C++ config)."""
+        """(cfg as the extension reads it, the working copies, their write-backs, the typed C++
+        config and shard spaces)."""
         if not self.settings_in_memory:
             cfg = cfg.on_host()
         work, write_back = working_copies(group)
         p_dtype = work["params"][0].dtype
         if any(g.dtype not in (p_dtype, torch.float32) for g in work["grads"]):  # the kernels' dtype pairs
             work["grads"] = [g.to(torch.float32) for g in work["grads"]]
-        kcfg = KernelConfig.from_step(cfg, ema=bool(work["fishers"]))
-        return cfg, kcfg, work, write_back, native_config(self.module(), kcfg, group)
+        return cfg, work, write_back, *native_config(self.module(), cfg, bool(work["fishers"]), group)
 
     def masked_step_(self, group: TensorGroup, cfg: StepConfig, grad_scale, found_inf,
                      sums: torch.Tensor | None = None, unit_importance: torch.Tensor | None = None) -> None:
         """The whole step of a batch; with ``sums`` and ``unit_importance`` (``masked_step_sums``'s,
         all-reduced), only its finish."""
-        cfg, kcfg, work, write_back, config = self.inputs(group, cfg)
+        cfg, work, write_back, config, shards = self.inputs(group, cfg)
         device = work["params"][0].device
-        events = list(sampling.level_events(cfg.min_prob, device)[1:]) if kcfg.water_filling else []
+        events = list(sampling.level_events(cfg.min_prob, device)[1:]) if cfg.water_filling else []
         unit_weight, offsets = None, []
-        if kcfg.exact:
+        if cfg.exact:
             unit_weight, offsets = exact_unit_weights(work, group, cfg, grad_scale, reference_select(cfg.seed))
         lr = cfg.lr.to(torch.float32) if isinstance(cfg.lr, torch.Tensor) else None
         settings = (cfg.device_settings(device),) if self.settings_in_memory else ()
         self.module().masked_step(
             work["params"], work["grads"], group.steps, work["exp_avgs"], work["exp_avg_sqs"],
-            work["momentum_buffers"], work["fishers"], group.slots, config, lr, grad_scale, found_inf, unit_weight,
-            offsets, group.stats, *settings, sums, unit_importance, events,
+            work["momentum_buffers"], work["fishers"], group.slots, config, shards, lr, grad_scale, found_inf,
+            unit_weight, offsets, group.stats, *settings, sums, unit_importance, events,
         )
         for original, copy in write_back:
             original.copy_(copy)
@@ -294,11 +294,11 @@ class NativeStep:
         ``handed_out=False`` (cpp): only the extension's own finish reads the result, which reads
         only some of it: sum g and g^2 are left 0 without GE, and the unit importances no row
         fills are left unwritten."""
-        cfg, _, work, _, config = self.inputs(group, cfg)
+        cfg, work, _, config, shards = self.inputs(group, cfg)
         if self.settings_in_memory:
             return self.module().masked_step_sums(
                 work["params"], work["grads"], group.steps, work["exp_avgs"], work["exp_avg_sqs"],
-                work["momentum_buffers"], work["fishers"], group.slots, config, grad_scale,
+                work["momentum_buffers"], work["fishers"], group.slots, config, shards, grad_scale,
                 cfg.device_settings(work["params"][0].device),
             )
         return self.module().masked_step_sums(work["params"], work["grads"], work["fishers"], config, grad_scale,

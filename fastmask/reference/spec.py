@@ -23,6 +23,10 @@ IMPORTANCES = ("grad2", "ema")
 GRANULARITIES = ("element", "row")
 MASKED_MODES = ("freeze", "zero_grad")
 MODULATE_MODES = ("grad", "update")
+# Ids the kernels read for the choices of a StepConfig; csrc/fastmask_math.h's enums Base and
+# Rescale hold the same values (a test checks it).
+BASE_IDS = {"sgd": 0, "adam": 1, "adamw": 2}
+RESCALE_IDS = {"none": 0, "ht": 1, "legacy": 2}
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,9 @@ class StepConfig:
     ge_noise: bool = False
     modulate: str = "grad"
 
+    # ---- the derived terms: computed here and nowhere else, read by every backend (the
+    # reference and Triton as these properties, C++ and CUDA through kernel_fields)
+
     @property
     def is_masked(self) -> bool:
         """True when units may be sampled: a ratio below 1, or a ratio tensor (its value is read
@@ -70,13 +77,80 @@ class StepConfig:
     @property
     def water_filling(self) -> bool:
         """True when pass 1 gathers each tensor's importance histogram (sampling="poisson")."""
-        return self.is_masked and self.sampling == "poisson"
+        return self.is_masked and self.poisson
+
+    @property
+    def exact(self) -> bool:
+        """Masked with sampling="exact": units chosen on the host side, as a weight table."""
+        return self.is_masked and self.sampling == "exact"
+
+    @property
+    def freeze(self) -> bool:
+        """Masked units keep param and moments (masked="freeze" in a masked group)."""
+        return self.is_masked and self.masked == "freeze"
+
+    @property
+    def row(self) -> bool:
+        return self.granularity == "row"
+
+    @property
+    def poisson(self) -> bool:
+        return self.sampling == "poisson"
+
+    @property
+    def mask_mode(self) -> int:
+        """0: dense; 1: elements sampled in the element pass; 2: a per-unit weight table (rows, exact)."""
+        return 0 if not self.is_masked else (1 if not (self.row or self.exact) else 2)
 
     @property
     def sums_width(self) -> int:
         """Columns of pass 1's per-tensor sums: [sum s, sum g, sum g^2, non-finite count], then
         with water-filling the importance histogram (``sampling.HIST_BINS`` counts)."""
         return SUM_COLS + (HIST_BINS if self.water_filling else 0)
+
+    @property
+    def base_id(self) -> int:
+        return BASE_IDS[self.base]
+
+    @property
+    def rescale_id(self) -> int:
+        """RESCALE_IDS of the rescale rule: "none" unless unbiased."""
+        return RESCALE_IDS[self.rescale if self.unbiased else "none"]
+
+    @property
+    def has_momentum(self) -> bool:
+        return self.base == "sgd" and self.momentum != 0.0
+
+    @property
+    def modulate_update(self) -> bool:
+        """The update is scaled by the coefficient (modulate="update", and a coefficient that is
+        not 1, or a tensor)."""
+        return self.modulate == "update" and (isinstance(self.coefficient, torch.Tensor) or self.coefficient != 1.0)
+
+    @property
+    def grad_coefficient(self) -> float | torch.Tensor:
+        """OGM's k on the gradient: the coefficient with modulate="grad", else 1."""
+        return self.coefficient if self.modulate == "grad" else 1.0
+
+    def kernel_fields(self, ema: bool) -> dict[str, int | float | bool]:
+        """The fields of the C++ ``fastmask::KernelConfig`` (``FASTMASK_KERNEL_CONFIG_FIELDS`` in
+        csrc/fastmask_math.h: the same names in the same order, a test checks it), as the cpp and
+        cuda bindings receive them. ``ema``: the batch carries fishers (masked groups with
+        importance "ema"). A tensor setting is NaN here (lr: 0.0), since those kernels read it
+        from memory."""
+        def host(value: float | torch.Tensor, tensor_value: float = float("nan")) -> float:
+            return tensor_value if isinstance(value, torch.Tensor) else float(value)
+
+        return dict(
+            base_id=self.base_id, rescale_id=self.rescale_id, lr=host(self.lr, 0.0), momentum=self.momentum,
+            dampening=self.dampening, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
+            weight_decay=self.weight_decay, ratio=host(self.ratio), min_prob=self.min_prob,
+            fisher_beta=self.fisher_beta, grad_coefficient=host(self.grad_coefficient),
+            update_coefficient=host(self.coefficient), nesterov=self.nesterov, maximize=self.maximize,
+            is_masked=self.is_masked, poisson=self.poisson, ema=ema, row=self.row,
+            freeze=self.freeze, ge_noise=self.ge_noise, modulate_update=self.modulate_update, exact=self.exact,
+            water_filling=self.water_filling, sums_width=self.sums_width, seed=self.seed,
+        )
 
     def to(self, device: torch.device) -> StepConfig:
         """This config with tensor settings on ``device`` (a non-blocking copy if elsewhere)."""
@@ -94,8 +168,7 @@ class StepConfig:
     def device_settings(self, device: torch.device) -> torch.Tensor:
         """[ratio, gradient coefficient, update coefficient], fp32 on ``device``: what the
         Triton and CUDA kernels read from memory (no host read of a tensor setting)."""
-        grad_coefficient = self.coefficient if self.modulate == "grad" else 1.0
-        values = [self.ratio, grad_coefficient, self.coefficient]
+        values = [self.ratio, self.grad_coefficient, self.coefficient]
         if not any(isinstance(v, torch.Tensor) for v in values):
             return _constant_settings(device, tuple(float(v) for v in values))
         return torch.stack([
@@ -119,82 +192,6 @@ def _constant_settings(device: torch.device, values: tuple[float, ...]) -> torch
         host = torch.tensor(values, dtype=torch.float32)
         cached = _SETTINGS[key] = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
     return cached
-
-
-# Ids the kernels read for the choices of a StepConfig; csrc/fastmask_math.h's enums Base and
-# Rescale hold the same values (a test checks it).
-BASE_IDS = {"sgd": 0, "adam": 1, "adamw": 2}
-RESCALE_IDS = {"none": 0, "ht": 1, "legacy": 2}
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """What the native kernels (Triton, C++, CUDA) read, derived once from a ``StepConfig``:
-    ids, flags and scalars, every derived term computed here and nowhere else.
-
-    The fields are those of the C++ ``fastmask::KernelConfig`` (csrc/kernel_config.h), which
-    the cpp and cuda bindings receive typed. ``lr`` is 0.0 when the group's lr is a tensor
-    (the kernels read that tensor instead).
-    """
-
-    base: int
-    rescale: int  # RESCALE_IDS: "none" unless unbiased
-    lr: float
-    momentum: float
-    dampening: float
-    beta1: float
-    beta2: float
-    eps: float
-    weight_decay: float
-    ratio: float  # NaN when the ratio is a tensor (the kernels read device_settings)
-    min_prob: float
-    fisher_beta: float
-    grad_coefficient: float  # OGM's k on the gradient (modulate="grad"), else 1; NaN if a tensor
-    update_coefficient: float  # OGM's k on the update (modulate="update"); NaN if a tensor
-    nesterov: bool
-    maximize: bool
-    masked: bool  # units may be sampled (ratio < 1, or a ratio tensor)
-    poisson: bool  # sampling="poisson" (else uniform, or exact)
-    ema: bool  # an EMA of g^2 is kept (its fishers are in the batch)
-    row: bool  # granularity="row"
-    freeze: bool  # masked units keep param and moments (masked and masked="freeze")
-    ge: bool  # OGM-GE noise
-    modulate_update: bool  # the update is scaled by update_coefficient (!= 1, or a tensor)
-    exact: bool  # masked with sampling="exact": units chosen on the host side, as a weight table
-    water_filling: bool  # masked with sampling="poisson": pass 1 gathers importance histograms
-    sums_width: int  # columns of pass 1's per-tensor sums (StepConfig.sums_width)
-    seed: int
-
-    @classmethod
-    def from_step(cls, cfg: StepConfig, ema: bool) -> KernelConfig:
-        """``ema``: whether the batch carries fishers (masked groups with importance "ema")."""
-        def host(value: float | torch.Tensor) -> float:
-            return float("nan") if isinstance(value, torch.Tensor) else float(value)
-
-        coefficient_known = not isinstance(cfg.coefficient, torch.Tensor)
-        return cls(
-            base=BASE_IDS[cfg.base],
-            rescale=RESCALE_IDS[cfg.rescale if cfg.unbiased else "none"],
-            lr=0.0 if isinstance(cfg.lr, torch.Tensor) else float(cfg.lr),
-            momentum=cfg.momentum, dampening=cfg.dampening, beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-            weight_decay=cfg.weight_decay, ratio=host(cfg.ratio), min_prob=cfg.min_prob, fisher_beta=cfg.fisher_beta,
-            grad_coefficient=host(cfg.coefficient) if cfg.modulate == "grad" else 1.0,
-            update_coefficient=host(cfg.coefficient),
-            nesterov=cfg.nesterov, maximize=cfg.maximize, masked=cfg.is_masked, poisson=cfg.sampling == "poisson",
-            ema=ema, row=cfg.granularity == "row", freeze=cfg.is_masked and cfg.masked == "freeze", ge=cfg.ge_noise,
-            modulate_update=cfg.modulate == "update" and (not coefficient_known or cfg.coefficient != 1.0),
-            exact=cfg.is_masked and cfg.sampling == "exact", water_filling=cfg.water_filling,
-            sums_width=cfg.sums_width, seed=cfg.seed,
-        )
-
-    @property
-    def mask_mode(self) -> int:
-        """0: dense; 1: elements sampled in the element pass; 2: a per-unit weight table (rows, exact)."""
-        return 0 if not self.masked else (1 if not (self.row or self.exact) else 2)
-
-    @property
-    def has_momentum(self) -> bool:
-        return self.base == BASE_IDS["sgd"] and self.momentum != 0.0
 
 
 def exact_count(ratio: float, n_units: int) -> int:

@@ -131,7 +131,7 @@ def masked_step_sums(
         nonfinite = (~torch.isfinite(g)).sum(dtype=torch.float64)
         row = torch.stack((s_units.sum(dtype=torch.float64), g64.sum(), (g64 * g64).sum(), nonfinite))
         rows.append(torch.cat((row, sampling.unit_histogram(s_units))) if cfg.water_filling else row)
-        if cfg.granularity == "row":
+        if cfg.row:
             units.append(s_units.to(torch.float32))
     importance = torch.cat(units) if units else group.params[0].new_empty(0, dtype=torch.float32)
     return torch.stack(rows), importance
@@ -194,7 +194,7 @@ def _step_tensor(
     ok = finite if found_inf is None else finite & (found_inf == 0)
 
     # OGM: scale the gradient (modulate="grad"), then add GE noise with the unmodulated std.
-    grad_coefficient = cfg.coefficient if cfg.modulate == "grad" else 1.0
+    grad_coefficient = cfg.grad_coefficient
     if isinstance(grad_coefficient, torch.Tensor):  # read on the device: g * 1 is g exactly
         g_mod = g * grad_coefficient.to(torch.float32).reshape(())
     else:

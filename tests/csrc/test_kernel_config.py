@@ -1,27 +1,27 @@
-"""The kernel config: Python's KernelConfig and the C++ fastmask::KernelConfig (csrc/kernel_config.h)
-declare the same fields, and every field reaches C++ typed."""
-
-import dataclasses
+"""The kernel config: StepConfig.kernel_fields and the C++ fastmask::KernelConfig
+(FASTMASK_KERNEL_CONFIG_FIELDS, csrc/fastmask_math.h) declare the same fields, and every field
+reaches C++ typed."""
 
 import pytest
 
 from fastmask.backends import cpp
 from fastmask.backends.native import native_config
-from fastmask.reference.spec import BASE_IDS, RESCALE_IDS, KernelConfig, Shard, StepConfig, TensorGroup
+from fastmask.reference.spec import BASE_IDS, RESCALE_IDS, Shard, StepConfig, TensorGroup
 
 pytestmark = pytest.mark.skipif(cpp.EXTENSION.module() is None, reason="the cpp backend cannot be built here")
 
 
-# Python annotation -> the C++ types it may be declared as
-CPP_TYPES = {"int": {"int", "int64_t", "uint64_t"}, "float": {"double"}, "bool": {"bool"}}
+# Python value type -> the C++ types it may be declared as
+CPP_TYPES = {int: {"int", "int64_t", "uint64_t"}, float: {"double"}, bool: {"bool"}}
 
 
-def test_cpp_declares_the_python_fields_in_order_with_matching_types():
+@pytest.mark.parametrize("cfg", [StepConfig(), StepConfig(ratio=0.5, granularity="row", seed=3)])
+def test_cpp_declares_the_python_fields_in_order_with_matching_types(cfg):
     declared = cpp.EXTENSION.module().KERNEL_CONFIG_FIELDS
-    python = dataclasses.fields(KernelConfig)
-    assert [name for name, _ in declared] == [field.name for field in python]
-    for (name, cpp_type), field in zip(declared, python):
-        assert cpp_type in CPP_TYPES[field.type], (name, cpp_type, field.type)
+    python = cfg.kernel_fields(ema=False)
+    assert [name for name, _ in declared] == list(python)
+    for name, cpp_type in declared:
+        assert cpp_type in CPP_TYPES[type(python[name])], (name, cpp_type, type(python[name]))
     assert dict(declared)["seed"] == "uint64_t"  # the 64-bit seed is unsigned in C++
 
 
@@ -40,15 +40,14 @@ def test_cpp_enum_values_equal_the_python_ids():
 def test_every_kernel_config_field_reaches_cpp_typed(cfg):
     import torch
 
-    kcfg = KernelConfig.from_step(cfg, ema=True)
     p = torch.zeros(4, 3)
     group = TensorGroup([p], [p], [torch.zeros(())], [0], shards=[Shard(torch.Size((8, 3)), 12)])
-    config = native_config(cpp.EXTENSION.module(), kcfg, group)
-    for field in dataclasses.fields(kcfg):
-        assert getattr(config, field.name) == getattr(kcfg, field.name), field.name
+    config, shards = native_config(cpp.EXTENSION.module(), cfg, True, group)
+    for name, value in cfg.kernel_fields(ema=True).items():
+        assert getattr(config, name) == value, name
     rows = cfg.granularity == "row"  # the shard starts at row 4 (element 12) of an 8 x 3 tensor
-    assert config.first_units == [4 if rows else 12] and config.full_units == [8 if rows else 24]
-    assert config.first_elements == [12] and config.full_numels == [24]
+    assert shards.first_units == [4 if rows else 12] and shards.full_units == [8 if rows else 24]
+    assert shards.first_elements == [12] and shards.full_numels == [24]
 
 
 def test_cpp_config_rejects_unknown_fields_and_wrong_types():
@@ -56,4 +55,4 @@ def test_cpp_config_rejects_unknown_fields_and_wrong_types():
     with pytest.raises(AttributeError):
         config.granularty = 1
     with pytest.raises(TypeError):
-        config.base = "adamw"
+        config.base_id = "adamw"

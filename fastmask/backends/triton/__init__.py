@@ -44,7 +44,7 @@ def triton_masked_step_(group: TensorGroup, config: StepConfig, grad_scale, foun
 
     work, write_back = working_copies(group)
     exact_weights = None
-    if config.is_masked and config.sampling == "exact":
+    if config.exact:
         seed_lo, seed_hi = split_seed(config.seed)
 
         def select(s_units: torch.Tensor, count: int, stream: torch.Tensor) -> torch.Tensor:

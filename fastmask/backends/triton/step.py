@@ -18,7 +18,7 @@ from ...kernels.masked_step import (BLOCK_SIZE, PART_COLS, REDUCE_BLOCK, SCALAR_
                                     pass1_rows, pass2, reduce_tensors, sum_partials)
 from ...reference import sampling
 from ...reference.philox import split_seed
-from ...reference.spec import KernelConfig, StepConfig, TensorGroup, exact_count
+from ...reference.spec import StepConfig, TensorGroup, exact_count
 from .units import TL_DTYPES
 
 
@@ -142,23 +142,24 @@ def _check_batch(group: TensorGroup) -> torch.device:
     return device
 
 
-def _launch_pass1(layout: _Layout, grads: torch.Tensor, work: dict, k: KernelConfig, grad_scale: torch.Tensor | None,
-           device: torch.device, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_pass1(layout: _Layout, grads: torch.Tensor, work: dict, cfg: StepConfig, grad_scale: torch.Tensor | None,
+                  device: torch.device, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 1: (fp64 partials [blocks or rows, 4], each row's importance fp32 [n_units]); with
     water-filling, each tensor's importance histogram is added to ``sums``'s columns after the
     first PART_COLS (``sums``: zeros [T, PART_COLS + HIST_BINS])."""
-    n_partials = layout.n_units if k.row else layout.n_blocks
+    n_partials = layout.n_units if cfg.row else layout.n_blocks
     partials = torch.empty((max(n_partials, 1), PART_COLS.value), dtype=torch.float64, device=device)
     row_importance = torch.empty(max(layout.n_units, 1), dtype=torch.float32, device=device)
-    hist = k.water_filling
+    hist = cfg.water_filling
     pass1 = dict(grad_table=grads, ptr_table=layout.pointers, meta=layout.meta, partials=partials,
                  hist=sums[:, PART_COLS.value:] if hist else partials, sums_width=sums.shape[1],
-                 grad_scale_ptr=grad_scale if grad_scale is not None else partials, fisher_beta=k.fisher_beta,
-                 one_minus_fisher_beta=1.0 - k.fisher_beta, HAS_SCALE=grad_scale is not None, EMA=k.ema, HIST=hist,
+                 grad_scale_ptr=grad_scale if grad_scale is not None else partials, fisher_beta=cfg.fisher_beta,
+                 one_minus_fisher_beta=1.0 - cfg.fisher_beta, HAS_SCALE=grad_scale is not None,
+                 EMA=bool(work["fishers"]), HIST=hist,
                  G_DTYPE=TL_DTYPES[work["grads"][0].dtype], BLOCK=BLOCK_SIZE)
-    if k.row and layout.n_units:
+    if cfg.row and layout.n_units:
         pass1_rows[(layout.n_units,)](row_tensor=layout.row_tensor, row_importance=row_importance, **pass1)
-    elif not k.row and layout.n_blocks:
+    elif not cfg.row and layout.n_blocks:
         pass1_blocks[(layout.n_blocks,)](block_tensor=layout.block_tensor, **pass1)
     return partials, row_importance
 
@@ -171,13 +172,12 @@ def launch_sums(
     after the caller has all-reduced the sums of sharded tensors. ``work``, ``group``: as
     ``launch``."""
     device = _check_batch(group)
-    k = KernelConfig.from_step(cfg, ema=bool(work["fishers"]))
     layout = _layout(work, group, cfg.granularity)
-    sums = torch.zeros((len(group), k.sums_width), dtype=torch.float64, device=device)
-    partials, row_importance = _launch_pass1(layout, _grad_table(work["grads"]), work, k, grad_scale, device, sums)
+    sums = torch.zeros((len(group), cfg.sums_width), dtype=torch.float64, device=device)
+    partials, row_importance = _launch_pass1(layout, _grad_table(work["grads"]), work, cfg, grad_scale, device, sums)
     sum_partials[(len(group),)](meta=layout.meta, partials=partials, sums_out=sums, sums_width=sums.shape[1],
                                 RBLOCK=REDUCE_BLOCK)
-    return sums, row_importance[: layout.n_units] if k.row else row_importance.new_empty(0)
+    return sums, row_importance[: layout.n_units] if cfg.row else row_importance.new_empty(0)
 
 
 def launch(
@@ -199,23 +199,22 @@ def launch(
     params = group.params
     device = _check_batch(group)
     p_dtype, g_dtype = params[0].dtype, group.grads[0].dtype
-    k = KernelConfig.from_step(cfg, ema=bool(work["fishers"]))
     layout = _layout(work, group, cfg.granularity)
     grads = _grad_table(work["grads"])
     n_tensors = len(params)
     f32 = dict(dtype=torch.float32, device=device)
     # every entry read is written first (row sampling fills the whole unit table): no fills
-    unit_weight = torch.empty(max(layout.n_units if k.masked else 1, 1), **f32)
+    unit_weight = torch.empty(max(layout.n_units if cfg.is_masked else 1, 1), **f32)
     scalars = torch.empty((n_tensors, SCALAR_COLS.value), **f32)
     stat_rows = torch.empty((layout.n_blocks + n_tensors, STAT_COLS.value), dtype=torch.float64, device=device)
     dummy = scalars
     settings = cfg.device_settings(device)
     grad_scale_ptr = grad_scale if grad_scale is not None else dummy
-    seed = dict(zip(("seed_lo", "seed_hi"), split_seed(k.seed)))
-    importance = dict(fisher_beta=k.fisher_beta, one_minus_fisher_beta=1.0 - k.fisher_beta)
+    seed = dict(zip(("seed_lo", "seed_hi"), split_seed(cfg.seed)))
+    importance = dict(fisher_beta=cfg.fisher_beta, one_minus_fisher_beta=1.0 - cfg.fisher_beta)
 
     exact_counts = dummy
-    if k.exact:
+    if cfg.exact:
         unit_weight = exact_weights
         exact_counts = torch.tensor(
             [float(exact_count(float(cfg.ratio), u)) if u else 0.0 for u in layout.units], dtype=torch.float64,
@@ -223,36 +222,37 @@ def launch(
         )
 
     if sums is None:
-        histograms = (torch.zeros((n_tensors, k.sums_width), dtype=torch.float64, device=device)
-                      if k.water_filling else dummy)
-        partials, row_importance = _launch_pass1(layout, grads, work, k, grad_scale, device, histograms)
+        histograms = (torch.zeros((n_tensors, cfg.sums_width), dtype=torch.float64, device=device)
+                      if cfg.water_filling else dummy)
+        partials, row_importance = _launch_pass1(layout, grads, work, cfg, grad_scale, device, histograms)
     else:
         partials = histograms = sums.to(device=device, dtype=torch.float64).contiguous()
-        row_importance = unit_importance if k.row and layout.n_units else dummy
-    if k.water_filling:  # solved by reduce_tensors, read by pass 2
+        row_importance = unit_importance if cfg.row and layout.n_units else dummy
+    if cfg.water_filling:  # solved by reduce_tensors, read by pass 2
         levels = torch.empty((n_tensors, 2), dtype=torch.float64, device=device)
         min_prob_f64, events_x, events_a, events_c = _level_constants(cfg.min_prob, device)
     else:
         levels = min_prob_f64 = events_x = events_a = events_c = dummy
 
     lr_is_tensor = isinstance(cfg.lr, torch.Tensor)
-    lr_hi, lr_lo = _split_f64(k.lr)
-    beta1_hi, beta1_lo = _split_f64(k.beta1)
-    beta2_hi, beta2_lo = _split_f64(k.beta2)
+    lr = 0.0 if lr_is_tensor else float(cfg.lr)  # a tensor lr is read from lr_ptr
+    lr_hi, lr_lo = _split_f64(lr)
+    beta1_hi, beta1_lo = _split_f64(cfg.beta1)
+    beta2_hi, beta2_lo = _split_f64(cfg.beta2)
     reduce_tensors[(n_tensors,)](
         ptr_table=layout.pointers, meta=layout.meta, partials=partials, histograms=histograms,
-        sums_width=histograms.shape[1] if k.water_filling else partials.shape[1], levels=levels,
+        sums_width=histograms.shape[1] if cfg.water_filling else partials.shape[1], levels=levels,
         row_importance=row_importance,
         unit_weight=unit_weight, scalars=scalars, stat_rows=stat_rows, n_blocks=layout.n_blocks,
         exact_counts=exact_counts, found_inf_ptr=found_inf if found_inf is not None else dummy,
         lr_ptr=cfg.lr.to(device=device, dtype=torch.float32) if lr_is_tensor else dummy,
-        lr_hi=lr_hi, lr_lo=lr_lo, decay_value=1.0 if lr_is_tensor else 1.0 - k.lr * k.weight_decay,
-        weight_decay=k.weight_decay, settings_ptr=settings, min_prob=k.min_prob, **seed,
+        lr_hi=lr_hi, lr_lo=lr_lo, decay_value=1.0 if lr_is_tensor else 1.0 - lr * cfg.weight_decay,
+        weight_decay=cfg.weight_decay, settings_ptr=settings, min_prob=cfg.min_prob, **seed,
         beta1_hi=beta1_hi, beta1_lo=beta1_lo, beta2_hi=beta2_hi, beta2_lo=beta2_lo, min_prob_f64=min_prob_f64,
         events_x=events_x, events_a=events_a, events_c=events_c, n_events=events_x.numel(),
-        n_halvings=events_x.numel().bit_length(), WATER_LEVEL=k.water_filling, HAS_FOUND_INF=found_inf is not None,
-        LR_IS_TENSOR=lr_is_tensor, MASK_MODE=k.mask_mode, ROW_SAMPLING=k.masked and k.row and not k.exact,
-        EXACT=k.exact, SAMPLING=0 if k.poisson else 1, RESCALE=k.rescale,
+        n_halvings=events_x.numel().bit_length(), WATER_LEVEL=cfg.water_filling, HAS_FOUND_INF=found_inf is not None,
+        LR_IS_TENSOR=lr_is_tensor, MASK_MODE=cfg.mask_mode, ROW_SAMPLING=cfg.is_masked and cfg.row and not cfg.exact,
+        EXACT=cfg.exact, SAMPLING=0 if cfg.poisson else 1, RESCALE=cfg.rescale_id,
         PRE_SUMMED=sums is not None, ALIGNED=layout.aligned, RBLOCK=REDUCE_BLOCK,
         enable_fp_fusion=False,
     )
@@ -262,12 +262,13 @@ def launch(
             grad_table=grads, ptr_table=layout.pointers, meta=layout.meta, block_tensor=layout.block_tensor,
             scalars=scalars, levels=levels, unit_weight=unit_weight, stat_rows=stat_rows,
             grad_scale_ptr=grad_scale_ptr, **seed,
-            settings_ptr=settings, min_prob=k.min_prob, one_minus_beta1=1.0 - k.beta1, beta2=k.beta2,
-            one_minus_beta2=1.0 - k.beta2, eps=k.eps, momentum=k.momentum, one_minus_dampening=1.0 - k.dampening,
-            weight_decay=k.weight_decay, **importance,
-            BASE=k.base, MASK_MODE=k.mask_mode, SAMPLING=0 if k.poisson else 1, RESCALE=k.rescale, FREEZE=k.freeze,
-            EMA=k.ema, GE=k.ge, HAS_MOMENTUM=k.has_momentum, NESTEROV=k.nesterov, MAXIMIZE=k.maximize,
-            HAS_SCALE=grad_scale is not None, MODULATE_UPDATE=k.modulate_update, ALIGNED=layout.aligned,
+            settings_ptr=settings, min_prob=cfg.min_prob, one_minus_beta1=1.0 - cfg.beta1, beta2=cfg.beta2,
+            one_minus_beta2=1.0 - cfg.beta2, eps=cfg.eps, momentum=cfg.momentum,
+            one_minus_dampening=1.0 - cfg.dampening, weight_decay=cfg.weight_decay, **importance,
+            BASE=cfg.base_id, MASK_MODE=cfg.mask_mode, SAMPLING=0 if cfg.poisson else 1, RESCALE=cfg.rescale_id,
+            FREEZE=cfg.freeze, EMA=bool(work["fishers"]), GE=cfg.ge_noise, HAS_MOMENTUM=cfg.has_momentum,
+            NESTEROV=cfg.nesterov, MAXIMIZE=cfg.maximize, HAS_SCALE=grad_scale is not None,
+            MODULATE_UPDATE=cfg.modulate_update, ALIGNED=layout.aligned,
             P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype], BLOCK=BLOCK_SIZE,
             enable_fp_fusion=False,  # no contraction into FMAs: every op rounds as the reference's
         )
