@@ -27,7 +27,7 @@ from fastmask import ops
 from fastmask import significance as sig
 from fastmask.backends.registry import implementation
 from fastmask.ops.encoding import config_args, tensor_args
-from fastmask.reference.spec import StepConfig, TensorGroup
+from fastmask.reference.spec import StepConfig, TensorBatch
 
 
 def median_ms(fn: Callable[[], object], iters: int) -> float:
@@ -66,14 +66,14 @@ def balancer_cases(batch: int, width: int, n_classes: int = 7) -> dict[str, Call
 
 def dispatch_cases(backend: str) -> dict[str, Callable[[], object]]:
     p, g = torch.randn(4), torch.randn(4)
-    group = TensorGroup([p], [g], [torch.zeros(())], [0], [torch.zeros(4)], [torch.zeros(4)])
+    batch = TensorBatch([p], [g], [torch.zeros(())], [0], [torch.zeros(4)], [torch.zeros(4)])
     cfg = StepConfig(ratio=0.5, seed=1)
     backend_fn = implementation("masked_step_", backend, p.device)
     return {
-        "ops.masked_step_ (eager)": lambda: ops.masked_step_(group, cfg, backend=backend),
+        "ops.masked_step_ (eager)": lambda: ops.masked_step_(batch, cfg, backend=backend),
         "through torch.ops.fastmask.masked_step_": lambda: torch.ops.fastmask.masked_step_(
-            *tensor_args(group), None, None, *config_args(cfg, backend)),
-        "the backend function alone": lambda: backend_fn(group, cfg, None, None),
+            *tensor_args(batch), None, None, *config_args(cfg, backend)),
+        "the backend function alone": lambda: backend_fn(batch, cfg, None, None),
     }
 
 

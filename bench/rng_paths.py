@@ -26,7 +26,7 @@ import torch
 
 from fastmask.backends import cpp
 from fastmask.backends.native import NativeStep
-from fastmask.reference.spec import StepConfig, TensorGroup
+from fastmask.reference.spec import StepConfig, TensorBatch
 
 from .suites import _params, resnet18_shapes, torch_adamw_step
 
@@ -72,13 +72,13 @@ def time_paths(shapes: list[tuple[int, ...]], rounds: int) -> dict[str, float]:
         if module is None or module.rng_path() != path:
             raise RuntimeError(f"the {name} build failed or compiled another loop")
         params, grads, m, v = _tensors(shapes)
-        group = TensorGroup(params, grads, [torch.tensor(0.0) for _ in params], list(range(len(params))),
+        batch = TensorBatch(params, grads, [torch.tensor(0.0) for _ in params], list(range(len(params))),
                             exp_avgs=m, exp_avg_sqs=v)
         step = NativeStep(lambda module=module: module, settings_in_memory=False)
-        steps[name] = lambda step=step, group=group: step.masked_step_(group, cfg, None, None)
-        steps[f"{name} pass 1"] = lambda step=step, group=group: step.masked_step_sums(group, cfg, None,
+        steps[name] = lambda step=step, batch=batch: step.masked_step_(batch, cfg, None, None)
+        steps[f"{name} pass 1"] = lambda step=step, batch=batch: step.masked_step_sums(batch, cfg, None,
                                                                                       handed_out=False)
-        sums, _ = step.masked_step_sums(group, cfg, None, handed_out=False)
+        sums, _ = step.masked_step_sums(batch, cfg, None, handed_out=False)
         steps[f"{name} level"] = lambda sums=sums, module=module: cpp.cpp_water_levels(sums, cfg, module)
     steps["torch fused AdamW"] = torch_adamw_step(_params({"m": shapes}, torch.device("cpu")), fused=True)
     times: dict[str, list[float]] = {name: [] for name in steps}

@@ -19,18 +19,18 @@ import torch
 
 from ..reference import sampling
 from ..reference.philox import rng_stream
-from ..reference.spec import StepConfig, TensorGroup, exact_count
+from ..reference.spec import StepConfig, TensorBatch, exact_count
 
 BATCH_LISTS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "momentum_buffers", "fishers")
 
 
-def working_copies(group: TensorGroup) -> tuple[dict[str, list[torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
+def working_copies(batch: TensorBatch) -> tuple[dict[str, list[torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
     """Contiguous versions of every tensor a kernel touches, and the (original, copy) pairs
     to write back after the step: kernels index elements in logical (row-major) order."""
     work, write_back = {}, []
     for name in BATCH_LISTS:
         values = []
-        for x in getattr(group, name):
+        for x in getattr(batch, name):
             if x.is_contiguous():
                 values.append(x)
             else:
@@ -61,7 +61,7 @@ Selector = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 
 
 def exact_unit_weights(
-    work: dict, group: TensorGroup, cfg: StepConfig, grad_scale: torch.Tensor | None, select: Selector
+    work: dict, batch: TensorBatch, cfg: StepConfig, grad_scale: torch.Tensor | None, select: Selector
 ) -> tuple[torch.Tensor, list[int]]:
     """Exact (Gumbel-top-k) selection of every tensor into one per-unit weight table
     (0 = not selected, else the rescale weight); ``select(s_units, count, stream)`` picks
@@ -78,7 +78,7 @@ def exact_unit_weights(
             g32 = g32 / grad_scale
         s = sampling.fisher_update(work["fishers"][t], g32, cfg.fisher_beta) if work["fishers"] else g32 * g32
         s_units = sampling.unit_sums(s, cfg.granularity)
-        stream = rng_stream(group.steps[t] + 1, group.slots[t])
+        stream = rng_stream(batch.steps[t] + 1, batch.slots[t])
         selected = select(s_units, exact_count(ratio, units[t]), stream)
         # a ratio of 1 is the base optimizer: every unit, weight 1
         weights = sampling.rescale_weights(s_units, None, cfg.unbiased, cfg.rescale) if ratio < 1.0 else None
@@ -88,7 +88,7 @@ def exact_unit_weights(
     return table, offsets
 
 
-def native_config(extension: ModuleType, cfg: StepConfig, ema: bool, group: TensorGroup) -> tuple[object, object]:
+def native_config(extension: ModuleType, cfg: StepConfig, ema: bool, batch: TensorBatch) -> tuple[object, object]:
     """The typed C++ ``fastmask::KernelConfig`` of ``extension`` (cpp or cuda) for one batch,
     ``cfg.kernel_fields(ema)`` (an unknown field raises), and its ``fastmask::ShardSpaces``: for a
     sharded batch per tensor the full tensor's units and elements and the full-tensor index of
@@ -97,8 +97,8 @@ def native_config(extension: ModuleType, cfg: StepConfig, ema: bool, group: Tens
     for name, value in cfg.kernel_fields(ema).items():
         setattr(config, name, value)
     shards = extension.ShardSpaces()
-    if any(group.shards):
-        spaces = [group.index_space(i, cfg.granularity) for i in range(len(group))]
+    if any(batch.shards):
+        spaces = [batch.index_space(i, cfg.granularity) for i in range(len(batch))]
         shards.first_units = [s.first_unit for s in spaces]
         shards.full_units = [s.units for s in spaces]
         shards.full_numels = [s.numel for s in spaces]
@@ -257,57 +257,57 @@ class NativeStep:
     def __init__(self, module: Callable[[], ModuleType], settings_in_memory: bool) -> None:
         self.module, self.settings_in_memory = module, settings_in_memory
 
-    def inputs(self, group: TensorGroup, cfg: StepConfig) -> tuple:
+    def inputs(self, batch: TensorBatch, cfg: StepConfig) -> tuple:
         """(cfg as the extension reads it, the working copies, their write-backs, the typed C++
         config and shard spaces)."""
         if not self.settings_in_memory:
             cfg = cfg.on_host()
-        work, write_back = working_copies(group)
+        work, write_back = working_copies(batch)
         p_dtype = work["params"][0].dtype
         if any(g.dtype not in (p_dtype, torch.float32) for g in work["grads"]):  # the kernels' dtype pairs
             work["grads"] = [g.to(torch.float32) for g in work["grads"]]
-        return cfg, work, write_back, *native_config(self.module(), cfg, bool(work["fishers"]), group)
+        return cfg, work, write_back, *native_config(self.module(), cfg, bool(work["fishers"]), batch)
 
-    def masked_step_(self, group: TensorGroup, cfg: StepConfig, grad_scale, found_inf,
+    def masked_step_(self, batch: TensorBatch, cfg: StepConfig, grad_scale, found_inf,
                      sums: torch.Tensor | None = None, unit_importance: torch.Tensor | None = None) -> None:
         """The whole step of a batch; with ``sums`` and ``unit_importance`` (``masked_step_sums``'s,
         all-reduced), only its finish."""
-        cfg, work, write_back, config, shards = self.inputs(group, cfg)
+        cfg, work, write_back, config, shards = self.inputs(batch, cfg)
         device = work["params"][0].device
         events = list(sampling.level_events(cfg.min_prob, device)[1:]) if cfg.water_filling else []
         unit_weight, offsets = None, []
         if cfg.exact:
-            unit_weight, offsets = exact_unit_weights(work, group, cfg, grad_scale, reference_select(cfg.seed))
+            unit_weight, offsets = exact_unit_weights(work, batch, cfg, grad_scale, reference_select(cfg.seed))
         lr = cfg.lr.to(torch.float32) if isinstance(cfg.lr, torch.Tensor) else None
         settings = (cfg.device_settings(device),) if self.settings_in_memory else ()
         self.module().masked_step(
-            work["params"], work["grads"], group.steps, work["exp_avgs"], work["exp_avg_sqs"],
-            work["momentum_buffers"], work["fishers"], group.slots, config, shards, lr, grad_scale, found_inf,
-            unit_weight, offsets, group.stats, *settings, sums, unit_importance, events,
+            work["params"], work["grads"], batch.steps, work["exp_avgs"], work["exp_avg_sqs"],
+            work["momentum_buffers"], work["fishers"], batch.slots, config, shards, lr, grad_scale, found_inf,
+            unit_weight, offsets, batch.stats, *settings, sums, unit_importance, events,
         )
         for original, copy in write_back:
             original.copy_(copy)
 
-    def masked_step_sums(self, group: TensorGroup, cfg: StepConfig, grad_scale, handed_out: bool = True
+    def masked_step_sums(self, batch: TensorBatch, cfg: StepConfig, grad_scale, handed_out: bool = True
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pass 1 alone: (sums float64 [T, cfg.sums_width], unit_importance fp32).
         ``handed_out=False`` (cpp): only the extension's own finish reads the result, which reads
         only some of it: sum g and g^2 are left 0 without GE, and the unit importances no row
         fills are left unwritten."""
-        cfg, work, _, config, shards = self.inputs(group, cfg)
+        cfg, work, _, config, shards = self.inputs(batch, cfg)
         if self.settings_in_memory:
             return self.module().masked_step_sums(
-                work["params"], work["grads"], group.steps, work["exp_avgs"], work["exp_avg_sqs"],
-                work["momentum_buffers"], work["fishers"], group.slots, config, shards, grad_scale,
+                work["params"], work["grads"], batch.steps, work["exp_avgs"], work["exp_avg_sqs"],
+                work["momentum_buffers"], work["fishers"], batch.slots, config, shards, grad_scale,
                 cfg.device_settings(work["params"][0].device),
             )
         return self.module().masked_step_sums(work["params"], work["grads"], work["fishers"], config, grad_scale,
                                               handed_out)
 
-    def masked_step_finish(self, group: TensorGroup, cfg: StepConfig, sums: torch.Tensor,
+    def masked_step_finish(self, batch: TensorBatch, cfg: StepConfig, sums: torch.Tensor,
                            unit_importance: torch.Tensor, grad_scale, found_inf) -> None:
         """The reduce and pass 2 of a sharded batch, from its all-reduced pass-1 ``sums``."""
-        self.masked_step_(group, cfg, grad_scale, found_inf, sums, unit_importance)
+        self.masked_step_(batch, cfg, grad_scale, found_inf, sums, unit_importance)
 
 
 def unit_level(s_units: torch.Tensor, ratio: float, sampling_mode: str, min_prob: float) -> tuple[float, float, bool]:

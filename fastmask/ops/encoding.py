@@ -1,6 +1,6 @@
 """The fused step as ``torch.library`` ops (``fastmask::masked_step_``, ``masked_step_sums``,
 ``masked_step_finish``): their schemas, mutation annotations and fake implementations, and how a
-``TensorGroup`` and its ``StepConfig`` are encoded into (and decoded from) their arguments."""
+``TensorBatch`` and its ``StepConfig`` are encoded into (and decoded from) their arguments."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from ..backends.registry import implementation
 from ..reference.philox import split_seed
 from ..reference.sampling import unit_count
-from ..reference.spec import Shard, StepConfig, TensorGroup
+from ..reference.spec import Shard, StepConfig, TensorBatch
 
 # The fused step as torch.library ops: torch.compile sees one node per batch, and each
 # registered implementation dispatches to the chosen backend. Eager calls go to the same
@@ -28,9 +28,9 @@ def _number(value: float | torch.Tensor) -> float:
     return 0.0 if isinstance(value, torch.Tensor) else float(value)  # a tensor travels as itself
 
 
-def tensor_args(group: TensorGroup) -> tuple:
-    return (group.params, group.grads, group.steps, group.exp_avgs, group.exp_avg_sqs, group.momentum_buffers,
-            group.fishers, group.stats, list(group.slots))
+def tensor_args(batch: TensorBatch) -> tuple:
+    return (batch.params, batch.grads, batch.steps, batch.exp_avgs, batch.exp_avg_sqs, batch.momentum_buffers,
+            batch.fishers, batch.stats, list(batch.slots))
 
 
 def config_args(config: StepConfig, backend: str | None) -> tuple:
@@ -63,8 +63,8 @@ def _decode_shards(encoded: list[int]) -> list[Shard | None]:
 
 
 def _batch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, stats, slots,
-           shards: list[int]) -> TensorGroup:
-    return TensorGroup(list(params), list(grads), list(steps), list(slots), list(exp_avgs), list(exp_avg_sqs),
+           shards: list[int]) -> TensorBatch:
+    return TensorBatch(list(params), list(grads), list(steps), list(slots), list(exp_avgs), list(exp_avg_sqs),
                        list(momentum_buffers), list(fishers), stats, _decode_shards(shards))
 
 
@@ -87,9 +87,9 @@ def _masked_step_op(
     numbers: list[float], flags: list[bool], seed: list[int], backend: str,
 ) -> None:
     """The fused step of one (device, dtype) batch of whole tensors (see ``masked_step_``)."""
-    group = _batch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, stats, slots, [])
+    batch = _batch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, stats, slots, [])
     cfg = _config(lr, ratio, coefficient, choices, numbers, flags, seed)
-    implementation("masked_step_", backend or None, params[0].device)(group, cfg, grad_scale, found_inf)
+    implementation("masked_step_", backend or None, params[0].device)(batch, cfg, grad_scale, found_inf)
 
 
 @_masked_step_op.register_fake
@@ -106,9 +106,9 @@ def _masked_step_sums_op(
     flags: list[bool], seed: list[int], backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 1 of one batch (see ``masked_step_sums``)."""
-    group = _batch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, None, slots, shards)
+    batch = _batch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, None, slots, shards)
     cfg = _config(lr, ratio, coefficient, choices, numbers, flags, seed)
-    return implementation("masked_step_sums", backend or None, params[0].device)(group, cfg, grad_scale)
+    return implementation("masked_step_sums", backend or None, params[0].device)(batch, cfg, grad_scale)
 
 
 @_masked_step_sums_op.register_fake
@@ -130,9 +130,9 @@ def _masked_step_finish_op(
     flags: list[bool], seed: list[int], backend: str,
 ) -> None:
     """The reduce and update of one batch from its (all-reduced) pass-1 sums (see ``masked_step_finish``)."""
-    group = _batch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, stats, slots, shards)
+    batch = _batch(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, stats, slots, shards)
     cfg = _config(lr, ratio, coefficient, choices, numbers, flags, seed)
-    implementation("masked_step_finish", backend or None, params[0].device)(group, cfg, sums, unit_importance,
+    implementation("masked_step_finish", backend or None, params[0].device)(batch, cfg, sums, unit_importance,
                                                                              grad_scale, found_inf)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from ..backends.registry import implementation
 from ..reference.sampling import unit_count
-from ..reference.spec import Shard, StepConfig, TensorGroup, check_shardable
+from ..reference.spec import Shard, StepConfig, TensorBatch, check_shardable
 from .checks import check_tensor
 from .encoding import STEP_MUTATES, config_args, encode_shards, tensor_args
 
@@ -30,21 +30,21 @@ def _check_shard(name: str, shard: object, local_shape: torch.Size) -> None:
         raise ValueError(f"{name}: rows [{first_row}, {first_row + local_shape[0]}) exceed full_shape's {full[0]} rows")
 
 
-def _check_batch(group: TensorGroup, config: StepConfig, tensors: dict[str, torch.Tensor | None]) -> None:
+def _check_batch(batch: TensorBatch, config: StepConfig, tensors: dict[str, torch.Tensor | None]) -> None:
     """What the step ops check before any write: list lengths, shards, and that each of
     ``tensors`` (AMP and settings) is one element on the batch's device."""
-    device = group.params[0].device
-    n = len(group.params)
+    device = batch.params[0].device
+    n = len(batch.params)
     for name in ("grads", "steps", "slots"):
-        if len(getattr(group, name)) != n:
-            raise ValueError(f"group.{name} has {len(getattr(group, name))} entries for {n} params")
+        if len(getattr(batch, name)) != n:
+            raise ValueError(f"batch.{name} has {len(getattr(batch, name))} entries for {n} params")
     for name in ("exp_avgs", "exp_avg_sqs", "momentum_buffers", "fishers", "shards"):
-        if len(getattr(group, name)) not in (0, n):
-            raise ValueError(f"group.{name} has {len(getattr(group, name))} entries for {n} params")
-    for i, shard in enumerate(group.shards):
+        if len(getattr(batch, name)) not in (0, n):
+            raise ValueError(f"batch.{name} has {len(getattr(batch, name))} entries for {n} params")
+    for i, shard in enumerate(batch.shards):
         if shard is not None:
-            _check_shard(f"group.shards[{i}]", shard, group.params[i].shape)
-    check_shardable(group, config)
+            _check_shard(f"batch.shards[{i}]", shard, batch.params[i].shape)
+    check_shardable(batch, config)
     settings = {"config.ratio": config.ratio, "config.coefficient": config.coefficient}
     for name, value in {**tensors, **settings}.items():
         if not isinstance(value, torch.Tensor):
@@ -55,7 +55,7 @@ def _check_batch(group: TensorGroup, config: StepConfig, tensors: dict[str, torc
 
 
 def masked_step_(
-    group: TensorGroup,
+    batch: TensorBatch,
     config: StepConfig,
     *,
     grad_scale: torch.Tensor | None = None,
@@ -70,21 +70,21 @@ def masked_step_(
     Semantics: ``fastmask.reference.step``. A batch of shards of larger tensors is stepped
     by ``masked_step_sums``, an all-reduce of its sums, then ``masked_step_finish``.
     """
-    if not group.params:
+    if not batch.params:
         return
-    _check_batch(group, config, {"grad_scale": grad_scale, "found_inf": found_inf})
-    if any(group.shards):
-        raise ValueError("group has shards of larger tensors: step it with masked_step_sums, an all-reduce of "
+    _check_batch(batch, config, {"grad_scale": grad_scale, "found_inf": found_inf})
+    if any(batch.shards):
+        raise ValueError("batch has shards of larger tensors: step it with masked_step_sums, an all-reduce of "
                          "the sums over the shards, then masked_step_finish")
     if torch.compiler.is_compiling():
-        torch.ops.fastmask.masked_step_(*tensor_args(group), grad_scale, found_inf, *config_args(config, backend))
+        torch.ops.fastmask.masked_step_(*tensor_args(batch), grad_scale, found_inf, *config_args(config, backend))
     else:
-        implementation("masked_step_", backend, group.params[0].device)(group, config, grad_scale, found_inf)
-        _mutated(group)
+        implementation("masked_step_", backend, batch.params[0].device)(batch, config, grad_scale, found_inf)
+        _mutated(batch)
 
 
 def masked_step_sums(
-    group: TensorGroup, config: StepConfig, *, grad_scale: torch.Tensor | None = None, backend: str | None = None
+    batch: TensorBatch, config: StepConfig, *, grad_scale: torch.Tensor | None = None, backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 1 of the fused step on one batch; writes nothing.
 
@@ -98,18 +98,18 @@ def masked_step_sums(
     ``masked_step_finish``: S, the GE std, the non-finite skip and the water level are then the
     full tensor's.
     """
-    if not group.params:
-        raise ValueError("group has no params")
-    _check_batch(group, config, {"grad_scale": grad_scale})
+    if not batch.params:
+        raise ValueError("batch has no params")
+    _check_batch(batch, config, {"grad_scale": grad_scale})
     if not torch.compiler.is_compiling():
-        return implementation("masked_step_sums", backend, group.params[0].device)(group, config, grad_scale)
-    tensors = tensor_args(group)
-    return torch.ops.fastmask.masked_step_sums(*tensors[:7], tensors[8], encode_shards(group.shards), grad_scale,
+        return implementation("masked_step_sums", backend, batch.params[0].device)(batch, config, grad_scale)
+    tensors = tensor_args(batch)
+    return torch.ops.fastmask.masked_step_sums(*tensors[:7], tensors[8], encode_shards(batch.shards), grad_scale,
                                                *config_args(config, backend))
 
 
 def masked_step_finish(
-    group: TensorGroup,
+    batch: TensorBatch,
     config: StepConfig,
     sums: torch.Tensor,
     unit_importance: torch.Tensor,
@@ -121,29 +121,29 @@ def masked_step_finish(
     """The rest of the fused step after ``masked_step_sums``: the per-tensor reduce from
     ``sums`` (float64 [T, config.sums_width], all-reduced over shards) and the update; in place.
     ``unit_importance``, ``grad_scale`` and ``backend`` must be those of the sums call."""
-    if not group.params:
+    if not batch.params:
         return
-    _check_batch(group, config, {"grad_scale": grad_scale, "found_inf": found_inf})
-    device = group.params[0].device
-    check_tensor("sums", sums, dtypes=(torch.float64,), device=device, shape=(len(group), config.sums_width))
+    _check_batch(batch, config, {"grad_scale": grad_scale, "found_inf": found_inf})
+    device = batch.params[0].device
+    check_tensor("sums", sums, dtypes=(torch.float64,), device=device, shape=(len(batch), config.sums_width))
     check_tensor("unit_importance", unit_importance, dtypes=(torch.float32,), device=device)
-    units = sum(unit_count(p.shape, "row") for p in group.params) if config.granularity == "row" else 0
+    units = sum(unit_count(p.shape, "row") for p in batch.params) if config.granularity == "row" else 0
     if unit_importance.shape != (units,):
         raise ValueError(f"unit_importance must have shape ({units},) (masked_step_sums's), got "
                          f"{tuple(unit_importance.shape)}")
     if torch.compiler.is_compiling():
-        torch.ops.fastmask.masked_step_finish(*tensor_args(group), grad_scale, found_inf,
-                                              encode_shards(group.shards), sums, unit_importance,
+        torch.ops.fastmask.masked_step_finish(*tensor_args(batch), grad_scale, found_inf,
+                                              encode_shards(batch.shards), sums, unit_importance,
                                               *config_args(config, backend))
     else:
-        implementation("masked_step_finish", backend, device)(group, config, sums, unit_importance, grad_scale,
+        implementation("masked_step_finish", backend, device)(batch, config, sums, unit_importance, grad_scale,
                                                               found_inf)
-        _mutated(group)
+        _mutated(batch)
 
 
-def _mutated(group: TensorGroup) -> None:
+def _mutated(batch: TensorBatch) -> None:
     """Eager calls skip the ops' dispatch (about 0.12 ms per call, ten times a small batch's step),
     so the tensors a step writes through raw pointers get their autograd version bumped here, as
     the op's mutation annotations would do."""
-    written = [t for name in STEP_MUTATES[:-1] for t in getattr(group, name)]  # all but "stats"
-    torch.autograd.graph.increment_version(written + ([group.stats] if group.stats is not None else []))
+    written = [t for name in STEP_MUTATES[:-1] for t in getattr(batch, name)]  # all but "stats"
+    torch.autograd.graph.increment_version(written + ([batch.stats] if batch.stats is not None else []))

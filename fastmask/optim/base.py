@@ -22,7 +22,7 @@ from .. import ops
 from ..ops.checks import FLOAT_DTYPES, check_choice, check_int, check_real
 from ..backends.registry import requested_backend
 from ..balancer import Balancer
-from ..reference.spec import BASES, StepConfig, TensorGroup
+from ..reference.spec import BASES, StepConfig, TensorBatch
 from . import sharding
 from .checkpoint import Checkpointing
 from .groups import (BASE_DEFAULTS, BASE_FAMILY, DENSE, FOREIGN_KEYS, STATE_LISTS, agreed_seed, check_bool,
@@ -409,7 +409,7 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
         return present
 
     def _init_group(self, group: dict[str, Any], present: list[tuple[int, torch.Tensor, torch.Tensor]], slot0: int
-                    ) -> list[tuple[TensorGroup, list[object] | None]]:
+                    ) -> list[tuple[TensorBatch, list[object] | None]]:
         """The (device, param dtype) batches of ``present`` (the group's params with grads, at
         their indices), each with its state, created on first use; ``slot0`` is the group's first
         param slot (the RNG stream input). DTensors enter as their local shards; each batch
@@ -419,7 +419,7 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
         required = frozenset(keys)
         lists = [(key, attr) for key, attr in STATE_LISTS if key in keys]
         state = self.state
-        batches: dict[tuple[torch.device, torch.dtype], tuple[TensorGroup, list]] = {}
+        batches: dict[tuple[torch.device, torch.dtype], tuple[TensorBatch, list]] = {}
         shard_groups: dict[tuple[torch.device, torch.dtype], list[object]] = {}
         for i, p, grad in present:
             entry = state[p]
@@ -428,7 +428,7 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
             key = (p.device, p.dtype)
             found = batches.get(key)
             if found is None:
-                batch = TensorGroup([], [], [], [], stats=self._stats_buffer(group, p.device))
+                batch = TensorBatch([], [], [], [], stats=self._stats_buffer(group, p.device))
                 found = batches[key] = (batch, [(name, getattr(batch, attr).append) for name, attr in lists])
             batch, appenders = found
             if self._dtensors:  # any DTensor in this optimizer: every batch lists its shards

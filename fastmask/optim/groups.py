@@ -17,7 +17,7 @@ from ..reference.philox import draw_seed
 
 DENSE = "(dense)"  # the stats() key of groups without a modality
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "momentum_buffer", "fisher")
-# per-param state key -> the TensorGroup list that carries it to the op
+# per-param state key -> the TensorBatch list that carries it to the op
 STATE_LISTS = (("exp_avg", "exp_avgs"), ("exp_avg_sq", "exp_avg_sqs"), ("momentum_buffer", "momentum_buffers"),
                ("fisher", "fishers"))
 

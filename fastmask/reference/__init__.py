@@ -1,12 +1,12 @@
 """The pure-PyTorch reference: exact semantics of every op, the oracle of every backend."""
 
 from .philox import normal, philox4x32, rng_stream, uniform, uniform_at
-from .spec import StepConfig, TensorGroup, exact_count
+from .spec import StepConfig, TensorBatch, exact_count
 from .step import base_update, masked_step_
 
 __all__ = [
     "StepConfig",
-    "TensorGroup",
+    "TensorBatch",
     "base_update",
     "exact_count",
     "masked_step_",

@@ -1,8 +1,9 @@
 """The inputs of one fused optimizer step, shared by every backend.
 
-``StepConfig`` is the resolved hyper-parameters of one param group for one step;
-``TensorGroup`` the tensors of that group that share a device and a param dtype.
-A backend's ``masked_step_`` reads both and updates the tensors in place.
+``StepConfig`` is the resolved hyper-parameters of one param group for one step, with every
+term the kernels derive from them; ``TensorBatch`` the tensors of that group that share a
+device and a param dtype (a batch). A backend's ``masked_step_`` reads both and updates the
+tensors in place.
 """
 
 from __future__ import annotations
@@ -238,8 +239,8 @@ class IndexSpace(NamedTuple):
 
 
 @dataclass
-class TensorGroup:
-    """Tensors of one (device, param dtype, group) batch, index-aligned.
+class TensorBatch:
+    """Tensors of one (device, param dtype, param group) batch, index-aligned.
 
     ``steps`` are 0-d fp32 tensors on the param device; state lists are empty
     when the configuration keeps no such state (e.g. ``exp_avgs`` for SGD,
@@ -282,8 +283,8 @@ class TensorGroup:
         return len(self.params)
 
 
-def check_shardable(group: TensorGroup, cfg: StepConfig) -> None:
+def check_shardable(batch: TensorBatch, cfg: StepConfig) -> None:
     """Raise for configurations a sharded step cannot compute shard-locally."""
-    if cfg.is_masked and cfg.sampling == "exact" and any(group.shards):
+    if cfg.exact and any(batch.shards):
         raise NotImplementedError("sampling='exact' needs every unit of a tensor on one rank; sharded "
                                   "tensors support sampling='poisson' or 'uniform'")

@@ -11,7 +11,7 @@ import torch
 
 from . import sampling
 from .philox import STREAM_MASK, STREAM_NOISE, normal, rng_stream
-from .spec import SUM_COLS, StepConfig, TensorGroup, check_shardable, exact_count
+from .spec import SUM_COLS, StepConfig, TensorBatch, check_shardable, exact_count
 
 
 def power(base: float, exponent: torch.Tensor) -> torch.Tensor:
@@ -113,7 +113,7 @@ def _importance_units(
 
 
 def masked_step_sums(
-    group: TensorGroup, cfg: StepConfig, grad_scale: torch.Tensor | None = None
+    batch: TensorBatch, cfg: StepConfig, grad_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 1 (DESIGN §5): per tensor, float64 [T, cfg.sums_width] = sum of s_u, sum g, sum g^2,
     non-finite count, then with water-filling the histogram of s_u (``sampling.unit_histogram``);
@@ -124,21 +124,21 @@ def masked_step_sums(
     The reference's finish recomputes g and s per tensor rather than keeping every tensor's
     intermediates alive until the all-reduce: it trades time for memory."""
     rows, units = [], []
-    for i in range(len(group)):
-        g = _unscaled(group.grads[i], cfg, grad_scale)
-        s_units, _ = _importance_units(g, _get(group.fishers, i), cfg)
+    for i in range(len(batch)):
+        g = _unscaled(batch.grads[i], cfg, grad_scale)
+        s_units, _ = _importance_units(g, _get(batch.fishers, i), cfg)
         g64 = g.to(torch.float64)
         nonfinite = (~torch.isfinite(g)).sum(dtype=torch.float64)
         row = torch.stack((s_units.sum(dtype=torch.float64), g64.sum(), (g64 * g64).sum(), nonfinite))
         rows.append(torch.cat((row, sampling.unit_histogram(s_units))) if cfg.water_filling else row)
         if cfg.row:
             units.append(s_units.to(torch.float32))
-    importance = torch.cat(units) if units else group.params[0].new_empty(0, dtype=torch.float32)
+    importance = torch.cat(units) if units else batch.params[0].new_empty(0, dtype=torch.float32)
     return torch.stack(rows), importance
 
 
 def masked_step_finish(
-    group: TensorGroup,
+    batch: TensorBatch,
     cfg: StepConfig,
     sums: torch.Tensor,
     unit_importance: torch.Tensor,
@@ -147,34 +147,34 @@ def masked_step_finish(
 ) -> None:
     """The rest of the step from pass 1's ``sums`` (for shards, their totals over the shards);
     ``unit_importance`` is not read here (the reference recomputes s)."""
-    check_shardable(group, cfg)
-    new_steps = torch.stack(group.steps) + 1
+    check_shardable(batch, cfg)
+    new_steps = torch.stack(batch.steps) + 1
     corrections = adam_corrections(new_steps, cfg) if cfg.base != "sgd" else None
     levels = sampling.water_level(sums[:, SUM_COLS:], cfg.ratio, cfg.min_prob) if cfg.water_filling else None
-    for i in range(len(group)):
+    for i in range(len(batch)):
         _step_tensor(
-            group, i, sums[i], cfg, grad_scale, found_inf, new_steps[i],
+            batch, i, sums[i], cfg, grad_scale, found_inf, new_steps[i],
             (corrections[0][i], corrections[1][i]) if corrections is not None else None,
             levels[i] if levels is not None else None,
         )
 
 
 def masked_step_(
-    group: TensorGroup,
+    batch: TensorBatch,
     cfg: StepConfig,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
 ) -> None:
-    """Apply one masked (AMSS/AMSS+) or modulated (OGM) step to every tensor of ``group``."""
-    if not group.params:
+    """Apply one masked (AMSS/AMSS+) or modulated (OGM) step to every tensor of ``batch``."""
+    if not batch.params:
         return
-    check_shardable(group, cfg)
-    sums, unit_importance = masked_step_sums(group, cfg, grad_scale)
-    masked_step_finish(group, cfg, sums, unit_importance, grad_scale, found_inf)
+    check_shardable(batch, cfg)
+    sums, unit_importance = masked_step_sums(batch, cfg, grad_scale)
+    masked_step_finish(batch, cfg, sums, unit_importance, grad_scale, found_inf)
 
 
 def _step_tensor(
-    group: TensorGroup,
+    batch: TensorBatch,
     i: int,
     sums: torch.Tensor,
     cfg: StepConfig,
@@ -184,12 +184,12 @@ def _step_tensor(
     corrections: tuple[torch.Tensor, torch.Tensor] | None,
     level: torch.Tensor | None,
 ) -> None:
-    param, step, slot, stats = group.params[i], group.steps[i], group.slots[i], group.stats
-    exp_avg, exp_avg_sq = _get(group.exp_avgs, i), _get(group.exp_avg_sqs, i)
-    momentum_buffer, fisher = _get(group.momentum_buffers, i), _get(group.fishers, i)
-    space = group.index_space(i, cfg.granularity)
+    param, step, slot, stats = batch.params[i], batch.steps[i], batch.slots[i], batch.stats
+    exp_avg, exp_avg_sq = _get(batch.exp_avgs, i), _get(batch.exp_avg_sqs, i)
+    momentum_buffer, fisher = _get(batch.momentum_buffers, i), _get(batch.fishers, i)
+    space = batch.index_space(i, cfg.granularity)
 
-    g = _unscaled(group.grads[i], cfg, grad_scale)
+    g = _unscaled(batch.grads[i], cfg, grad_scale)
     finite = sums[3] == 0
     ok = finite if found_inf is None else finite & (found_inf == 0)
 

@@ -6,16 +6,16 @@ import torch
 
 from fastmask.backends import cpp
 from fastmask.backends.native import NativeStep
-from fastmask.reference.spec import StepConfig, TensorGroup
+from fastmask.reference.spec import StepConfig, TensorBatch
 
 pytestmark = pytest.mark.skipif(cpp.EXTENSION.module() is None, reason="the cpp extension cannot be built here")
 
 
-def _group(shapes):
+def _batch(shapes):
     gen = torch.Generator().manual_seed(3)
     params = [torch.randn(s, generator=gen) for s in shapes]
     grads = [torch.randn(s, generator=gen) * 1e-2 for s in shapes]
-    return TensorGroup(params, grads, [torch.tensor(0.0) for _ in params], list(range(len(params))),
+    return TensorBatch(params, grads, [torch.tensor(0.0) for _ in params], list(range(len(params))),
                        exp_avgs=[torch.zeros_like(p) for p in params],
                        exp_avg_sqs=[torch.zeros_like(p) for p in params])
 
@@ -27,13 +27,13 @@ def _group(shapes):
     (StepConfig(ratio=1.0, ge_noise=True, coefficient=0.5), [1, 2, 3]),  # GE's std reads sum g, g^2
 ])
 def test_pass1_for_the_finish_leaves_only_unread_columns_zero(cfg, read):
-    group = _group([(40_000,), (300, 70)])
+    batch = _batch([(40_000,), (300, 70)])
     if cfg.importance == "ema":
-        group.fishers = [torch.rand_like(p) for p in group.params]
-    group.grads[1][5, 7] = float("nan")
+        batch.fishers = [torch.rand_like(p) for p in batch.params]
+    batch.grads[1][5, 7] = float("nan")
     step = NativeStep(cpp.EXTENSION.module, settings_in_memory=False)
-    whole, _ = step.masked_step_sums(group, cfg, None, handed_out=True)
-    for_finish, _ = step.masked_step_sums(group, cfg, None, handed_out=False)
+    whole, _ = step.masked_step_sums(batch, cfg, None, handed_out=True)
+    for_finish, _ = step.masked_step_sums(batch, cfg, None, handed_out=False)
     assert whole.shape == for_finish.shape and whole[1, 3] == 1
     unread = [c for c in range(4) if c not in read]
     bits = lambda x: x.contiguous().view(torch.int64)  # noqa: E731 (NaN sums compare by their bits)

@@ -84,18 +84,18 @@ def test_the_binding_gets_the_level_breakpoints_and_runs_no_pass_1_first():
 
     from fastmask.backends import cpp
     from fastmask.reference import sampling
-    from fastmask.reference.spec import StepConfig, TensorGroup
+    from fastmask.reference.spec import StepConfig, TensorBatch
 
     module = cpp.EXTENSION.module()
     if module is None:
         pytest.skip("the cpp backend cannot be built here")
     p, g = torch.randn(8, 4), torch.randn(8, 4)
-    group = TensorGroup([p], [g], [torch.tensor(0.0)], [0], exp_avgs=[torch.zeros_like(p)],
+    batch = TensorBatch([p], [g], [torch.tensor(0.0)], [0], exp_avgs=[torch.zeros_like(p)],
                         exp_avg_sqs=[torch.zeros_like(p)])
     for ratio, min_prob in ((0.5, 0.0), (0.5, 0.05), (1.0, 0.0)):
         recording = _Recording(module)
         cfg = StepConfig(ratio=ratio, unbiased=True, min_prob=min_prob)
-        native.NativeStep(lambda: recording, settings_in_memory=False).masked_step_(group, cfg, None, None)
+        native.NativeStep(lambda: recording, settings_in_memory=False).masked_step_(batch, cfg, None, None)
         assert len(recording.calls) == 1
         *_, sums, unit_importance, levels = recording.calls[0]
         assert sums is None and unit_importance is None

@@ -6,7 +6,7 @@ import pytest
 
 from fastmask.backends import cpp
 from fastmask.backends.native import native_config
-from fastmask.reference.spec import BASE_IDS, RESCALE_IDS, Shard, StepConfig, TensorGroup
+from fastmask.reference.spec import BASE_IDS, RESCALE_IDS, Shard, StepConfig, TensorBatch
 
 pytestmark = pytest.mark.skipif(cpp.EXTENSION.module() is None, reason="the cpp backend cannot be built here")
 
@@ -41,8 +41,8 @@ def test_every_kernel_config_field_reaches_cpp_typed(cfg):
     import torch
 
     p = torch.zeros(4, 3)
-    group = TensorGroup([p], [p], [torch.zeros(())], [0], shards=[Shard(torch.Size((8, 3)), 12)])
-    config, shards = native_config(cpp.EXTENSION.module(), cfg, True, group)
+    batch = TensorBatch([p], [p], [torch.zeros(())], [0], shards=[Shard(torch.Size((8, 3)), 12)])
+    config, shards = native_config(cpp.EXTENSION.module(), cfg, True, batch)
     for name, value in cfg.kernel_fields(ema=True).items():
         assert getattr(config, name) == value, name
     rows = cfg.granularity == "row"  # the shard starts at row 4 (element 12) of an 8 x 3 tensor

@@ -14,7 +14,7 @@ import torch
 
 from fastmask.backends import cpp
 from fastmask.backends.native import NativeStep
-from fastmask.reference.spec import Shard, StepConfig, TensorGroup
+from fastmask.reference.spec import Shard, StepConfig, TensorBatch
 
 pytestmark = pytest.mark.skipif(cpp.EXTENSION.module() is None, reason="the cpp backend cannot be built here")
 
@@ -29,10 +29,10 @@ def _run(extension, cfg: StepConfig, shard: Shard | None) -> list[torch.Tensor]:
     p, g = torch.randn(257, 3, generator=gen), torch.randn(257, 3, generator=gen)
     m, v = torch.zeros_like(p), torch.zeros_like(p)
     step = torch.tensor(0.0)
-    group = TensorGroup([p], [g], [step], [5], exp_avgs=[m], exp_avg_sqs=[v], shards=[shard] if shard else [])
+    batch = TensorBatch([p], [g], [step], [5], exp_avgs=[m], exp_avg_sqs=[v], shards=[shard] if shard else [])
     native = NativeStep(lambda: extension, settings_in_memory=False)
     for _ in range(3):
-        native.masked_step_(group, cfg, None, None)
+        native.masked_step_(batch, cfg, None, None)
     return [p, m, v, step]
 
 

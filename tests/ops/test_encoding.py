@@ -7,7 +7,7 @@ import torch
 
 from fastmask import ops
 from fastmask.ops.encoding import config_args, encode_shards, tensor_args
-from fastmask.reference.spec import Shard, StepConfig, TensorGroup
+from fastmask.reference.spec import Shard, StepConfig, TensorBatch
 from tests.conftest import DEVICE, FAST_BACKENDS
 
 CONFIGS = {
@@ -16,33 +16,33 @@ CONFIGS = {
 }
 
 
-def _group(cfg: StepConfig, shards: bool = False) -> TensorGroup:
+def _batch(cfg: StepConfig, shards: bool = False) -> TensorBatch:
     gen = torch.Generator().manual_seed(0)
     shapes = [(5, 3), (7,)]
     params = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
-    group = TensorGroup(params, [torch.randn(s, generator=gen).to(DEVICE) for s in shapes],
+    batch = TensorBatch(params, [torch.randn(s, generator=gen).to(DEVICE) for s in shapes],
                         [torch.tensor(2.0, device=DEVICE) for _ in shapes], [0, 1],
                         stats=torch.zeros(4, dtype=torch.float64, device=DEVICE))
     if cfg.base == "sgd":
-        group.momentum_buffers = [torch.zeros(s, device=DEVICE) for s in shapes]
+        batch.momentum_buffers = [torch.zeros(s, device=DEVICE) for s in shapes]
     else:
-        group.exp_avgs = [torch.zeros(s, device=DEVICE) for s in shapes]
-        group.exp_avg_sqs = [torch.zeros(s, device=DEVICE) for s in shapes]
+        batch.exp_avgs = [torch.zeros(s, device=DEVICE) for s in shapes]
+        batch.exp_avg_sqs = [torch.zeros(s, device=DEVICE) for s in shapes]
     if cfg.importance == "ema":
-        group.fishers = [torch.rand(s, generator=gen).to(DEVICE) for s in shapes]
+        batch.fishers = [torch.rand(s, generator=gen).to(DEVICE) for s in shapes]
     if shards:  # the first tensor is rows 2-6 of a 9 x 3 tensor
-        group.shards = [Shard(torch.Size((9, 3)), 6), None]
-    return group
+        batch.shards = [Shard(torch.Size((9, 3)), 6), None]
+    return batch
 
 
 @pytest.mark.parametrize("backend", ["torch"] + FAST_BACKENDS)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_opcheck(backend, name):
     cfg = CONFIGS[name]
-    whole = _group(cfg)
+    whole = _batch(cfg)
     torch.library.opcheck(torch.ops.fastmask.masked_step_.default,
                           (*tensor_args(whole), None, None, *config_args(cfg, backend)))
-    sharded = _group(cfg, shards=True)
+    sharded = _batch(cfg, shards=True)
     tensors = tensor_args(sharded)
     sums_args = (*tensors[:7], tensors[8], encode_shards(sharded.shards), None, *config_args(cfg, backend))
     torch.library.opcheck(torch.ops.fastmask.masked_step_sums.default, sums_args)
@@ -56,7 +56,7 @@ def test_opcheck(backend, name):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_eager_path_steps_like_the_op_and_bumps_versions(backend, name):
     cfg = CONFIGS[name]
-    eager, through_op = _group(cfg), _group(cfg)
+    eager, through_op = _batch(cfg), _batch(cfg)
     versions = [p._version for p in eager.params]
     for _ in range(2):
         ops.masked_step_(eager, cfg, backend=backend)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastmask import ops
-from fastmask.reference.spec import Shard, StepConfig, TensorGroup
+from fastmask.reference.spec import Shard, StepConfig, TensorBatch
 from tests.conftest import DEVICE, FAST_BACKENDS
 
 CONFIGS = {
@@ -41,26 +41,26 @@ def _state(cfg: StepConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: v.to(DEVICE) for k, v in state.items()}
 
 
-def _group(state: dict[str, torch.Tensor], step: torch.Tensor, rows: tuple[int, int] | None) -> TensorGroup:
+def _batch(state: dict[str, torch.Tensor], step: torch.Tensor, rows: tuple[int, int] | None) -> TensorBatch:
     part = {k: (v if rows is None else v[rows[0]:rows[1]]) for k, v in state.items()}
-    group = TensorGroup([part["param"]], [part["grad"]], [step], [3], stats=torch.zeros(4, dtype=torch.float64,
+    batch = TensorBatch([part["param"]], [part["grad"]], [step], [3], stats=torch.zeros(4, dtype=torch.float64,
                                                                                          device=DEVICE))
-    for key, values in (("exp_avg", group.exp_avgs), ("exp_avg_sq", group.exp_avg_sqs),
-                        ("momentum_buffer", group.momentum_buffers), ("fisher", group.fishers)):
+    for key, values in (("exp_avg", batch.exp_avgs), ("exp_avg_sq", batch.exp_avg_sqs),
+                        ("momentum_buffer", batch.momentum_buffers), ("fisher", batch.fishers)):
         if key in part:
             values.append(part[key])
     if rows is not None:
-        group.shards = [Shard(torch.Size(SHAPE), rows[0] * SHAPE[1])]
-    return group
+        batch.shards = [Shard(torch.Size(SHAPE), rows[0] * SHAPE[1])]
+    return batch
 
 
-def _step_shards(groups: list[TensorGroup], cfg: StepConfig, backend: str) -> None:
+def _step_shards(groups: list[TensorBatch], cfg: StepConfig, backend: str) -> None:
     """One step of a tensor cut into ``groups``: pass 1 on each shard (before any is written),
     the sums' total in place of each shard's (the all-reduce), then each shard's finish."""
     passes = [ops.masked_step_sums(g, cfg, backend=backend) for g in groups]
     total = sum(sums for sums, _ in passes)
-    for group, (_, unit_importance) in zip(groups, passes):
-        ops.masked_step_finish(group, cfg, total.clone(), unit_importance, backend=backend)
+    for batch, (_, unit_importance) in zip(groups, passes):
+        ops.masked_step_finish(batch, cfg, total.clone(), unit_importance, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["torch"] + FAST_BACKENDS)
@@ -70,11 +70,11 @@ def test_shards_step_like_the_whole_tensor(backend, name):
     whole, sharded = _state(cfg), _state(cfg)
     whole_step = torch.tensor(4.0, device=DEVICE)
     for _ in range(3):
-        ops.masked_step_(_group(whole, whole_step, None), cfg, backend=backend)
+        ops.masked_step_(_batch(whole, whole_step, None), cfg, backend=backend)
 
     steps = [torch.tensor(4.0, device=DEVICE) for _ in CUTS]
     for _ in range(3):
-        _step_shards([_group(sharded, steps[i], cut) for i, cut in enumerate(CUTS)], cfg, backend)
+        _step_shards([_batch(sharded, steps[i], cut) for i, cut in enumerate(CUTS)], cfg, backend)
     for key in whole:
         assert torch.equal(sharded[key], whole[key]), f"{key} differs"
     assert all(torch.equal(s, whole_step) for s in steps)
@@ -89,25 +89,25 @@ def test_nonfinite_shard_skips_every_shard(backend):
     state["grad"][9, 2] = float("nan")
     before = {k: v.clone() for k, v in state.items()}
     steps = [torch.tensor(0.0, device=DEVICE) for _ in CUTS]
-    groups = [_group(state, steps[i], cut) for i, cut in enumerate(CUTS)]
+    groups = [_batch(state, steps[i], cut) for i, cut in enumerate(CUTS)]
     _step_shards(groups, cfg, backend)
-    assert all(group.stats[3].item() == 1.0 for group in groups)  # every shard reports the tensor as skipped
+    assert all(batch.stats[3].item() == 1.0 for batch in groups)  # every shard reports the tensor as skipped
     assert all(torch.equal(state[k], before[k]) for k in state if k != "grad")  # grad holds a NaN
     assert all(s.item() == 0.0 for s in steps)
 
 
 def test_exact_sampling_on_shards_raises():
     cfg = StepConfig(ratio=0.5, sampling="exact", seed=1)
-    group = _group(_state(cfg), torch.tensor(0.0, device=DEVICE), (0, 3))
+    batch = _batch(_state(cfg), torch.tensor(0.0, device=DEVICE), (0, 3))
     with pytest.raises(NotImplementedError, match="sampling='exact'"):
-        ops.masked_step_sums(group, cfg)
+        ops.masked_step_sums(batch, cfg)
 
 
 def test_a_batch_of_shards_needs_the_two_ops():
     cfg = CONFIGS["amss+-element"]
-    group = _group(_state(cfg), torch.tensor(0.0, device=DEVICE), (0, 3))
+    batch = _batch(_state(cfg), torch.tensor(0.0, device=DEVICE), (0, 3))
     with pytest.raises(ValueError, match="masked_step_sums, an all-reduce"):
-        ops.masked_step_(group, cfg)
+        ops.masked_step_(batch, cfg)
 
 
 @pytest.mark.parametrize("backend", ["torch"] + FAST_BACKENDS)
@@ -118,9 +118,9 @@ def test_sums_then_finish_equals_the_whole_step(backend, name):
     one, two = _state(cfg), _state(cfg)
     one_step, two_step = torch.tensor(2.0, device=DEVICE), torch.tensor(2.0, device=DEVICE)
     for _ in range(2):
-        whole = _group(one, one_step, None)
+        whole = _batch(one, one_step, None)
         ops.masked_step_(whole, cfg, backend=backend)
-        split = _group(two, two_step, None)
+        split = _batch(two, two_step, None)
         sums, unit_importance = ops.masked_step_sums(split, cfg, backend=backend)
         assert sums.dtype == torch.float64 and sums.shape == (1, cfg.sums_width)
         assert unit_importance.shape == ((SHAPE[0],) if cfg.granularity == "row" else (0,))
@@ -139,7 +139,7 @@ def test_finish_rejects_bad_sums_before_any_write(sums, importance, match):
     state = _state(cfg)
     before = {k: v.clone() for k, v in state.items()}
     with pytest.raises((TypeError, ValueError), match=match):
-        ops.masked_step_finish(_group(state, torch.tensor(0.0, device=DEVICE), None), cfg, sums.to(DEVICE),
+        ops.masked_step_finish(_batch(state, torch.tensor(0.0, device=DEVICE), None), cfg, sums.to(DEVICE),
                                importance.to(DEVICE))
     assert all(torch.equal(state[k], before[k]) for k in state)
 
@@ -158,8 +158,8 @@ def test_bad_shards_are_rejected_before_any_write(shard, match):
     cfg = CONFIGS["amss+-element"]
     state = _state(cfg)
     before = {k: v.clone() for k, v in state.items()}
-    group = _group(state, torch.tensor(0.0, device=DEVICE), (0, 3))
-    group.shards = [shard]
+    batch = _batch(state, torch.tensor(0.0, device=DEVICE), (0, 3))
+    batch.shards = [shard]
     with pytest.raises((TypeError, ValueError), match=match):
-        ops.masked_step_sums(group, cfg)
+        ops.masked_step_sums(batch, cfg)
     assert all(torch.equal(state[k], before[k]) for k in state)

@@ -15,7 +15,7 @@ import torch
 
 from ...reference import sampling
 from ...reference.philox import split_seed
-from ...reference.spec import StepConfig, TensorGroup
+from ...reference.spec import StepConfig, TensorBatch
 from ..native import as_units, exact_unit_weights, working_copies
 from ..registry import register, register_probe
 
@@ -36,13 +36,13 @@ register_probe("triton", _probe)
 
 
 @register("masked_step_", "triton")
-def triton_masked_step_(group: TensorGroup, config: StepConfig, grad_scale, found_inf, sums=None,
+def triton_masked_step_(batch: TensorBatch, config: StepConfig, grad_scale, found_inf, sums=None,
                         unit_importance=None) -> None:
     """The step; from pass 1's ``sums`` and ``unit_importance`` when given (``masked_step_finish``),
     else it runs pass 1 too."""
     from . import step, units
 
-    work, write_back = working_copies(group)
+    work, write_back = working_copies(batch)
     exact_weights = None
     if config.exact:
         seed_lo, seed_hi = split_seed(config.seed)
@@ -51,24 +51,24 @@ def triton_masked_step_(group: TensorGroup, config: StepConfig, grad_scale, foun
             keys, noise = units.gumbel_keys(s_units.contiguous(), seed_lo, seed_hi, stream.reshape(1))
             return sampling.top_by_keys(keys, noise, count)
 
-        exact_weights, _ = exact_unit_weights(work, group, config, grad_scale, select)
-    step.launch(group, work, config, grad_scale, found_inf, exact_weights, sums, unit_importance)
+        exact_weights, _ = exact_unit_weights(work, batch, config, grad_scale, select)
+    step.launch(batch, work, config, grad_scale, found_inf, exact_weights, sums, unit_importance)
     for original, copy in write_back:
         original.copy_(copy)
 
 
 @register("masked_step_sums", "triton")
-def triton_masked_step_sums(group: TensorGroup, config: StepConfig, grad_scale) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_masked_step_sums(batch: TensorBatch, config: StepConfig, grad_scale) -> tuple[torch.Tensor, torch.Tensor]:
     from . import step
 
-    work, _ = working_copies(group)
-    return step.launch_sums(group, work, config, grad_scale)
+    work, _ = working_copies(batch)
+    return step.launch_sums(batch, work, config, grad_scale)
 
 
 @register("masked_step_finish", "triton")
-def triton_masked_step_finish(group: TensorGroup, config: StepConfig, sums, unit_importance, grad_scale,
+def triton_masked_step_finish(batch: TensorBatch, config: StepConfig, sums, unit_importance, grad_scale,
                               found_inf) -> None:
-    triton_masked_step_(group, config, grad_scale, found_inf, sums, unit_importance)
+    triton_masked_step_(batch, config, grad_scale, found_inf, sums, unit_importance)
 
 
 @register("fisher_update_", "triton")

@@ -1,6 +1,6 @@
 """The triton backend's fused step: the host side of ``kernels/masked_step.py``.
 
-Per (device, dtype, group) batch: the tables that depend only on the batch's shapes, storages and
+Per (device, dtype, batch) batch: the tables that depend only on the batch's shapes, storages and
 slots (metadata, pointer tables, block and row maps; cached), then three launches: pass 1
 (``pass1_blocks`` / ``pass1_rows``), the per-tensor reduce (``reduce_tensors``, which with
 water-filling also solves each tensor's level) and ``pass2``. Sharded batches: ``launch_sums``
@@ -18,7 +18,7 @@ from ...kernels.masked_step import (BLOCK_SIZE, PART_COLS, REDUCE_BLOCK, SCALAR_
                                     pass1_rows, pass2, reduce_tensors, sum_partials)
 from ...reference import sampling
 from ...reference.philox import split_seed
-from ...reference.spec import StepConfig, TensorGroup, exact_count
+from ...reference.spec import StepConfig, TensorBatch, exact_count
 from .units import TL_DTYPES
 
 
@@ -58,7 +58,7 @@ def _cached(cache: OrderedDict, key: tuple, build):
     return value
 
 
-def _layout(work: dict, group: TensorGroup, granularity: str) -> _Layout:
+def _layout(work: dict, batch: TensorBatch, granularity: str) -> _Layout:
     params = work["params"]
     device = params[0].device
 
@@ -67,11 +67,11 @@ def _layout(work: dict, group: TensorGroup, granularity: str) -> _Layout:
 
     rows = [
         (ptr(params, i), ptr(work["exp_avgs"], i), ptr(work["exp_avg_sqs"], i),
-         ptr(work["momentum_buffers"], i), ptr(work["fishers"], i), group.steps[i].data_ptr())
+         ptr(work["momentum_buffers"], i), ptr(work["fishers"], i), batch.steps[i].data_ptr())
         for i in range(len(params))
     ]
-    key = (device, granularity, tuple(rows), tuple(p.shape for p in params), tuple(group.slots),
-           tuple(group.shards))
+    key = (device, granularity, tuple(rows), tuple(p.shape for p in params), tuple(batch.slots),
+           tuple(batch.shards))
 
     def build() -> _Layout:
         meta, block_tensor, row_tensor, units_list = [], [], [], []
@@ -84,9 +84,9 @@ def _layout(work: dict, group: TensorGroup, granularity: str) -> _Layout:
             blocks = -(-n // BLOCK_SIZE)
             parts = units if granularity == "row" else blocks
             part_start = unit_offset if granularity == "row" else block_start
-            space = group.index_space(t, granularity)
+            space = batch.index_space(t, granularity)
             aligned = aligned and space.first_unit % 4 == 0 and space.first_element % 4 == 0
-            meta.append([n, units, max(row, 1), 2 * group.slots[t], part_start, parts, unit_offset, block_start,
+            meta.append([n, units, max(row, 1), 2 * batch.slots[t], part_start, parts, unit_offset, block_start,
                          space.units, space.numel, space.first_unit, space.first_element])
             block_tensor += [t] * blocks
             row_tensor += [t] * units
@@ -131,13 +131,13 @@ def _split_f64(value: float) -> tuple[float, float]:
     return hi, float(np.float32(value - hi))
 
 
-def _check_batch(group: TensorGroup) -> torch.device:
-    params = group.params
+def _check_batch(batch: TensorBatch) -> torch.device:
+    params = batch.params
     device = params[0].device
-    p_dtype, g_dtype = params[0].dtype, group.grads[0].dtype
-    if any(p.dtype != p_dtype for p in params) or any(g.dtype != g_dtype for g in group.grads):
+    p_dtype, g_dtype = params[0].dtype, batch.grads[0].dtype
+    if any(p.dtype != p_dtype for p in params) or any(g.dtype != g_dtype for g in batch.grads):
         raise TypeError("triton masked_step_: all params (and all grads) of a batch must share a dtype")
-    if any(x.device != device for x in params + group.grads + group.steps):
+    if any(x.device != device for x in params + batch.grads + batch.steps):
         raise ValueError("triton masked_step_: all tensors of a batch must be on one device")
     return device
 
@@ -165,30 +165,30 @@ def _launch_pass1(layout: _Layout, grads: torch.Tensor, work: dict, cfg: StepCon
 
 
 def launch_sums(
-    group: TensorGroup, work: dict[str, list[torch.Tensor]], cfg: StepConfig, grad_scale: torch.Tensor | None
+    batch: TensorBatch, work: dict[str, list[torch.Tensor]], cfg: StepConfig, grad_scale: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pass 1 of a batch alone: (per-tensor sums float64 [T, cfg.sums_width], each row's
     importance fp32 [units] for row granularity, else empty), for ``launch(..., sums=...)``
-    after the caller has all-reduced the sums of sharded tensors. ``work``, ``group``: as
+    after the caller has all-reduced the sums of sharded tensors. ``work``, ``batch``: as
     ``launch``."""
-    device = _check_batch(group)
-    layout = _layout(work, group, cfg.granularity)
-    sums = torch.zeros((len(group), cfg.sums_width), dtype=torch.float64, device=device)
+    device = _check_batch(batch)
+    layout = _layout(work, batch, cfg.granularity)
+    sums = torch.zeros((len(batch), cfg.sums_width), dtype=torch.float64, device=device)
     partials, row_importance = _launch_pass1(layout, _grad_table(work["grads"]), work, cfg, grad_scale, device, sums)
-    sum_partials[(len(group),)](meta=layout.meta, partials=partials, sums_out=sums, sums_width=sums.shape[1],
+    sum_partials[(len(batch),)](meta=layout.meta, partials=partials, sums_out=sums, sums_width=sums.shape[1],
                                 RBLOCK=REDUCE_BLOCK)
     return sums, row_importance[: layout.n_units] if cfg.row else row_importance.new_empty(0)
 
 
 def launch(
-    group: TensorGroup, work: dict[str, list[torch.Tensor]], cfg: StepConfig, grad_scale: torch.Tensor | None,
+    batch: TensorBatch, work: dict[str, list[torch.Tensor]], cfg: StepConfig, grad_scale: torch.Tensor | None,
     found_inf: torch.Tensor | None, exact_weights: torch.Tensor | None, sums: torch.Tensor | None = None,
     unit_importance: torch.Tensor | None = None,
 ) -> None:
     """Launch the step (the semantics of ``fastmask.reference.step``) on one batch.
 
     ``work``: contiguous versions of the batch's params, grads and states (lists keyed by the
-    ``TensorGroup`` field names; the caller writes copies back); ``group`` supplies the steps,
+    ``TensorBatch`` field names; the caller writes copies back); ``batch`` supplies the steps,
     slots, shards and stats. ``exact_weights``: for sampling="exact", the per-unit weight table
     of the units chosen on the host (0 = not selected), else None. ``sums`` and
     ``unit_importance``: ``launch_sums``'s results (the sums all-reduced over shards); pass 1 is
@@ -196,10 +196,10 @@ def launch(
     buffer, from which ``reduce_tensors`` solves each tensor's level (no host sync): three
     launches.
     """
-    params = group.params
-    device = _check_batch(group)
-    p_dtype, g_dtype = params[0].dtype, group.grads[0].dtype
-    layout = _layout(work, group, cfg.granularity)
+    params = batch.params
+    device = _check_batch(batch)
+    p_dtype, g_dtype = params[0].dtype, batch.grads[0].dtype
+    layout = _layout(work, batch, cfg.granularity)
     grads = _grad_table(work["grads"])
     n_tensors = len(params)
     f32 = dict(dtype=torch.float32, device=device)
@@ -272,6 +272,6 @@ def launch(
             P_DTYPE=TL_DTYPES[p_dtype], G_DTYPE=TL_DTYPES[g_dtype], BLOCK=BLOCK_SIZE,
             enable_fp_fusion=False,  # no contraction into FMAs: every op rounds as the reference's
         )
-    if group.stats is not None:
-        group.stats += stat_rows.sum(0)
+    if batch.stats is not None:
+        batch.stats += stat_rows.sum(0)
 
