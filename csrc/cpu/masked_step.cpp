@@ -12,7 +12,6 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <omp.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -47,11 +46,6 @@ struct Partial {
 };
 
 using fastmask::TensorScalars;
-
-template <typename T>
-inline float load(const T* p, int64_t i) {
-  return static_cast<float>(p[i]);
-}
 
 constexpr int kBins = fastmask::kHistBins;
 static_assert(kBins - 1 == 2047, "chunk_partial clamps bins to 2047");

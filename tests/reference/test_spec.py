@@ -42,3 +42,15 @@ def test_kernel_fields_are_the_derived_terms_with_tensor_settings_read_on_the_de
     assert fields["lr"] == 0.0  # the kernels read the lr tensor
     assert math.isnan(fields["ratio"]) and math.isnan(fields["grad_coefficient"])
     assert fields["is_masked"] and not fields["ema"]  # a ratio tensor may sample: decided on the device
+
+
+def test_the_former_name_of_a_batch_still_works_with_a_warning():
+    import pytest
+
+    import fastmask.reference as reference
+    from fastmask.reference.spec import TensorBatch
+
+    with pytest.warns(DeprecationWarning, match="renamed TensorBatch"):
+        assert reference.TensorGroup is TensorBatch
+    with pytest.raises(AttributeError, match="no attribute 'TensorGrop'"):
+        reference.TensorGrop
