@@ -520,11 +520,11 @@ void finish(const Layout& L, const StepInputs& in, const Config& c, const double
   const int64_t n_items = static_cast<int64_t>(items2.size());
   std::vector<double> item_pi(items2.size(), 0.0), item_sel(items2.size(), 0.0);
   auto mode_of = [&](int64_t t) { return !c.is_masked ? kDense : ((by_rows[t] || c.exact) ? kTable : kSample); };
-  const int kind = c.base_id == fastmask::kSGD ? (c.momentum != 0.0 ? kSgdMomentum : kSgd) : kAdam;
 #pragma omp parallel for schedule(static) if (in_parallel(n_items))
   for (int64_t k = 0; k < n_items; ++k) {
     const Item& it = items2[k];
     const int64_t t = it.tensor;
+    const int kind = scalars[t].update.kind;  // the base update's form (tensor_scalars)
     Pass2Tensor pt{in.params[t].data_ptr<P>(),
                    in.grads[t].data_ptr<G>(),
                    kind == kAdam ? in.exp_avgs[t].data_ptr<float>() : nullptr,

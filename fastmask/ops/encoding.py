@@ -115,7 +115,7 @@ def _masked_step_sums_op(
 def _(params, grads, steps, exp_avgs, exp_avg_sqs, momentum_buffers, fishers, slots, shards, grad_scale, lr, ratio,
       coefficient, choices, numbers, flags, seed, backend) -> tuple[torch.Tensor, torch.Tensor]:
     cfg = _config(lr, ratio, coefficient, choices, numbers, flags, seed)
-    units = sum(unit_count(p.shape, "row") for p in params) if cfg.granularity == "row" else 0
+    units = sum(unit_count(p.shape, "row") for p in params) if cfg.row else 0
     return (params[0].new_empty((len(params), cfg.sums_width), dtype=torch.float64),
             params[0].new_empty((units,), dtype=torch.float32))
 

@@ -127,7 +127,7 @@ def masked_step_finish(
     device = batch.params[0].device
     check_tensor("sums", sums, dtypes=(torch.float64,), device=device, shape=(len(batch), config.sums_width))
     check_tensor("unit_importance", unit_importance, dtypes=(torch.float32,), device=device)
-    units = sum(unit_count(p.shape, "row") for p in batch.params) if config.granularity == "row" else 0
+    units = sum(unit_count(p.shape, "row") for p in batch.params) if config.row else 0
     if unit_importance.shape != (units,):
         raise ValueError(f"unit_importance must have shape ({units},) (masked_step_sums's), got "
                          f"{tuple(unit_importance.shape)}")

@@ -245,10 +245,10 @@ def _step_tensor(
     new_p, new_m, new_v, new_buf = base_update(
         p32, g_mod, new_step, cfg, exp_avg, exp_avg_sq, momentum_buffer, corrections
     )
-    if cfg.modulate == "update" and isinstance(cfg.coefficient, torch.Tensor):
+    if cfg.modulate_update and isinstance(cfg.coefficient, torch.Tensor):
         k = cfg.coefficient.to(torch.float32).reshape(())
         new_p = torch.where(k != 1.0, p32 + (new_p - p32) * k, new_p)
-    elif cfg.modulate == "update" and cfg.coefficient != 1.0:
+    elif cfg.modulate_update:
         new_p = p32 + (new_p - p32) * cfg.coefficient
 
     update = ok if selected is None else selected & ok
