@@ -343,6 +343,7 @@ struct Layout {
   // the element path (sampled in pass 2, vectorised), not the per-row table.
   std::vector<char> by_rows;
   std::vector<Item> items1, items2;
+  std::vector<int64_t> starts1, starts2;  // the items' elements as the parallel loops weigh them (ops.h)
 };
 
 Layout layout_of(const std::vector<at::Tensor>& params, const Config& c) {
@@ -369,6 +370,11 @@ Layout layout_of(const std::vector<at::Tensor>& params, const Config& c) {
     for (int64_t b = 0; b < numel; b += kChunk) L.items2.push_back({t, b, std::min(numel, b + kChunk)});
   }
   L.first_item1[n_tensors] = static_cast<int64_t>(L.items1.size());
+  L.starts1.assign(1, 0);  // a pass-1 item of whole rows holds rows x row_size elements
+  for (const Item& it : L.items1)
+    L.starts1.push_back(L.starts1.back() + (it.end - it.begin) * (L.by_rows[it.tensor] ? L.row_size[it.tensor] : 1));
+  L.starts2.assign(1, 0);
+  for (const Item& it : L.items2) L.starts2.push_back(L.starts2.back() + (it.end - it.begin));
   return L;
 }
 
@@ -400,9 +406,8 @@ std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::
   const bool sum_s = handed_out || c.is_masked, sum_g = handed_out || c.ge_noise;
   const ChunkPartial<G> element_partial = chunk_partial_for<G>(hist, sum_s, sum_g);
   const ChunkPartial<G> row_partial = chunk_partial_for<G>(false, true, sum_g);
-  const int64_t n_items = static_cast<int64_t>(L.items1.size());
-#pragma omp parallel for schedule(static) if (in_parallel(n_items))
-  for (int64_t k = 0; k < n_items; ++k) {
+#pragma omp parallel if (in_parallel(L.starts1))
+  for (auto [k, last] = thread_items(L.starts1); k < last; ++k) {
     const Item& it = L.items1[k];
     const G* g = grads[it.tensor].data_ptr<G>();
     const float* f = c.ema ? fishers[it.tensor].data_ptr<float>() : nullptr;
@@ -517,11 +522,10 @@ void finish(const Layout& L, const StepInputs& in, const Config& c, const double
 
   // ---- pass 2: one read-modify-write per element
   const std::vector<Item>& items2 = L.items2;
-  const int64_t n_items = static_cast<int64_t>(items2.size());
   std::vector<double> item_pi(items2.size(), 0.0), item_sel(items2.size(), 0.0);
   auto mode_of = [&](int64_t t) { return !c.is_masked ? kDense : ((by_rows[t] || c.exact) ? kTable : kSample); };
-#pragma omp parallel for schedule(static) if (in_parallel(n_items))
-  for (int64_t k = 0; k < n_items; ++k) {
+#pragma omp parallel if (in_parallel(L.starts2))
+  for (auto [k, last] = thread_items(L.starts2); k < last; ++k) {
     const Item& it = items2[k];
     const int64_t t = it.tensor;
     const int kind = scalars[t].update.kind;  // the base update's form (tensor_scalars)
