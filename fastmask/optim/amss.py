@@ -8,14 +8,13 @@ ratio, selection U < pi on the counter RNG, optional unbiased rescale g/pi
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
 from ..ops.checks import check_choice, check_real
-from ..reference.spec import GRANULARITIES, IMPORTANCES, MASKED_MODES, RESCALES, SAMPLINGS, StepConfig
+from ..reference.spec import GRANULARITIES, IMPORTANCES, MASKED_MODES, RESCALES, SAMPLINGS
 from .base import FusedOptimizer
 from .groups import check_bool
 
@@ -107,12 +106,8 @@ class AMSS(FusedOptimizer):
     def _needs_fisher(self, group: dict[str, Any]) -> bool:
         return group.get("modality") is not None and group["importance"] == "ema"
 
-    def _step_config(self, group: dict[str, Any]) -> StepConfig:
-        return dataclasses.replace(
-            super()._step_config(group),
-            ratio=group.get(self.SETTING_LABEL, 1.0),
-            **{key: group[key] for key in self.METHOD_DEFAULTS},
-        )
+    def _method_terms(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {"ratio": group.get(self.SETTING_LABEL, 1.0), **{key: group[key] for key in self.METHOD_DEFAULTS}}
 
 
 class AMSSPlus(AMSS):

@@ -279,7 +279,8 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
 
     # ----------------------------------------------------------- step
     def _step_config(self, group: dict[str, Any]) -> StepConfig:
-        """The StepConfig of one group for this step; subclasses add their terms."""
+        """The StepConfig of one group for this step: the base optimizer's terms and the
+        method's (``_method_terms``), built once (a step builds one per group)."""
         if group["base"] == "sgd":
             family = dict(momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"])
         else:
@@ -291,7 +292,12 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
             maximize=group["maximize"],
             seed=group["seed"],
             **family,
+            **self._method_terms(group),
         )
+
+    def _method_terms(self, group: dict[str, Any]) -> dict[str, Any]:
+        """The method's StepConfig fields for ``group`` (subclasses: the ratio, the coefficient, ...)."""
+        return {}
 
     def _needs_fisher(self, group: dict[str, Any]) -> bool:
         return False

@@ -20,14 +20,13 @@ parameter's noise stream. Groups without a modality update densely.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
 
 from ..ops.checks import check_choice
-from ..reference.spec import MODULATE_MODES, StepConfig
+from ..reference.spec import MODULATE_MODES
 from .base import FusedOptimizer
 from .groups import check_bool
 
@@ -89,10 +88,6 @@ class OGM(FusedOptimizer):
         """The current coefficient of ``modality`` (1.0 until set; 1.0 for dense groups)."""
         return self._setting(modality)
 
-    def _step_config(self, group: dict[str, Any]) -> StepConfig:
-        return dataclasses.replace(
-            super()._step_config(group),
-            coefficient=group.get(self.SETTING_LABEL, 1.0),
-            ge_noise=group["ge"] and group.get("modality") is not None,
-            modulate=group["modulate"],
-        )
+    def _method_terms(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {"coefficient": group.get(self.SETTING_LABEL, 1.0),
+                "ge_noise": group["ge"] and group.get("modality") is not None, "modulate": group["modulate"]}
