@@ -1,6 +1,6 @@
-// The "cpp" backend: the fused masked step on CPU tensors, parallel over fixed chunks, and the
-// module's bindings (the water levels: water_level.cpp; the ops on units: units.cpp; the
-// vectorised Philox: philox_simd.h).
+// The "cpp" backend: the fused masked step on CPU tensors, parallel over fixed chunks (split
+// between threads by their elements: ops.h), and the module's bindings (the water levels:
+// water_level.cpp; the ops on units: units.cpp; the vectorised Philox: philox_simd.h).
 //
 // Pass 1 (reads g, and F for "ema") writes fp64 partials per chunk; a per-tensor reduce
 // sums them in chunk order (so results do not depend on the thread count), advances

@@ -120,6 +120,38 @@ def test_many_small_noncontiguous_and_empty_tensors(backend, granularity):
     assert _selected(opt) == _selected(ref_opt)
 
 
+@pytest.mark.skipif("cpp" not in FAST_BACKENDS or DEVICE.type != "cpu", reason="the cpp backend's thread split")
+@pytest.mark.parametrize("granularity", ["element", "row"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpp_split_between_threads_by_elements(granularity, threads):
+    """A batch of small tensors beside chunks of large ones, ending in tensors of empty rows:
+    the cpp step splits its chunks between threads by their elements (the last thread also takes
+    the empty items at the end), whatever the thread count, and matches the reference bit for bit."""
+    def run(b):
+        gen = torch.Generator().manual_seed(1)
+        shapes = [(8,), (3, 3), (300, 100), (16,), (40000,), (64, 5), (5, 0), (2, 0, 3)]
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        opt = fastmask.AMSSPlus([{"params": params, "modality": "m"}], lr=0.1, seed=3, backend=b,
+                                granularity=granularity)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step(ratios={"m": 0.4})
+        return params, opt
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, opt = run("cpp")
+    finally:
+        torch.set_num_threads(previous)
+    ref, ref_opt = run("torch")
+    for a, b in zip(ref, out):
+        assert torch.equal(a, b)
+    assert _selected(opt) == _selected(ref_opt)
+    assert [opt.state[p]["step"].item() for p in out] == [2.0] * len(out)
+
+
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_params(backend, dtype):
