@@ -11,16 +11,13 @@ namespace fastmask_cpu {
 
 namespace {
 
-// Each tensor's water level (x, p0), float64 [T, 2], from the histogram columns of pass 1's
-// sums: fastmask.reference.sampling.water_level by fastmask::water_level, with the prefix sums
-// tabled over the occupied bins only (below them they are 0, above them the totals). `events`:
-// sampling.level_events' breakpoints (x, a, c).
 constexpr int64_t kPrefixes = fastmask::kPositiveBins + 1;  // entries of a prefix table: 0 .. kPositiveBins
 
-// The prefix masses are kept one limb per column: a bin's add changes three limbs of the
-// running mass with scalar stores, and a mass table of rows (one Mass each) re-read them at once
-// with one wide load, which the CPU cannot forward from those stores (a stall of about 20
-// cycles per bin: 40 % of the solve).
+// The prefix sums of one tensor's histogram, tabled over its occupied bins only (below them they
+// are 0, above them the totals). The masses are kept one limb per column: a bin's add changes
+// three limbs of the running mass with scalar stores, and a table of rows (one Mass each)
+// re-read them at once with one wide load, which the CPU cannot forward from those stores (a
+// stall of about 20 cycles per bin: 40 % of the solve).
 struct OccupiedPrefix {
   const double* counts;  // counts[i], limbs[l * kPrefixes + i]: below positive bin i, for i in (lo, hi]
   const int64_t* limbs;
@@ -66,6 +63,9 @@ int64_t last_occupied(const double* hist, int64_t begin, int64_t end) {
 
 }  // namespace
 
+// Each tensor's water level (x, p0), float64 [T, 2], from the histogram columns of pass 1's
+// sums: fastmask.reference.sampling.water_level by fastmask::water_level over its
+// OccupiedPrefix. `events`: sampling.level_events' breakpoints (x, a, c).
 at::Tensor water_levels(at::Tensor sums, double ratio, double min_prob, at::Tensor events_x, at::Tensor events_a,
                         at::Tensor events_c) {
   TORCH_CHECK(sums.scalar_type() == at::kDouble && sums.dim() == 2 &&
@@ -92,9 +92,9 @@ at::Tensor water_levels(at::Tensor sums, double ratio, double min_prob, at::Tens
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < n_tensors; ++t) {
       const double* hist = hist_all + width * t + fastmask::kSumCols;  // hist[p + 1]: positive bin p
-      OccupiedPrefix prefix{counts.data(), limbs.data(), 0, kPositive - 1, 0.0, fastmask::mass_zero()};
-      prefix.lo = static_cast<int>(first_occupied(hist + 1, 0, kPositive));
-      prefix.hi = static_cast<int>(last_occupied(hist + 1, prefix.lo, kPositive));
+      const int lo = static_cast<int>(first_occupied(hist + 1, 0, kPositive));
+      OccupiedPrefix prefix{counts.data(), limbs.data(), lo, static_cast<int>(last_occupied(hist + 1, lo, kPositive)),
+                            0.0, fastmask::mass_zero()};
       for (int p = prefix.lo; p <= prefix.hi && prefix.lo < kPositive; ++p) {
         prefix.count_total += hist[p + 1];
         fastmask::mass_add_bin(prefix.mass_total, static_cast<int64_t>(hist[p + 1]), p);
