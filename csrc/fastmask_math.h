@@ -364,18 +364,20 @@ FM_HD UnitDraw draw_unit(float s, uint64_t unit, const TensorScalars& sc, double
 
 // One base-optimizer update of one element (fp32), in the reference's operation order: returns
 // the new param; m, v (Adam) or buf (SGD momentum) hold the old state and receive the new.
-// Branch-free on the flags, so the CPU element loop vectorises with it inlined.
-template <int KIND>
+// Branch-free on the flags, so the CPU element loop vectorises with it inlined. L2: the config
+// may have an L2 term (Adam's adam_l2, SGD's weight_decay); false compiles it out (a select
+// less per element for the CPU loop, whose caller has checked that the term is off).
+template <int KIND, bool L2 = true>
 FM_HD float base_update(const UpdateScalars& k, float p, float g, float& m, float& v, float& buf) {
   if (KIND == kUpdateAdam) {
     // (AdamW with weight_decay 0 has decay 1: p * 1 is p exactly)
     const float pd = k.adamw != 0.0f ? p * k.decay : p;
-    const float gd = k.adam_l2 != 0.0f ? g + k.weight_decay * p : g;
+    const float gd = L2 && k.adam_l2 != 0.0f ? g + k.weight_decay * p : g;
     m = m + (gd - m) * k.one_minus_beta1;
     v = v * k.beta2 + gd * gd * k.one_minus_beta2;
     return pd - k.step_size * (m / (sqrtf(v) / k.bc2_sqrt + k.eps));
   }
-  float d = k.weight_decay != 0.0f ? g + k.weight_decay * p : g;
+  float d = L2 && k.weight_decay != 0.0f ? g + k.weight_decay * p : g;
   if (KIND == kUpdateSgdMomentum) {
     buf = k.first_step != 0.0f ? d : buf * k.momentum + d * k.one_minus_dampening;
     d = k.nesterov != 0.0f ? d + k.momentum * buf : buf;

@@ -154,6 +154,48 @@ def test_cpp_split_between_threads_by_elements(granularity, threads):
     assert [opt.state[p]["step"].item() for p in out] == [2.0] * len(out)
 
 
+# Each setting that takes a sampled tensor off the cpp step's plain element loop (plain_sampling in
+# csrc/cpu/masked_step.cpp), and the plain loop itself (AdamW with decoupled decay, frozen units).
+SAMPLING_LOOP_CASES = {
+    "plain": dict(weight_decay=0.01),
+    "adam-l2": dict(base="adam", weight_decay=0.01),
+    "sgd-l2": dict(base="sgd", momentum=0.9, weight_decay=0.01),
+    "sgd-plain": dict(base="sgd", momentum=0.9),
+    "zero-grad": dict(masked="zero_grad"),
+    "uniform": dict(sampling="uniform"),
+    "legacy": dict(rescale="legacy"),
+}
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("name", list(SAMPLING_LOOP_CASES))
+def test_element_sampling_with_and_without_its_optional_terms(backend, name):
+    """Element-unit AMSS+ with each optional term of the sampled update on or off, beside a tensor
+    whose grads are all zero (its importance sum is 0: sampled at the ratio, not by the water
+    level), bit for bit against the reference: the cpp step runs these on its plain element loop
+    (the optional terms compiled out) or its general one, and must choose right."""
+    def run(b):
+        gen = torch.Generator().manual_seed(4)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in ((300, 7), (50,), (9, 4))]
+        opt = fastmask.AMSSPlus([{"params": params, "modality": "m"}], lr=0.05, seed=5, backend=b,
+                                **SAMPLING_LOOP_CASES[name])
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
+            params[1].grad.zero_()
+            opt.step(ratios={"m": 0.4})
+        return params, opt
+
+    ref, ref_opt = run("torch")
+    out, opt = run(backend)
+    for a, b in zip(ref, out):
+        assert torch.equal(a, b)
+    for a, b in zip(ref, out):
+        for key, value in ref_opt.state[a].items():
+            assert torch.equal(opt.state[b][key].cpu(), value.cpu()), key
+    assert _selected(opt) == _selected(ref_opt)
+
+
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_params(backend, dtype):
