@@ -7,7 +7,7 @@
 
 #include "../fastmask_math.h"
 
-// Philox in vectors: AVX-512 (16 calls per vector), else AVX2 (8 calls per vector), unless
+// Philox in vectors, one call per 64-bit lane: AVX-512 (8 calls per vector), else AVX2 (4), unless
 // FASTMASK_PORTABLE_RNG asks for the portable loop (the tests build every variant, so all stay
 // bit-identical to the reference)
 #if defined(__AVX512F__) && !defined(FASTMASK_PORTABLE_RNG)
@@ -64,111 +64,92 @@ inline void uniform_calls(uint64_t first_call, uint32_t s_lo, uint32_t s_hi, uin
 }
 
 #ifdef FASTMASK_AVX512_RNG
-// (high, low) 32-bit halves of x * m in each of the 16 lanes: vpmuludq multiplies the even
-// lanes; the odd lanes are shifted down and multiplied separately.
-inline __m512i mulhilo_avx512(__m512i x, __m512i m, __m512i* lo) {
-  const __m512i even = _mm512_mul_epu32(x, m);
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), m);
-  *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-  return _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-}
-
-// uniform_calls<16> with one call per vector lane; the 4 x 16 words are transposed back
-// to unit order (word w of call j is unit 4j + w).
+// uniform_calls<16> in two vectors of 8 calls, one call per 64-bit lane, as the AVX2 loop below
+// (one multiply and one shuffle per (high, low) pair; the three-way xor in one vpternlogd).
 inline void uniform_calls16(uint64_t first_call, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1,
                             float* out) {
-  const uint32_t lo = static_cast<uint32_t>(first_call), hi = static_cast<uint32_t>(first_call >> 32);
-  __m512i x0 = _mm512_add_epi32(_mm512_set1_epi32(lo), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
-                                                                         13, 14, 15));
-  const __mmask16 carry = _mm512_cmplt_epu32_mask(x0, _mm512_set1_epi32(lo));  // the counter's low word wrapped
-  __m512i x1 = _mm512_mask_add_epi32(_mm512_set1_epi32(hi), carry, _mm512_set1_epi32(hi), _mm512_set1_epi32(1));
-  __m512i x2 = _mm512_set1_epi32(s_lo), x3 = _mm512_set1_epi32(s_hi);
-  const __m512i m0 = _mm512_set1_epi32(fastmask::kPhiloxM0), m1 = _mm512_set1_epi32(fastmask::kPhiloxM1);
+  constexpr int kVectors = 2;
+  __m512i x0[kVectors], x1[kVectors], x2[kVectors], x3[kVectors];
+  const __m512i first = _mm512_set1_epi64(static_cast<long long>(first_call));
+  for (int q = 0; q < kVectors; ++q) {  // the 64-bit counters: the low word wraps into the high
+    x0[q] = _mm512_add_epi64(first, _mm512_setr_epi64(8 * q, 8 * q + 1, 8 * q + 2, 8 * q + 3, 8 * q + 4,
+                                                      8 * q + 5, 8 * q + 6, 8 * q + 7));
+    x1[q] = _mm512_srli_epi64(x0[q], 32);
+    x2[q] = _mm512_set1_epi64(s_lo);
+    x3[q] = _mm512_set1_epi64(s_hi);
+  }
+  const __m512i m0 = _mm512_set1_epi64(fastmask::kPhiloxM0), m1 = _mm512_set1_epi64(fastmask::kPhiloxM1);
+  constexpr int kXor3 = 0x96;  // vpternlogd's table of a ^ b ^ c
+#pragma GCC unroll 10
   for (int r = 0; r < 10; ++r) {
-    __m512i lo0, lo2;
-    const __m512i hi0 = mulhilo_avx512(x0, m0, &lo0);
-    const __m512i hi2 = mulhilo_avx512(x2, m1, &lo2);
-    x0 = _mm512_xor_si512(_mm512_xor_si512(hi2, x1), _mm512_set1_epi32(k0 + r * fastmask::kPhiloxW0));
-    x2 = _mm512_xor_si512(_mm512_xor_si512(hi0, x3), _mm512_set1_epi32(k1 + r * fastmask::kPhiloxW1));
-    x1 = lo2;
-    x3 = lo0;
+    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0 + r * fastmask::kPhiloxW0));
+    const __m512i key1 = _mm512_set1_epi32(static_cast<int>(k1 + r * fastmask::kPhiloxW1));
+    for (int q = 0; q < kVectors; ++q) {
+      const __m512i p0 = _mm512_mul_epu32(x0[q], m0), p2 = _mm512_mul_epu32(x2[q], m1);
+      // _MM_PERM_DDBB (0xF5): each lane's high word into its low word (and kept in the high)
+      x0[q] = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(p2, _MM_PERM_DDBB), x1[q], key0, kXor3);
+      x2[q] = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(p0, _MM_PERM_DDBB), x3[q], key1, kXor3);
+      x1[q] = p2;
+      x3[q] = p0;
+    }
   }
   const __m512 scale = _mm512_set1_ps(fastmask::kUnitScale);
   auto uniform = [&](__m512i w) { return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(w, 8)), scale); };
-  auto as_pd = [](__m512 x) { return _mm512_castps_pd(x); };
-  auto as_ps = [](__m512d x) { return _mm512_castpd_ps(x); };
-  const __m512 u0 = uniform(x0), u1 = uniform(x1), u2 = uniform(x2), u3 = uniform(x3);
-  // per 128-bit lane: (u0, u1) and (u2, u3) interleaved, then 64-bit pairs: calls j, j+4, j+8, j+12
-  const __m512 a_lo = _mm512_unpacklo_ps(u0, u1), a_hi = _mm512_unpackhi_ps(u0, u1);
-  const __m512 b_lo = _mm512_unpacklo_ps(u2, u3), b_hi = _mm512_unpackhi_ps(u2, u3);
-  const __m512 r0 = as_ps(_mm512_unpacklo_pd(as_pd(a_lo), as_pd(b_lo)));
-  const __m512 r1 = as_ps(_mm512_unpackhi_pd(as_pd(a_lo), as_pd(b_lo)));
-  const __m512 r2 = as_ps(_mm512_unpacklo_pd(as_pd(a_hi), as_pd(b_hi)));
-  const __m512 r3 = as_ps(_mm512_unpackhi_pd(as_pd(a_hi), as_pd(b_hi)));
-  // a 4 x 4 transpose of 128-bit lanes: output vector q holds calls 4q .. 4q + 3
-  const __m512 t0 = _mm512_shuffle_f32x4(r0, r1, 0x44), t1 = _mm512_shuffle_f32x4(r2, r3, 0x44);
-  const __m512 t2 = _mm512_shuffle_f32x4(r0, r1, 0xEE), t3 = _mm512_shuffle_f32x4(r2, r3, 0xEE);
-  _mm512_storeu_ps(out, _mm512_shuffle_f32x4(t0, t1, 0x88));
-  _mm512_storeu_ps(out + 16, _mm512_shuffle_f32x4(t0, t1, 0xDD));
-  _mm512_storeu_ps(out + 32, _mm512_shuffle_f32x4(t2, t3, 0x88));
-  _mm512_storeu_ps(out + 48, _mm512_shuffle_f32x4(t2, t3, 0xDD));
+  // 64-bit indices of the even and odd vectors below: calls 8q .. 8q + 3, then 8q + 4 .. 8q + 7
+  const __m512i low_calls = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+  const __m512i high_calls = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  for (int q = 0; q < kVectors; ++q) {
+    // per 64-bit lane (words 0, 1) and (words 2, 3) of its call, then per 128-bit lane a call's 4 words
+    const __m512i w01 = _mm512_mask_blend_epi32(0xAAAA, x0[q], _mm512_slli_epi64(x1[q], 32));
+    const __m512i w23 = _mm512_mask_blend_epi32(0xAAAA, x2[q], _mm512_slli_epi64(x3[q], 32));
+    const __m512i even = _mm512_unpacklo_epi64(w01, w23);  // calls 8q, 8q + 2, 8q + 4, 8q + 6
+    const __m512i odd = _mm512_unpackhi_epi64(w01, w23);   // calls 8q + 1, 8q + 3, 8q + 5, 8q + 7
+    _mm512_storeu_ps(out + 32 * q, uniform(_mm512_permutex2var_epi64(even, low_calls, odd)));
+    _mm512_storeu_ps(out + 32 * q + 16, uniform(_mm512_permutex2var_epi64(even, high_calls, odd)));
+  }
 }
 #elif defined(FASTMASK_AVX2_RNG)
-// (high, low) 32-bit halves of x * m in each of the 8 lanes: vpmuludq multiplies the even
-// lanes; the odd lanes are shifted down and multiplied separately.
-inline __m256i mulhilo_avx2(__m256i x, __m256i m, __m256i* lo) {
-  const __m256i even = _mm256_mul_epu32(x, m);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(x, 32), m);
-  *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  return _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
-
-// uniform_calls<8> with one call per vector lane, transposed back to unit order.
-inline void uniform_calls8(uint64_t first_call, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1,
-                           float* out) {
-  const uint32_t lo = static_cast<uint32_t>(first_call), hi = static_cast<uint32_t>(first_call >> 32);
-  const __m256i lo_v = _mm256_set1_epi32(static_cast<int>(lo));
-  __m256i x0 = _mm256_add_epi32(lo_v, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  // the counter's low word wrapped where x0 < lo (unsigned: compared with the sign bits flipped)
-  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-  const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(lo_v, sign), _mm256_xor_si256(x0, sign));
-  __m256i x1 = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(hi)), carry);  // carry lanes are -1
-  __m256i x2 = _mm256_set1_epi32(static_cast<int>(s_lo)), x3 = _mm256_set1_epi32(static_cast<int>(s_hi));
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(fastmask::kPhiloxM0));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(fastmask::kPhiloxM1));
+// uniform_calls<16> in four vectors of 4 calls, one call per 64-bit lane: vpmuludq multiplies a
+// lane's low words into the whole 64-bit product, so a round's (high, low) halves cost one
+// multiply and one shuffle (vpshufd, off the multiply's ports), where 32-bit lanes need two
+// multiplies, three shifts and two blends per 8 calls. The lanes' high words are left unmasked
+// between rounds: vpmuludq reads only the low words, and the output keeps only them.
+inline void uniform_calls16(uint64_t first_call, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1,
+                            float* out) {
+  constexpr int kVectors = 4;
+  __m256i x0[kVectors], x1[kVectors], x2[kVectors], x3[kVectors];
+  const __m256i first = _mm256_set1_epi64x(static_cast<long long>(first_call));
+  for (int q = 0; q < kVectors; ++q) {  // the 64-bit counters: the low word wraps into the high
+    x0[q] = _mm256_add_epi64(first, _mm256_setr_epi64x(4 * q, 4 * q + 1, 4 * q + 2, 4 * q + 3));
+    x1[q] = _mm256_srli_epi64(x0[q], 32);
+    x2[q] = _mm256_set1_epi64x(s_lo);
+    x3[q] = _mm256_set1_epi64x(s_hi);
+  }
+  const __m256i m0 = _mm256_set1_epi64x(fastmask::kPhiloxM0), m1 = _mm256_set1_epi64x(fastmask::kPhiloxM1);
+#pragma GCC unroll 10
   for (int r = 0; r < 10; ++r) {
-    __m256i lo0, lo2;
-    const __m256i hi0 = mulhilo_avx2(x0, m0, &lo0);
-    const __m256i hi2 = mulhilo_avx2(x2, m1, &lo2);
-    x0 = _mm256_xor_si256(_mm256_xor_si256(hi2, x1),
-                          _mm256_set1_epi32(static_cast<int>(k0 + r * fastmask::kPhiloxW0)));
-    x2 = _mm256_xor_si256(_mm256_xor_si256(hi0, x3),
-                          _mm256_set1_epi32(static_cast<int>(k1 + r * fastmask::kPhiloxW1)));
-    x1 = lo2;
-    x3 = lo0;
+    const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0 + r * fastmask::kPhiloxW0));
+    const __m256i key1 = _mm256_set1_epi32(static_cast<int>(k1 + r * fastmask::kPhiloxW1));
+    for (int q = 0; q < kVectors; ++q) {
+      const __m256i p0 = _mm256_mul_epu32(x0[q], m0), p2 = _mm256_mul_epu32(x2[q], m1);
+      // 0xF5: each lane's high word into its low word (and kept in the high)
+      x0[q] = _mm256_xor_si256(_mm256_xor_si256(_mm256_shuffle_epi32(p2, 0xF5), x1[q]), key0);
+      x2[q] = _mm256_xor_si256(_mm256_xor_si256(_mm256_shuffle_epi32(p0, 0xF5), x3[q]), key1);
+      x1[q] = p2;
+      x3[q] = p0;
+    }
   }
   const __m256 scale = _mm256_set1_ps(fastmask::kUnitScale);
   auto uniform = [&](__m256i w) { return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 8)), scale); };
-  auto as_pd = [](__m256 x) { return _mm256_castps_pd(x); };
-  auto as_ps = [](__m256d x) { return _mm256_castpd_ps(x); };
-  const __m256 u0 = uniform(x0), u1 = uniform(x1), u2 = uniform(x2), u3 = uniform(x3);
-  // per 128-bit lane: (u0, u1) and (u2, u3) interleaved, then 64-bit pairs: calls j and j + 4
-  const __m256 a_lo = _mm256_unpacklo_ps(u0, u1), a_hi = _mm256_unpackhi_ps(u0, u1);
-  const __m256 b_lo = _mm256_unpacklo_ps(u2, u3), b_hi = _mm256_unpackhi_ps(u2, u3);
-  const __m256 r0 = as_ps(_mm256_unpacklo_pd(as_pd(a_lo), as_pd(b_lo)));  // calls 0 | 4
-  const __m256 r1 = as_ps(_mm256_unpackhi_pd(as_pd(a_lo), as_pd(b_lo)));  // calls 1 | 5
-  const __m256 r2 = as_ps(_mm256_unpacklo_pd(as_pd(a_hi), as_pd(b_hi)));  // calls 2 | 6
-  const __m256 r3 = as_ps(_mm256_unpackhi_pd(as_pd(a_hi), as_pd(b_hi)));  // calls 3 | 7
-  _mm256_storeu_ps(out, _mm256_permute2f128_ps(r0, r1, 0x20));
-  _mm256_storeu_ps(out + 8, _mm256_permute2f128_ps(r2, r3, 0x20));
-  _mm256_storeu_ps(out + 16, _mm256_permute2f128_ps(r0, r1, 0x31));
-  _mm256_storeu_ps(out + 24, _mm256_permute2f128_ps(r2, r3, 0x31));
-}
-
-inline void uniform_calls16(uint64_t first_call, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1,
-                            float* out) {
-  uniform_calls8(first_call, s_lo, s_hi, k0, k1, out);
-  uniform_calls8(first_call + 8, s_lo, s_hi, k0, k1, out + 32);
+  for (int q = 0; q < kVectors; ++q) {
+    // per 64-bit lane (words 0, 1) and (words 2, 3) of its call, then per 128-bit lane a call's 4 words
+    const __m256i w01 = _mm256_blend_epi32(x0[q], _mm256_slli_epi64(x1[q], 32), 0xAA);
+    const __m256i w23 = _mm256_blend_epi32(x2[q], _mm256_slli_epi64(x3[q], 32), 0xAA);
+    const __m256i even = _mm256_unpacklo_epi64(w01, w23);  // calls 4q | 4q + 2
+    const __m256i odd = _mm256_unpackhi_epi64(w01, w23);   // calls 4q + 1 | 4q + 3
+    _mm256_storeu_ps(out + 16 * q, uniform(_mm256_permute2x128_si256(even, odd, 0x20)));
+    _mm256_storeu_ps(out + 16 * q + 8, uniform(_mm256_permute2x128_si256(even, odd, 0x31)));
+  }
 }
 #else
 inline void uniform_calls16(uint64_t first_call, uint32_t s_lo, uint32_t s_hi, uint32_t k0, uint32_t k1,

@@ -1,5 +1,6 @@
-"""The cpp backend's three Philox paths agree: the AVX-512 one (16 calls per vector), the AVX2
-one (8 calls per vector) and the portable loop (``-DFASTMASK_PORTABLE_RNG``).
+"""The cpp backend's three Philox paths agree: the AVX-512 one (8 calls per vector), the AVX2
+one (4 calls per vector; both one call per 64-bit lane) and the portable loop
+(``-DFASTMASK_PORTABLE_RNG``).
 
 Each variant is built explicitly as an extension of its own, and each build reports which
 loop it compiled (``rng_path()``), so that the comparison cannot pass by comparing the
