@@ -67,6 +67,67 @@ inline void atomic_add(double* x, double v) {
   }
 }
 
+// A thread's importance-bin counts for the tensor whose chunks it is counting (pass 1, water-filling):
+// its chunks add into them, and they go into the tensor's histogram (its kBins columns of the sums)
+// when the thread moves on to another tensor or ends: an atomic add per occupied bin once per
+// thread, where one per chunk took a tenth of pass 1 (one thread, AVX2). Two interleaved tables,
+// so that equal neighbouring bins do not wait on each other's increment; on the stack (a
+// thread_local table cost a __tls_get_addr call per increment: GCC recomputes its address inside
+// the loop), zeroed only over the bins counted since the last flush.
+struct BinCounts {
+  uint32_t counts[2][kBins];
+  uint32_t lo = kBins, hi = 0;  // the bins zeroed since the last flush: [lo, hi], none if lo > hi
+  int64_t counted = 0;          // elements counted since the last flush (the counts are 32-bit)
+  double* hist = nullptr;       // the histogram they go into
+  bool sole = false;            // no other thread adds to `hist`
+
+  // Counts into `tensor_hist` from now on (`tensor_sole`: no other thread adds to it), after the
+  // counts so far have gone into theirs.
+  void start(double* tensor_hist, bool tensor_sole) {
+    if (tensor_hist != hist) flush();
+    hist = tensor_hist;
+    sole = tensor_sole;
+  }
+
+  // Makes [first, last] counted bins (zeroing those that are not yet) for `n` more elements.
+  void cover(uint32_t first, uint32_t last, int64_t n) {
+    if (counted + n > int64_t{UINT32_MAX}) flush();
+    counted += n;
+    if (lo > hi) {
+      zero(first, last);
+    } else {
+      if (first < lo) zero(first, lo - 1);
+      if (last > hi) zero(hi + 1, last);
+    }
+    lo = std::min(lo, first);
+    hi = std::max(hi, last);
+  }
+
+  // Counts one element (a row) of bin `bin`.
+  void add(uint32_t bin) {
+    cover(bin, bin, 1);
+    ++counts[0][bin];
+  }
+
+  void flush() {
+    for (uint32_t b = lo; b <= hi; ++b) {
+      const uint32_t c = counts[0][b] + counts[1][b];
+      if (c && sole)
+        hist[b] += static_cast<double>(c);
+      else if (c)
+        atomic_add(hist + b, static_cast<double>(c));
+    }
+    lo = kBins;
+    hi = 0;
+    counted = 0;
+  }
+
+ private:
+  void zero(uint32_t first, uint32_t last) {
+    for (int t = 0; t < 2; ++t) std::fill(counts[t] + first, counts[t] + last + 1, 0u);
+  }
+};
+
 // Pass 1 of one chunk [begin, end) of a tensor's elements (at most kChunk), x = g * inv_scale
 // (an exact reciprocal: see scaled_grads): fp64 sums in kLanes fixed lanes (lane = offset mod
 // kLanes), so the loop vectorises while the result depends only on the chunk, not on the thread
@@ -76,11 +137,10 @@ inline void atomic_add(double* x, double v) {
 // standalone copy of the loops, one core, AVX2).
 // SUM_S, SUM_G: sum s, and g and g^2 (else left 0): the count of non-finite x is always taken.
 // BINS (water-filling): also each element's importance bin (fastmask::importance_bin, NaN bits
-// clamped to the last bin), counted into `hist` (the tensor's kBins histogram columns of the
-// sums); `sole`: the chunk is its tensor's only one, so no other thread adds to `hist`.
+// clamped to the last bin), counted into `bin_counts` (the calling thread's, started on the tensor).
 template <typename G, bool BINS, bool SUM_S, bool SUM_G>
 Partial chunk_partial(const G* __restrict g, const float* __restrict fisher, int64_t begin, int64_t end,
-                      float inv_scale, float fisher_beta, float one_minus_fisher_beta, double* hist, bool sole) {
+                      float inv_scale, float fisher_beta, float one_minus_fisher_beta, BinCounts* bin_counts) {
   constexpr int kLanes = 16;
   double s_acc[kLanes] = {}, g_acc[kLanes] = {}, g2_acc[kLanes] = {};
   int32_t bad_acc[kLanes] = {};
@@ -117,29 +177,19 @@ Partial chunk_partial(const G* __restrict g, const float* __restrict fisher, int
     lo = std::min(lo, bins[i]);
     hi = std::max(hi, bins[i]);
   }
-  // two interleaved tables, so that equal neighbouring bins do not wait on each other's
-  // increment; on the stack and zeroed only where this chunk counts (a thread_local table
-  // cost a __tls_get_addr call per increment: GCC recomputes its address inside the loop)
-  uint32_t counts[2][kBins];
-  for (int t = 0; t < 2; ++t) std::fill(counts[t] + lo, counts[t] + hi + 1, 0u);
+  bin_counts->cover(lo, hi, n);
+  uint32_t(&counts)[2][kBins] = bin_counts->counts;
   int64_t i = 0;
   for (; i + 1 < n; i += 2) {
     ++counts[0][bins[i]];
     ++counts[1][bins[i + 1]];
   }
   if (i < n) ++counts[0][bins[i]];
-  for (uint32_t b = lo; b <= hi; ++b) {
-    const uint32_t c = counts[0][b] + counts[1][b];
-    if (c && sole)
-      hist[b] += static_cast<double>(c);
-    else if (c)
-      atomic_add(hist + b, static_cast<double>(c));
-  }
   return out;
 }
 
 template <typename G>
-using ChunkPartial = Partial (*)(const G*, const float*, int64_t, int64_t, float, float, float, double*, bool);
+using ChunkPartial = Partial (*)(const G*, const float*, int64_t, int64_t, float, float, float, BinCounts*);
 
 // The chunk_partial that sums what is asked for (a template each: the loop keeps no test).
 template <typename G>
@@ -419,29 +469,36 @@ std::tuple<at::Tensor, at::Tensor> pass1(const Layout& L, const std::vector<at::
   const ChunkPartial<G> element_partial = chunk_partial_for<G>(hist, sum_s, sum_g);
   const ChunkPartial<G> row_partial = chunk_partial_for<G>(false, true, sum_g);
 #pragma omp parallel if (in_parallel(L.starts1))
-  for (auto [k, last] = thread_items(L.starts1); k < last; ++k) {
-    const Item& it = L.items1[k];
-    const G* g = grads[it.tensor].data_ptr<G>();
-    const float* f = c.ema ? fishers[it.tensor].data_ptr<float>() : nullptr;
-    double* tensor_hist = hist ? out + width * it.tensor + fastmask::kSumCols : nullptr;
-    if (!L.by_rows[it.tensor]) {
-      const bool sole = L.first_item1[it.tensor + 1] - L.first_item1[it.tensor] == 1;
-      partials[k] = element_partial(g, f, it.begin, it.end, inv_scale, fb, omfb, tensor_hist, sole);
-      continue;
+  {
+    BinCounts bin_counts;  // this thread's
+    const auto [first, last] = thread_items(L.starts1);
+    for (int64_t k = first; k < last; ++k) {
+      const Item& it = L.items1[k];
+      const int64_t t = it.tensor;
+      const G* g = grads[t].data_ptr<G>();
+      const float* f = c.ema ? fishers[t].data_ptr<float>() : nullptr;
+      // (sole: this thread has all of the tensor's items)
+      if (hist)
+        bin_counts.start(out + width * t + fastmask::kSumCols, first <= L.first_item1[t] && L.first_item1[t + 1] <= last);
+      if (!L.by_rows[t]) {
+        partials[k] = element_partial(g, f, it.begin, it.end, inv_scale, fb, omfb, &bin_counts);
+        continue;
+      }
+      Partial acc;
+      const int64_t rs = L.row_size[t];
+      for (int64_t r = it.begin; r < it.end; ++r) {
+        const Partial row = row_partial(g, f, r * rs, (r + 1) * rs, inv_scale, fb, omfb, nullptr);
+        const float row_s = static_cast<float>(row.s);  // s_u is fp32; S sums the rounded s_u
+        row_importance[L.unit_offset[t] + r] = row_s;
+        if (hist) bin_counts.add(std::min<uint32_t>(fastmask::importance_bin(row_s), kBins - 1));
+        acc.s += row_s;
+        acc.g += row.g;
+        acc.g2 += row.g2;
+        acc.bad += row.bad;
+      }
+      partials[k] = acc;
     }
-    Partial acc;
-    const int64_t rs = L.row_size[it.tensor];
-    for (int64_t r = it.begin; r < it.end; ++r) {
-      const Partial row = row_partial(g, f, r * rs, (r + 1) * rs, inv_scale, fb, omfb, nullptr, false);
-      const float row_s = static_cast<float>(row.s);  // s_u is fp32; S sums the rounded s_u
-      row_importance[L.unit_offset[it.tensor] + r] = row_s;
-      if (hist) atomic_add(tensor_hist + std::min<uint32_t>(fastmask::importance_bin(row_s), kBins - 1), 1.0);
-      acc.s += row_s;
-      acc.g += row.g;
-      acc.g2 += row.g2;
-      acc.bad += row.bad;
-    }
-    partials[k] = acc;
+    if (hist) bin_counts.flush();
   }
   for (int64_t t = 0; t < L.n_tensors; ++t) {
     double* row = out + width * t;
