@@ -39,6 +39,19 @@ def _selected(opt):
     return {m: (s["realised_fraction"], s["units"], s["skipped_tensors"]) for m, s in opt.stats().items()}
 
 
+def _steps_like_reference(run, backend, states=False):
+    """``run(b)`` -> (params, optimizer) on backend ``b``: ``backend``'s params (and with ``states``
+    every state tensor) equal the reference's bit for bit, as do its selections; returns its run."""
+    ref, ref_opt = run("torch")
+    out, opt = run(backend)
+    for a, b in zip(ref, out):
+        assert torch.equal(a, b)
+        for key, value in ref_opt.state[a].items() if states else ():
+            assert torch.equal(opt.state[b][key].cpu(), value.cpu()), key
+    assert _selected(opt) == _selected(ref_opt)
+    return out, opt
+
+
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_matches_reference(backend, name):
@@ -112,12 +125,8 @@ def test_many_small_noncontiguous_and_empty_tensors(backend, granularity):
             opt.step(ratios={"m": 0.4})
         return params, opt
 
-    ref, ref_opt = run("torch")
-    out, opt = run(backend)
-    for a, b in zip(ref, out):
-        assert torch.equal(a, b)
+    out, _ = _steps_like_reference(run, backend)
     assert out[-1].is_contiguous(memory_format=torch.channels_last)
-    assert _selected(opt) == _selected(ref_opt)
 
 
 @pytest.mark.skipif("cpp" not in FAST_BACKENDS or DEVICE.type != "cpu", reason="the cpp backend's thread split")
@@ -186,14 +195,7 @@ def test_element_sampling_with_and_without_its_optional_terms(backend, name):
             opt.step(ratios={"m": 0.4})
         return params, opt
 
-    ref, ref_opt = run("torch")
-    out, opt = run(backend)
-    for a, b in zip(ref, out):
-        assert torch.equal(a, b)
-    for a, b in zip(ref, out):
-        for key, value in ref_opt.state[a].items():
-            assert torch.equal(opt.state[b][key].cpu(), value.cpu()), key
-    assert _selected(opt) == _selected(ref_opt)
+    _steps_like_reference(run, backend, states=True)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
