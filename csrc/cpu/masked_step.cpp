@@ -430,7 +430,11 @@ Layout layout_of(const std::vector<at::Tensor>& params, const Config& c) {
     const int64_t n1 = L.by_rows[t] ? units : numel;
     const int64_t per_item = L.by_rows[t] ? std::max<int64_t>(1, kChunk / std::max<int64_t>(row_size, 1)) : kChunk;
     for (int64_t b = 0; b < n1; b += per_item) L.items1.push_back({t, b, std::min(n1, b + per_item)});
-    for (int64_t b = 0; b < numel; b += kChunk) L.items2.push_back({t, b, std::min(numel, b + kChunk)});
+    // pass-2 items: as few as chunks of kChunk, of one size (whole blocks of uniforms): a tensor of
+    // 3 chunks and a bit splits between two threads as 2 : 2 items, not 2 : 1 and a bit
+    const int64_t n2 = std::max<int64_t>(1, (numel + kChunk - 1) / kChunk);
+    const int64_t per_item2 = ((numel + n2 - 1) / n2 + kBlock - 1) / kBlock * kBlock;
+    for (int64_t b = 0; b < numel; b += per_item2) L.items2.push_back({t, b, std::min(numel, b + per_item2)});
   }
   L.first_item1[n_tensors] = static_cast<int64_t>(L.items1.size());
   L.starts1.assign(1, 0);  // a pass-1 item of whole rows holds rows x row_size elements
