@@ -26,6 +26,7 @@
 
 #include "../fastmask_math.h"
 #include "../kernel_config.h"
+#include "half_convert.h"
 #include "ops.h"
 #include "philox_simd.h"
 
@@ -135,6 +136,7 @@ struct BinCounts {
 // vectorise: 0.37 -> 0.26 ns per element for the sums; 16 lanes rather than 8, since each lane's
 // fp64 add chain waits on its previous add: 0.76 -> 0.60 ns with the bins and their count (a
 // standalone copy of the loops, one core, AVX2).
+// bf16 / fp16 grads are widened kWidenBlock at a time (a multiple of kLanes: the lanes stay put).
 // SUM_S, SUM_G: sum s, and g and g^2 (else left 0): the count of non-finite x is always taken.
 // BINS (water-filling): also each element's importance bin (fastmask::importance_bin, NaN bits
 // clamped to the last bin), counted into `bin_counts` (the calling thread's, started on the tensor).
@@ -146,12 +148,17 @@ Partial chunk_partial(const G* __restrict g, const float* __restrict fisher, int
   int32_t bad_acc[kLanes] = {};
   uint16_t bins[BINS ? kChunk : 1];
   const int64_t n = end - begin;
+  static_assert(kWidenBlock % kLanes == 0, "a widened block starts at lane 0");
+  const int64_t sub_block = std::is_same_v<G, float> ? n : kWidenBlock;  // fp32: the chunk in place
+  WidenBuffer<G> g_wide;
+  const float* gx = nullptr;  // the sub-block's grads as fp32
+  int64_t first = 0;          // the sub-block's offset in the chunk
   auto accumulate = [&](int64_t o, int l) {
-    const int64_t i = begin + o + l;
-    const float x = static_cast<float>(g[i]) * inv_scale;
+    const int64_t i = begin + first + o + l;
+    const float x = gx[o + l] * inv_scale;
     if (SUM_S || BINS) {
       const float s = fisher ? fastmask::importance_ema(fisher[i], x, fisher_beta, one_minus_fisher_beta) : x * x;
-      if (BINS) bins[o + l] = static_cast<uint16_t>(std::min<uint32_t>(fastmask::importance_bin(s), 2047u));
+      if (BINS) bins[first + o + l] = static_cast<uint16_t>(std::min<uint32_t>(fastmask::importance_bin(s), 2047u));
       if (SUM_S) s_acc[l] += s;
     }
     if (SUM_G) {
@@ -160,10 +167,14 @@ Partial chunk_partial(const G* __restrict g, const float* __restrict fisher, int
     }
     bad_acc[l] += fastmask::is_nonfinite(x);
   };
-  int64_t o = 0;
-  for (; o + kLanes <= n; o += kLanes)  // whole rounds of lanes: a fixed trip count vectorises
-    for (int l = 0; l < kLanes; ++l) accumulate(o, l);
-  for (int l = 0; o + l < n; ++l) accumulate(o, l);
+  for (; first < n; first += sub_block) {
+    const int64_t count = std::min(sub_block, n - first);
+    gx = as_float(g + begin + first, g_wide, count);
+    int64_t o = 0;
+    for (; o + kLanes <= count; o += kLanes)  // whole rounds of lanes: a fixed trip count vectorises
+      for (int l = 0; l < kLanes; ++l) accumulate(o, l);
+    for (int l = 0; o + l < count; ++l) accumulate(o, l);
+  }
   Partial out;
   for (int l = 0; l < kLanes; ++l) {
     out.s += s_acc[l];
@@ -270,6 +281,9 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Con
                          cfg.one_minus_fisher_beta32(), level ? level[0] : 0.0, sc.update};
   alignas(64) float uniforms[kPass2Block] = {};
   alignas(64) float noise[kPass2Block] = {};
+  static_assert(kPass2Block <= kWidenBlock, "a block's bf16 / fp16 params and grads fit the fp32 buffers");
+  alignas(64) WidenBuffer<P> p_wide;
+  alignas(64) WidenBuffer<G> g_wide;
   for (int64_t b = begin, e; b < end; b = e) {
     e = std::min<int64_t>(end, b + kPass2Block);
     float unit_weight = 0.0f;
@@ -281,12 +295,13 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Con
         // a frozen row keeps param and moments: it is not even read (only an EMA F moves), so a
         // step moves about ratio x the bytes of a dense one
         e = row_end;
-        if (EMA) {
+        for (int64_t s = b; EMA && s < e; s += kWidenBlock) {
+          const int64_t count = std::min(kWidenBlock, e - s);
+          const float* gx = as_float(pt.g + s, g_wide, count);
+          float* fisher = pt.fisher + s;
 #pragma omp simd
-          for (int64_t i = b; i < e; ++i) {
-            const float x = static_cast<float>(pt.g[i]) * inv_scale;
-            pt.fisher[i] = fastmask::importance_ema(pt.fisher[i], x, c.fisher_beta, c.one_minus_fisher_beta);
-          }
+          for (int64_t i = 0; i < count; ++i)
+            fisher[i] = fastmask::importance_ema(fisher[i], gx[i] * inv_scale, c.fisher_beta, c.one_minus_fisher_beta);
         }
         continue;
       }
@@ -299,11 +314,12 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Con
       for (int64_t i = b; i < e; ++i)
         noise[i - b] = fastmask::normal_at(static_cast<uint64_t>(pt.first_element + i), sc.step_word, sc.noise_hi, k0,
                                            k1) * sc.std;
-    // the block's arrays from its first element; fp32 sums within the block (at most
+    // the block's arrays from its first element (bf16 / fp16 params and grads widened into the
+    // fp32 buffers, the params rounded back after the loop); fp32 sums within the block (at most
     // kPass2Block terms), added to the fp64 totals once: fp64 lanes in the element loop cost
     // ~0.2 ns per element (measured); only stats read them
-    P* __restrict p = pt.p + b;
-    const G* __restrict g = pt.g + b;
+    float* __restrict p = as_float(pt.p + b, p_wide, e - b);
+    const float* __restrict g = as_float(pt.g + b, g_wide, e - b);
     float* __restrict m = pt.m ? pt.m + b : nullptr;
     float* __restrict v = pt.v ? pt.v + b : nullptr;
     float* __restrict buf = pt.buf ? pt.buf + b : nullptr;
@@ -313,7 +329,7 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Con
 #pragma omp simd reduction(+ : block_pi, block_sel)
     for (int64_t l = 0; l < e - b; ++l) {
       // (g / grad_scale) * sign, in one multiply: both are g * sign / grad_scale rounded once
-      const float x = static_cast<float>(g[l]) * c.unscale;
+      const float x = g[l] * c.unscale;
       float gm = x * c.coefficient;
       if (!PLAIN) gm = c.ge != 0.0f ? gm + noise[l] : gm;
       const float f_old = EMA ? fisher[l] : 0.0f;
@@ -337,7 +353,7 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Con
       }
       // (a select on a loop-invariant bool, as a frozen table row would give, is not vectorised)
       const bool update = MODE == kSample && (PLAIN || c.freeze != 0.0f) ? selected : true;
-      const float p_old = static_cast<float>(p[l]);
+      const float p_old = p[l];
       const float m_old = KIND == kAdam ? m[l] : 0.0f, v_old = KIND == kAdam ? v[l] : 0.0f;
       const float b_old = KIND == kSgdMomentum ? buf[l] : 0.0f;
       float m_new = m_old, v_new = v_old, b_new = b_old;
@@ -349,9 +365,10 @@ void pass2_range(const Pass2Tensor<P, G>& pt, const TensorScalars& sc, const Con
       if (KIND == kSgdMomentum) buf[l] = new_or_kept(update, b_new, b_old);
       if (!PLAIN)
         p_new = c.modulate_update != 0.0f ? fastmask::modulated(p_old, p_new, c.update_coefficient) : p_new;
-      p[l] = static_cast<P>(new_or_kept(update, p_new, p_old));
+      p[l] = new_or_kept(update, p_new, p_old);
       if (EMA) fisher[l] = f_new;
     }
+    store_from_float(p, pt.p + b, e - b);
     pi_sum += block_pi;
     sel_sum += block_sel;
   }
