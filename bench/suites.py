@@ -3,7 +3,9 @@
 Every number is measured in the same run: the device's copy bandwidth, torch's fused
 AdamW on the same shapes, then each variant and backend. Timing: CUDA events (or
 ``perf_counter`` on CPU) around single steps after warm-up; the median is reported.
-GB/s uses the byte model of DESIGN §5 (bytes per element, fp32 params).
+GB/s uses the byte model of DESIGN §5 (bytes per element), with params and grads of the
+run's dtype (fp32, bf16 or fp16): fastmask keeps its states in fp32, torch's AdamW in the
+param's dtype.
 """
 
 from __future__ import annotations
@@ -21,22 +23,33 @@ import fastmask
 from fastmask import ops
 from fastmask.backends.registry import unavailable_reason
 
-# DESIGN §5 byte model, fp32 params, per element and step
-BYTES_PER_ELEMENT = {
-    "torch-fused-adamw": 28,
-    "torch-adamw-forloop": 28,
-    "torch-adamw-foreach": 28,
-    "amss+-adamw-grad2": 32,
-    "amss+-adamw-grad2-row": 32,
-    "amss+-adamw-ema": 40,
-    "amss-sgd-grad2": 24,
-    "amss+-adamw-dense": 28,  # ratio 1: the base AdamW step (its pre-pass reads g: 32 B moved)
+# DESIGN §5 byte model per element and step, as (accesses of a param or grad element, fp32
+# bytes): e.g. AMSS+-AdamW reads g in pass 1, then reads p, g and writes p (4 accesses), and
+# reads and writes its fp32 m, v (16 B): 32 B with fp32 params, 24 B with bf16. torch's AdamW
+# keeps m, v in the param's dtype: 7 accesses.
+BYTE_MODEL = {
+    "torch-fused-adamw": (7, 0),
+    "torch-adamw-forloop": (7, 0),
+    "torch-adamw-foreach": (7, 0),
+    "amss+-adamw-grad2": (4, 16),
+    "amss+-adamw-grad2-row": (4, 16),
+    "amss+-adamw-ema": (4, 24),  # and F read and written (fp32)
+    "amss-sgd-grad2": (4, 8),  # the momentum buffer read and written
+    "amss+-adamw-dense": (3, 16),  # ratio 1: the base AdamW step (its pre-pass reads g: 4 accesses moved)
     # baselines doing the amss+-adamw-grad2 work, credited with its model bytes
-    "mask-op+fused-adamw": 32,
-    "reference-style-amss+": 32,
+    "mask-op+fused-adamw": (4, 16),
+    "reference-style-amss+": (4, 16),
 }
-# what this implementation moves: its "ema" pre-pass also reads F (4 B more than the model)
-ACTUAL_BYTES_PER_ELEMENT = {**BYTES_PER_ELEMENT, "amss+-adamw-ema": 44, "amss+-adamw-dense": 32}
+# what this implementation moves: its "ema" pre-pass also reads F, the dense step's pre-pass g
+ACTUAL_BYTE_MODEL = {**BYTE_MODEL, "amss+-adamw-ema": (4, 28), "amss+-adamw-dense": (4, 16)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def bytes_per_element(variant: str, dtype: torch.dtype, actual: bool = False) -> int:
+    """Bytes one step moves per element of ``variant`` with params and grads of ``dtype``; 0
+    for a variant the model does not cover."""
+    accesses, fp32_bytes = (ACTUAL_BYTE_MODEL if actual else BYTE_MODEL).get(variant, (0, 0))
+    return accesses * torch.finfo(dtype).bits // 8 + fp32_bytes
 
 VARIANTS = {
     "amss+-adamw-grad2": (fastmask.AMSSPlus, dict(base="adamw", lr=1e-3)),
@@ -94,6 +107,7 @@ class Record:
     ratio_vs_torch_fused_adamw: float
     bytes_per_element: int
     actual_bytes_per_element: int
+    dtype: str = "fp32"  # the params' and grads'
 
 
 class Timer:
@@ -133,14 +147,15 @@ def copy_bandwidth_gbps(device: torch.device, timer: Timer) -> float:
     return 2 * 4 * n / (ms * 1e-3) / 1e9
 
 
-def _params(shapes: dict[str, list[tuple[int, ...]]], device: torch.device, seed: int = 0):
+def _params(shapes: dict[str, list[tuple[int, ...]]], device: torch.device, seed: int = 0,
+            dtype: torch.dtype = torch.float32):
     gen = torch.Generator(device=device).manual_seed(seed)
     groups = []
     for modality, shape_list in shapes.items():
         params = []
         for shape in shape_list:
-            p = torch.nn.Parameter(torch.randn(shape, device=device, generator=gen) * 0.02)
-            p.grad = torch.randn(shape, device=device, generator=gen) * 1e-3
+            p = torch.nn.Parameter((torch.randn(shape, device=device, generator=gen) * 0.02).to(dtype))
+            p.grad = (torch.randn(shape, device=device, generator=gen) * 1e-3).to(dtype)
             params.append(p)
         groups.append({"params": params} if modality == "dense" else {"params": params, "modality": modality})
     return groups
@@ -239,40 +254,49 @@ def run(
     compile_baseline: bool | None = None,
     log: Callable[[str], None] = print,
     timer: Timer | None = None,
+    dtype: str = "fp32",
 ) -> list[Record]:
+    """Times every (shape set, variant, backend) and the baselines, params and grads of ``dtype``
+    (a key of DTYPES)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPES[dtype]
     timer = timer or Timer(device)
     variants = variants or list(VARIANTS)
     backends = backends or available_backends(device)
     compile_baseline = device.type == "cuda" if compile_baseline is None else compile_baseline
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or 'x86_64'})"
     copy_gbps = copy_bandwidth_gbps(device, timer)
-    log(f"device {name}: measured copy bandwidth {copy_gbps:.1f} GB/s")
+    log(f"device {name}: measured copy bandwidth {copy_gbps:.1f} GB/s; params and grads {dtype}")
     records: list[Record] = []
     for set_name, shapes in shape_sets(device, sets):
         numel = sum(math.prod(s) for ss in shapes.values() for s in ss)
         n_tensors = sum(len(ss) for ss in shapes.values())
 
+        def params() -> list[dict]:
+            return _params(shapes, device, dtype=torch_dtype)
+
         def record(backend: str, variant: str, ms: float, fused_ms: float) -> Record:
-            model = BYTES_PER_ELEMENT.get(variant, 0)
+            model = bytes_per_element(variant, torch_dtype)
             gbps = model * numel / (ms * 1e-3) / 1e9 if model else float("nan")
             rec = Record(name, set_name, backend, variant, numel, n_tensors, ms, gbps, 100 * gbps / copy_gbps,
-                         ms / fused_ms, model, ACTUAL_BYTES_PER_ELEMENT.get(variant, 0))
+                         ms / fused_ms, model, bytes_per_element(variant, torch_dtype, actual=True), dtype)
             log(f"  {set_name:12s} {variant:26s} {backend:8s} {ms:10.3f} ms  {gbps:8.1f} GB/s "
                 f"{rec.pct_copy_bw:5.1f}% copy  x{rec.ratio_vs_torch_fused_adamw:.2f} vs fused AdamW")
             records.append(rec)
             return rec
 
-        fused_ms = timer(torch_adamw_step(_params(shapes, device), fused=True))
+        fused_ms = timer(torch_adamw_step(params(), fused=True))
         record("torch", "torch-fused-adamw", fused_ms, fused_ms)
         if baselines:
             for flag, label in ((dict(foreach=False), "torch-adamw-forloop"), (dict(foreach=True), "torch-adamw-foreach")):
-                record("torch", label, timer(torch_adamw_step(_params(shapes, device), **flag)), fused_ms)
-            record("torch", "mask-op+fused-adamw", timer(mask_op_then_fused_adamw(_params(shapes, device))), fused_ms)
+                record("torch", label, timer(torch_adamw_step(params(), **flag)), fused_ms)
+            record("torch", "mask-op+fused-adamw", timer(mask_op_then_fused_adamw(params())), fused_ms)
             if set_name == "av-resnet18":
-                record("torch", "reference-style-amss+", timer(reference_style_amss(_params(shapes, device))), fused_ms)
+                record("torch", "reference-style-amss+", timer(reference_style_amss(params())), fused_ms)
             if compile_baseline:
                 try:
-                    ms = timer(compiled_reference_step(_params(shapes, device)), warmup=3)
+                    ms = timer(compiled_reference_step(params()), warmup=3)
                     record("torch.compile", "amss+-adamw-grad2", ms, fused_ms)
                 except Exception as exc:  # a baseline that cannot be built here is reported, not hidden
                     log(f"  {set_name:12s} torch.compile baseline failed: {type(exc).__name__}: {exc}")
@@ -280,7 +304,7 @@ def run(
             for backend in backends:
                 if backend == "torch" and set_name == "small" and device.type == "cpu":
                     continue  # ~2000 tensors x ~30 ops each: minutes per step, nothing learned
-                record(backend, variant, timer(fastmask_step(_params(shapes, device), variant, backend)), fused_ms)
+                record(backend, variant, timer(fastmask_step(params(), variant, backend)), fused_ms)
     return records
 
 

@@ -66,7 +66,8 @@ def _bench(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     timer = suites.Timer(device, min_time_s=0.2 if args.quick else 0.5, min_iters=3 if args.quick else 5)
     records = suites.run(device, sets=args.sets, variants=args.variants, backends=args.backends,
-                         baselines=not args.no_baselines, compile_baseline=args.compile, timer=timer)
+                         baselines=not args.no_baselines, compile_baseline=args.compile, timer=timer,
+                         dtype=args.dtype)
     if args.json:
         import json
 
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--variants", nargs="+", help="e.g. amss+-adamw-grad2 amss+-adamw-ema amss-sgd-grad2")
     bench.add_argument("--backends", nargs="+", help="default: every backend that runs on the device")
     bench.add_argument("--no-baselines", action="store_true", help="only torch fused AdamW and fastmask")
+    bench.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                       help="the params' and grads' dtype (fastmask's states stay fp32; default fp32)")
     bench.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="include torch.compile of the reference step (default: on GPU only)")
     bench.add_argument("--quick", action="store_true", help="fewer iterations")

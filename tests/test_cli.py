@@ -1,5 +1,6 @@
 """The command-line entry points run and produce what they promise."""
 
+import pytest
 import torch
 
 from fastmask import cli
@@ -26,6 +27,22 @@ def test_bench_records():
     visual = 11_689_512 - 513_000
     assert rec["numel"] == visual + (visual - 2 * 64 * 7 * 7) + 31 * 1024 + 31
     assert rec["median_ms"] > 0 and rec["ratio_vs_torch_fused_adamw"] > 0
+
+
+def test_bench_records_in_bf16():
+    timer = suites.Timer(torch.device("cpu"), min_time_s=0.0, min_iters=1)
+    records = suites.run(torch.device("cpu"), sets=["large"], variants=["amss+-adamw-grad2"], backends=["cpp"],
+                         baselines=False, timer=timer, log=lambda _: None, dtype="bf16")
+    by_variant = {(r.variant, r.numel): r for r in records}
+    variants = ("amss+-adamw-grad2", "torch-fused-adamw")
+    assert sorted(by_variant) == sorted((v, n) for n in (2**22, 2**24) for v in variants)
+    fused, step = by_variant["torch-fused-adamw", 2**22], by_variant["amss+-adamw-grad2", 2**22]
+    # bf16 p and g (2 B), fastmask's fp32 m and v; torch's m and v are bf16
+    assert (fused.bytes_per_element, step.bytes_per_element) == (14, 24)
+    assert {r.dtype for r in records} == {"bf16"} and step.median_ms > 0
+    assert suites.bytes_per_element("amss+-adamw-grad2", torch.float32) == 32
+    with pytest.raises(ValueError, match="dtype"):
+        suites.run(torch.device("cpu"), dtype="float64", log=lambda _: None)
 
 
 def test_demo_on_the_imbalanced_set_runs_every_method_and_the_encoders_alone(monkeypatch, capsys):
