@@ -85,7 +85,8 @@ STEP_CASES = {
 def test_step_is_the_fp32_step_rounded(name, dtype, grad_dtype):
     cfg = STEP_CASES[name]
     gen = torch.Generator().manual_seed(7)
-    shapes = [(700, 33), (5000,), (3, 3, 7)]  # several items, a 1-D tensor, one with a tail
+    # several items, a 1-D tensor, rows longer than a widened block (frozen ones too), a small tail
+    shapes = [(700, 33), (5000,), (20, 600), (3, 3, 7)]
     params = [(torch.randn(s, generator=gen) * 0.1).to(dtype) for s in shapes]
     grads = [(torch.randn(s, generator=gen) * 1e-2).to(dtype if grad_dtype == "param" else grad_dtype)
              for s in shapes]
@@ -93,7 +94,7 @@ def test_step_is_the_fp32_step_rounded(name, dtype, grad_dtype):
     def batch(ps, gs):
         g2 = torch.Generator().manual_seed(1)  # the same moments, importance EMA and step counts for both
         return TensorBatch(
-            ps, gs, [torch.tensor(3.0) for _ in ps], [5, 6, 7],
+            ps, gs, [torch.tensor(3.0) for _ in ps], [5, 6, 7, 8],
             exp_avgs=[torch.randn(p.shape, generator=g2) * 1e-2 for p in ps],
             exp_avg_sqs=[torch.rand(p.shape, generator=g2) * 1e-4 for p in ps],
             fishers=[torch.rand(p.shape, generator=g2) * 1e-4 for p in ps] if cfg.importance == "ema" else [])
