@@ -1,9 +1,14 @@
 // The cpp backend's low-level ops on units (1-D, contiguous fp32 unless stated): importance
 // EMA, inclusion probabilities, Bernoulli selection by the counter RNG, the unbiased rescale.
+// bf16 / fp16 grads are converted a block at a time in vectors (half_convert.h), fp64 ones one by one.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <type_traits>
+
 #include "../fastmask_math.h"
+#include "half_convert.h"
 #include "ops.h"
 
 namespace fastmask_cpu {
@@ -14,9 +19,16 @@ void fisher_update(at::Tensor fisher, at::Tensor grad, double beta) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "fastmask_cpp_fisher", [&] {
     const scalar_t* g = grad.data_ptr<scalar_t>();
     at::parallel_for(0, fisher.numel(), kChunk, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const float x = static_cast<float>(g[i]);
-        f[i] = fastmask::importance_ema(f[i], x, b, ob);
+      if constexpr (std::is_same_v<scalar_t, double>) {
+        for (int64_t i = lo; i < hi; ++i) f[i] = fastmask::importance_ema(f[i], static_cast<float>(g[i]), b, ob);
+      } else {
+        WidenBuffer<scalar_t> wide;
+        for (int64_t first = lo; first < hi; first += kWidenBlock) {
+          const int64_t count = std::min(kWidenBlock, hi - first);
+          const float* x = as_float(g + first, wide, count);
+          float* fb = f + first;
+          for (int64_t i = 0; i < count; ++i) fb[i] = fastmask::importance_ema(fb[i], x[i], b, ob);
+        }
       }
     });
   });
@@ -63,8 +75,19 @@ at::Tensor unbiased_rescale(at::Tensor grad, at::Tensor mask, at::Tensor probs) 
     const scalar_t* g = grad.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, grad.numel(), kChunk, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i)
-        o[i] = static_cast<scalar_t>(m[i] ? static_cast<float>(g[i]) / pi[i] : 0.0f);
+      if constexpr (std::is_same_v<scalar_t, double>) {
+        for (int64_t i = lo; i < hi; ++i)
+          o[i] = static_cast<scalar_t>(m[i] ? static_cast<float>(g[i]) / pi[i] : 0.0f);
+      } else {
+        WidenBuffer<scalar_t> g_wide, o_wide;
+        for (int64_t first = lo; first < hi; first += kWidenBlock) {
+          const int64_t count = std::min(kWidenBlock, hi - first);
+          const float* x = as_float(g + first, g_wide, count);
+          float* y = as_float(o + first, o_wide, 0);  // the block's outputs: fp32 in place, else the buffer
+          for (int64_t i = 0; i < count; ++i) y[i] = m[first + i] ? x[i] / pi[first + i] : 0.0f;
+          store_from_float(y, o + first, count);
+        }
+      }
     });
   });
   return out;
