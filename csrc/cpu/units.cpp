@@ -79,12 +79,20 @@ at::Tensor unbiased_rescale(at::Tensor grad, at::Tensor mask, at::Tensor probs) 
         for (int64_t i = lo; i < hi; ++i)
           o[i] = static_cast<scalar_t>(m[i] ? static_cast<float>(g[i]) / pi[i] : 0.0f);
       } else {
+        // the mask's bytes (0 or 1) as integers: GCC does not vectorise loads of bool
+        const uint8_t* selected = reinterpret_cast<const uint8_t*>(m);
         WidenBuffer<scalar_t> g_wide, o_wide;
         for (int64_t first = lo; first < hi; first += kWidenBlock) {
           const int64_t count = std::min(kWidenBlock, hi - first);
           const float* x = as_float(g + first, g_wide, count);
           float* y = as_float(o + first, o_wide, 0);  // the block's outputs: fp32 in place, else the buffer
-          for (int64_t i = 0; i < count; ++i) y[i] = m[first + i] ? x[i] / pi[first + i] : 0.0f;
+          // the quotient for every element, then a select: a branch on a random mask mispredicted
+          // half the time (7.6 ms for 2^22 elements, against 1.8 ms with every element selected)
+          _Pragma("omp simd")  // (a #pragma line cannot sit inside the dispatch macro's argument)
+          for (int64_t i = 0; i < count; ++i) {
+            const float quotient = x[i] / pi[first + i];
+            y[i] = selected[first + i] != 0 ? quotient : 0.0f;
+          }
           store_from_float(y, o + first, count);
         }
       }
