@@ -61,29 +61,23 @@ inline void narrow(const float* src, c10::Half* dst, int64_t n) {
   for (; i < n; ++i) dst[i] = c10::Half(src[i]);
 }
 
-// The n values from src as fp32: src itself, or widened into `buffer` (at least n floats).
-inline const float* as_float(const float* src, float*, int64_t) { return src; }
-inline float* as_float(float* src, float*, int64_t) { return src; }
-
+// The n values from src as fp32: src itself (fp32), or widened into `buffer` (at least n floats);
+// writable where src is.
 template <typename T>
-const float* as_float(const T* src, float* buffer, int64_t n) {
-  widen(src, buffer, n);
-  return buffer;
-}
-
-template <typename T>
-float* as_float(T* src, float* buffer, int64_t n) {
-  widen(src, buffer, n);
-  return buffer;
+std::conditional_t<std::is_const_v<T>, const float*, float*> as_float(T* src, float* buffer, int64_t n) {
+  if constexpr (std::is_same_v<std::remove_const_t<T>, float>) {
+    return src;
+  } else {
+    widen(src, buffer, n);
+    return buffer;
+  }
 }
 
 // After as_float(dst, buffer, n) and writes to its result: the values written, rounded into
 // dst (nothing to do for fp32, written in place).
-inline void store_from_float(const float*, float*, int64_t) {}
-
 template <typename T>
 void store_from_float(const float* buffer, T* dst, int64_t n) {
-  narrow(buffer, dst, n);
+  if constexpr (!std::is_same_v<T, float>) narrow(buffer, dst, n);
 }
 
 // An fp32 buffer for a block of T values (one float where T is fp32, read in place).
