@@ -22,7 +22,7 @@ from .. import ops
 from ..ops.checks import FLOAT_DTYPES, check_choice, check_int, check_real
 from ..backends.registry import requested_backend
 from ..balancer import Balancer
-from ..reference.spec import BASES, StepConfig, TensorBatch
+from ..reference.spec import BASES, StepConfig, TensorBatch, step_config
 from . import sharding
 from .checkpoint import Checkpointing
 from .groups import (BASE_DEFAULTS, BASE_FAMILY, DENSE, FOREIGN_KEYS, STATE_LISTS, agreed_seed, check_bool,
@@ -285,15 +285,9 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
             family = dict(momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"])
         else:
             family = dict(beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"])
-        return StepConfig(
-            base=group["base"],
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
-            seed=group["seed"],
-            **family,
-            **self._method_terms(group),
-        )
+        return step_config(dict(base=group["base"], lr=group["lr"], weight_decay=group["weight_decay"],
+                                maximize=group["maximize"], seed=group["seed"], **family,
+                                **self._method_terms(group)))
 
     def _method_terms(self, group: dict[str, Any]) -> dict[str, Any]:
         """The method's StepConfig fields for ``group`` (subclasses: the ratio, the coefficient, ...)."""

@@ -70,6 +70,12 @@ class StepConfig:
     # reference and Triton as these properties, C++ and CUDA through kernel_fields)
 
     @property
+    def has_tensor_settings(self) -> bool:
+        """Whether lr, ratio or coefficient is a tensor (read from memory by the kernels)."""
+        tensor = torch.Tensor
+        return isinstance(self.lr, tensor) or isinstance(self.ratio, tensor) or isinstance(self.coefficient, tensor)
+
+    @property
     def is_masked(self) -> bool:
         """True when units may be sampled: a ratio below 1, or a ratio tensor (its value is read
         on the device, where a ratio of 1 gives exactly the base optimizer)."""
@@ -176,6 +182,26 @@ class StepConfig:
             v.to(device=device, dtype=torch.float32).reshape(()) if isinstance(v, torch.Tensor)
             else torch.full((), v, dtype=torch.float32, device=device) for v in values
         ])
+
+
+_STEP_CONFIGS: dict[tuple, StepConfig] = {}
+
+
+def step_config(fields: dict) -> StepConfig:
+    """``StepConfig(**fields)``, the same object again for the same fields: a step builds one per
+    group, and most steps change none of a group's hyper-parameters (the native backends also keep
+    their typed config per StepConfig). Made anew when a setting is a tensor. Bounded: a scheduler
+    that changes lr every step makes one per step."""
+    tensor = torch.Tensor
+    if isinstance(fields.get("lr"), tensor) or isinstance(fields.get("ratio"), tensor) or isinstance(fields.get("coefficient"), tensor):
+        return StepConfig(**fields)
+    key = tuple(fields.items())
+    config = _STEP_CONFIGS.get(key)
+    if config is None:
+        if len(_STEP_CONFIGS) >= 256:
+            _STEP_CONFIGS.clear()
+        config = _STEP_CONFIGS[key] = StepConfig(**fields)
+    return config
 
 
 _SETTINGS: dict[tuple[torch.device, tuple[float, ...]], torch.Tensor] = {}

@@ -56,3 +56,29 @@ def test_cpp_config_rejects_unknown_fields_and_wrong_types():
         config.granularty = 1
     with pytest.raises(TypeError):
         config.base_id = "adamw"
+
+
+def test_configs_are_kept_per_value_and_made_anew_for_new_values():
+    import torch
+
+    from fastmask.reference.spec import step_config
+
+    ext = cpp.EXTENSION.module()
+    batch = TensorBatch([torch.zeros(3)], [torch.zeros(3)], [torch.zeros(())], [0])
+    fields = dict(base="adamw", lr=1e-3, ratio=0.5, unbiased=True, seed=7)
+    cfg = step_config(fields)
+    assert step_config(dict(fields)) is cfg  # equal fields: the same StepConfig
+    kept, _ = native_config(ext, cfg, False, batch)
+    assert native_config(ext, StepConfig(**fields), False, batch)[0] is kept  # equal by value, another object
+    # any field that changes (a scheduler's lr, a new ratio, the batch's EMA) gets its own config
+    for changed, ema in ((dict(fields, lr=5e-4), False), (dict(fields, ratio=0.25), False), (fields, True)):
+        config, _ = native_config(ext, step_config(changed), ema, batch)
+        assert config is not kept
+        for name, value in StepConfig(**changed).kernel_fields(ema).items():
+            assert getattr(config, name) == value, name
+    assert (kept.lr, kept.ratio, kept.ema) == (1e-3, 0.5, False)  # the kept config was not written
+    # a tensor setting is read from memory by the kernels: never kept
+    tensor_lr = dict(fields, lr=torch.tensor(1e-3))
+    assert step_config(tensor_lr) is not step_config(tensor_lr)
+    assert native_config(ext, step_config(tensor_lr), False, batch)[0] is not native_config(
+        ext, step_config(tensor_lr), False, batch)[0]
