@@ -187,13 +187,16 @@ class StepConfig:
 _STEP_CONFIGS: dict[tuple, StepConfig] = {}
 
 
+_PLAIN_TYPES = frozenset((bool, int, float, str))
+
+
 def step_config(fields: dict) -> StepConfig:
     """``StepConfig(**fields)``, the same object again for the same fields: a step builds one per
     group, and most steps change none of a group's hyper-parameters (the native backends also keep
-    their typed config per StepConfig). Made anew when a setting is a tensor. Bounded: a scheduler
-    that changes lr every step makes one per step."""
-    tensor = torch.Tensor
-    if isinstance(fields.get("lr"), tensor) or isinstance(fields.get("ratio"), tensor) or isinstance(fields.get("coefficient"), tensor):
+    their typed config per StepConfig). Made anew when a field is not a plain bool, int, float or
+    str (a tensor setting: compared by value it would need a read, by identity it could go stale).
+    Bounded: a scheduler that changes lr every step makes one per step."""
+    if not set(map(type, fields.values())) <= _PLAIN_TYPES:
         return StepConfig(**fields)
     key = tuple(fields.items())
     config = _STEP_CONFIGS.get(key)

@@ -80,5 +80,7 @@ def test_configs_are_kept_per_value_and_made_anew_for_new_values():
     # a tensor setting is read from memory by the kernels: never kept
     tensor_lr = dict(fields, lr=torch.tensor(1e-3))
     assert step_config(tensor_lr) is not step_config(tensor_lr)
+    tensor_beta = dict(fields, beta1=torch.tensor(0.9))  # a value the optimizers' checks would have made a float
+    assert step_config(tensor_beta) is not step_config(tensor_beta)
     assert native_config(ext, step_config(tensor_lr), False, batch)[0] is not native_config(
         ext, step_config(tensor_lr), False, batch)[0]
