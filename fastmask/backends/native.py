@@ -29,8 +29,12 @@ def working_copies(batch: TensorBatch) -> tuple[dict[str, list[torch.Tensor]], l
     to write back after the step: kernels index elements in logical (row-major) order."""
     work, write_back = {}, []
     for name in BATCH_LISTS:
+        tensors = getattr(batch, name)
+        if all(map(torch.Tensor.is_contiguous, tensors)):  # the usual case, without a Python loop
+            work[name] = list(tensors)
+            continue
         values = []
-        for x in getattr(batch, name):
+        for x in tensors:
             if x.is_contiguous():
                 values.append(x)
             else:

@@ -402,9 +402,11 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
             if g.layout is not torch.strided:
                 raise RuntimeError(f"param group {gi}, params[{i}] has a {g.layout} gradient; fastmask supports "
                                    f"dense (strided) gradients only")
+            # (a label is formatted only for a param that a check applies to)
             if self._dtensors:
                 sharding.check_steppable(p, group, f"param group {gi}, params[{i}]")
-            check_complex_group(p, group, f"param group {gi}, params[{i}]")
+            if p.is_complex():
+                check_complex_group(p, group, f"param group {gi}, params[{i}]")
             present.append((i, p, g))
         return present
 
