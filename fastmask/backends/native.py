@@ -3,6 +3,7 @@ exact-mode unit tables, the typed C++ step config, and building C++/CUDA extensi
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -92,36 +93,15 @@ def exact_unit_weights(
     return table, offsets
 
 
-# The typed configs made so far, per (extension, StepConfig, ema): a StepConfig is immutable and
-# hashed by value, so a group whose hyper-parameters did not change since its last step reuses
-# its config instead of setting its 27 fields again (about 9 us of a small model's per-group
-# step; a scheduler that changes lr every step makes a new one each step). Configs holding a
-# tensor setting are made every time. Bounded: a long run with a scheduler makes one per step.
-_KERNEL_CONFIGS: dict[tuple[ModuleType, StepConfig, bool], object] = {}
-_UNSHARDED: dict[ModuleType, object] = {}
-
-
 def native_config(extension: ModuleType, cfg: StepConfig, ema: bool, batch: TensorBatch) -> tuple[object, object]:
     """The typed C++ ``fastmask::KernelConfig`` of ``extension`` (cpp or cuda) for one batch,
     ``cfg.kernel_fields(ema)`` (an unknown field raises), and its ``fastmask::ShardSpaces``: for a
     sharded batch per tensor the full tensor's units and elements and the full-tensor index of
     its first local unit and element (else empty). Both are read-only to the bindings, and may be
-    shared between calls."""
-    key = None if cfg.has_tensor_settings else (extension, cfg, ema)
-    config = _KERNEL_CONFIGS.get(key) if key is not None else None
-    if config is None:
-        config = extension.KernelConfig()
-        for name, value in cfg.kernel_fields(ema).items():
-            setattr(config, name, value)
-        if key is not None:
-            if len(_KERNEL_CONFIGS) >= 256:
-                _KERNEL_CONFIGS.clear()
-            _KERNEL_CONFIGS[key] = config
+    shared between calls: a plain StepConfig's typed config is kept (see _kept_kernel_config)."""
+    config = (_kept_kernel_config if cfg.plain else _kernel_config)(extension, cfg, ema)
     if not any(batch.shards):
-        shards = _UNSHARDED.get(extension)
-        if shards is None:
-            shards = _UNSHARDED[extension] = extension.ShardSpaces()
-        return config, shards
+        return config, _unsharded(extension)
     shards = extension.ShardSpaces()
     spaces = [batch.index_space(i, cfg.granularity) for i in range(len(batch))]
     shards.first_units = [s.first_unit for s in spaces]
@@ -129,6 +109,25 @@ def native_config(extension: ModuleType, cfg: StepConfig, ema: bool, batch: Tens
     shards.full_numels = [s.numel for s in spaces]
     shards.first_elements = [s.first_element for s in spaces]
     return config, shards
+
+
+def _kernel_config(extension: ModuleType, cfg: StepConfig, ema: bool) -> object:
+    config = extension.KernelConfig()
+    for name, value in cfg.kernel_fields(ema).items():
+        setattr(config, name, value)
+    return config
+
+
+# Per (extension, StepConfig, ema), keyed by value: a group whose hyper-parameters did not change
+# since its last step reuses its typed config instead of setting its 27 fields again (about 9 us
+# of a small model's per-group step). The 256 most recently used are kept: a scheduler that
+# changes lr every step makes one per step.
+_kept_kernel_config = functools.lru_cache(maxsize=256)(_kernel_config)
+
+
+@functools.cache
+def _unsharded(extension: ModuleType) -> object:
+    return extension.ShardSpaces()
 
 
 def csrc_dir() -> Path:

@@ -9,7 +9,9 @@ tensors in place.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -70,10 +72,10 @@ class StepConfig:
     # reference and Triton as these properties, C++ and CUDA through kernel_fields)
 
     @property
-    def has_tensor_settings(self) -> bool:
-        """Whether lr, ratio or coefficient is a tensor (read from memory by the kernels)."""
-        tensor = torch.Tensor
-        return isinstance(self.lr, tensor) or isinstance(self.ratio, tensor) or isinstance(self.coefficient, tensor)
+    def plain(self) -> bool:
+        """Every field a plain bool, int, float or str (no tensor setting): the config can be kept
+        and compared by value (``step_config``, the native backends' typed configs)."""
+        return plain_values(self.__dict__.values())
 
     @property
     def is_masked(self) -> bool:
@@ -184,27 +186,28 @@ class StepConfig:
         ])
 
 
-_STEP_CONFIGS: dict[tuple, StepConfig] = {}
-
-
 _PLAIN_TYPES = frozenset((bool, int, float, str))
 
 
+def plain_values(values: Iterable[object]) -> bool:
+    """Whether every value is a plain bool, int, float or str: a tensor setting, compared by value,
+    would need a read, and by identity it could go stale."""
+    return set(map(type, values)) <= _PLAIN_TYPES
+
+
 def step_config(fields: dict) -> StepConfig:
-    """``StepConfig(**fields)``, the same object again for the same fields: a step builds one per
-    group, and most steps change none of a group's hyper-parameters (the native backends also keep
-    their typed config per StepConfig). Made anew when a field is not a plain bool, int, float or
-    str (a tensor setting: compared by value it would need a read, by identity it could go stale).
-    Bounded: a scheduler that changes lr every step makes one per step."""
-    if not set(map(type, fields.values())) <= _PLAIN_TYPES:
+    """``StepConfig(**fields)``, the same object again for the same plain fields: a step builds one
+    per group, and most steps change none of a group's hyper-parameters (the native backends also
+    keep their typed config per StepConfig). Made anew when a field is not plain (``plain_values``).
+    The 256 most recently used are kept: a scheduler that changes lr every step makes one per step."""
+    if not plain_values(fields.values()):
         return StepConfig(**fields)
-    key = tuple(fields.items())
-    config = _STEP_CONFIGS.get(key)
-    if config is None:
-        if len(_STEP_CONFIGS) >= 256:
-            _STEP_CONFIGS.clear()
-        config = _STEP_CONFIGS[key] = StepConfig(**fields)
-    return config
+    return _kept_step_config(tuple(fields.items()))
+
+
+@functools.lru_cache(maxsize=256)
+def _kept_step_config(fields: tuple[tuple[str, object], ...]) -> StepConfig:
+    return StepConfig(**dict(fields))
 
 
 _SETTINGS: dict[tuple[torch.device, tuple[float, ...]], torch.Tensor] = {}
