@@ -13,20 +13,25 @@ namespace {
 
 constexpr int64_t kPrefixes = fastmask::kPositiveBins + 1;  // entries of a prefix table: 0 .. kPositiveBins
 
-// The prefix sums of one tensor's histogram, tabled over its occupied bins only (below them they
-// are 0, above them the totals). The masses are kept one limb per column: a bin's add changes
-// three limbs of the running mass with scalar stores, and a table of rows (one Mass each)
-// re-read them at once with one wide load, which the CPU cannot forward from those stores (a
-// stall of about 20 cycles per bin: 40 % of the solve).
+// The prefix sums of one tensor's histogram over its occupied range [lo, hi] of positive bins
+// (below it they are 0, above it the totals), one entry per occupied bin: `rank[i]` is the number
+// of occupied bins below positive bin i, and entry k the prefix of the first k of them (entry 0,
+// the empty prefix, is the tables' zeros: never written).
+// An empty bin costs one store (a tensor's range spans about 8 bins per binade of its gradients,
+// mostly empty for a small tensor), an occupied one a row of the tables. The masses are kept one
+// limb per column: a bin's add changes three limbs of the running mass with scalar stores, and a
+// table of rows (one Mass each) re-read them at once with one wide load, which the CPU cannot
+// forward from those stores (a stall of about 20 cycles per bin: 40 % of the solve).
 struct OccupiedPrefix {
-  const double* counts;  // counts[i], limbs[l * kPrefixes + i]: below positive bin i, for i in (lo, hi]
+  const int32_t* rank;   // rank[i] for i in (lo, hi]
+  const double* counts;  // counts[k], limbs[l * kPrefixes + k]: the first k occupied bins
   const int64_t* limbs;
   int lo, hi;
   double count_total;
   fastmask::Mass mass_total;
-  double count(int64_t i) const { return i <= lo ? 0.0 : (i > hi ? count_total : counts[i]); }
+  double count(int64_t i) const { return i <= lo ? 0.0 : (i > hi ? count_total : counts[rank[i]]); }
   int64_t limb(int l, int64_t i) const {
-    return i <= lo ? 0 : (i > hi ? mass_total.limb[l] : limbs[l * kPrefixes + i]);
+    return i <= lo ? 0 : (i > hi ? mass_total.limb[l] : limbs[l * kPrefixes + rank[i]]);
   }
   void range(int64_t a, int64_t c, double* count_a, double* count_c, fastmask::Mass* between) const {
     *count_a = count(a);
@@ -85,21 +90,28 @@ at::Tensor water_levels(at::Tensor sums, double ratio, double min_prob, at::Tens
   const float ratio32 = static_cast<float>(ratio);
 #pragma omp parallel if (in_parallel(n_tensors / 16))
   {
-    // the prefix tables, allocated once per thread and never zeroed: only the occupied bins'
-    // entries are written and read
+    // the prefix tables, allocated (zeroed) once per thread: entries are written for the occupied
+    // range before they are read
+    thread_local std::vector<int32_t> rank(kPrefixes);
     thread_local std::vector<double> counts(kPrefixes);
     thread_local std::vector<int64_t> limbs(fastmask::kMassLimbs * kPrefixes);
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < n_tensors; ++t) {
       const double* hist = hist_all + width * t + fastmask::kSumCols;  // hist[p + 1]: positive bin p
       const int lo = static_cast<int>(first_occupied(hist + 1, 0, kPositive));
-      OccupiedPrefix prefix{counts.data(), limbs.data(), lo, static_cast<int>(last_occupied(hist + 1, lo, kPositive)),
-                            0.0, fastmask::mass_zero()};
+      OccupiedPrefix prefix{rank.data(), counts.data(), limbs.data(), lo,
+                            static_cast<int>(last_occupied(hist + 1, lo, kPositive)), 0.0, fastmask::mass_zero()};
+      int32_t occupied = 0;
       for (int p = prefix.lo; p <= prefix.hi && prefix.lo < kPositive; ++p) {
-        prefix.count_total += hist[p + 1];
-        fastmask::mass_add_bin(prefix.mass_total, static_cast<int64_t>(hist[p + 1]), p);
-        counts[p + 1] = prefix.count_total;
-        for (int l = 0; l < fastmask::kMassLimbs; ++l) limbs[l * kPrefixes + p + 1] = prefix.mass_total.limb[l];
+        const double n = hist[p + 1];
+        if (n != 0.0) {
+          ++occupied;
+          prefix.count_total += n;
+          fastmask::mass_add_bin(prefix.mass_total, static_cast<int64_t>(n), p);
+          counts[occupied] = prefix.count_total;
+          for (int l = 0; l < fastmask::kMassLimbs; ++l) limbs[l * kPrefixes + occupied] = prefix.mass_total.limb[l];
+        }
+        rank[p + 1] = occupied;
       }
       fastmask::water_level(prefix, hist[0], prefix.count_total, ratio32, min_prob, ex.data_ptr<double>(),
                             ea.data_ptr<int64_t>(), ec.data_ptr<int64_t>(), ex.numel(), level + 2 * t,
